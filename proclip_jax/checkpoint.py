@@ -1,0 +1,93 @@
+"""Converted-model folders: an Orbax parameter checkpoint plus a JSON model description.
+
+Layout of ``OUT``::
+
+    OUT/model.json      {"kind": "clip" | "embedder" | "proclip" | ..., "config": {...}, ...}
+    OUT/params/         Orbax StandardCheckpointer tree of float32 parameters
+
+The folder is written under a temporary name and renamed when complete, so an interrupted
+conversion never leaves an ``OUT`` that looks finished.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Mapping
+
+import jax
+import numpy as np
+
+from proclip_jax.errors import ProclipError
+
+MODEL_JSON = "model.json"
+PARAMS_DIR = "params"
+
+
+def save_model(out: str, kind: str, config: Mapping[str, Any], params: Any,
+               *, overwrite: bool = False, **extra: Any) -> str:
+  """Writes ``params`` and ``{"kind", "config", **extra}`` to ``out`` atomically."""
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  out = os.path.abspath(os.fspath(out))
+  if os.path.exists(out):
+    if not overwrite:
+      raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+  try:
+    params = jax.tree.map(np.asarray, params)
+    ckptr = ocp.StandardCheckpointer()
+    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
+    ckptr.wait_until_finished()
+    ckptr.close()
+    meta = {"kind": kind, "config": dict(config), **extra}
+    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
+      json.dump(meta, f, indent=2, sort_keys=True)
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.replace(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return out
+
+
+def read_model_json(path: str) -> dict:
+  p = os.path.join(os.fspath(path), MODEL_JSON)
+  if not os.path.exists(p):
+    raise ProclipError(
+        f"{path!r} is not a converted model folder (no {MODEL_JSON}). Make one with "
+        "`python tools/convert.py SRC OUT`.")
+  with open(p) as f:
+    return json.load(f)
+
+
+def load_model(path: str, *, kind: str | None = None, target: Any = None):
+  """Returns ``(meta, params)`` from a folder written by :func:`save_model`.
+
+  ``target`` (an abstract tree, optionally with shardings) restores straight into that
+  structure and placement; otherwise arrays come back as host numpy arrays.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(os.fspath(path))
+  meta = read_model_json(path)
+  if kind is not None and meta.get("kind") != kind:
+    raise ProclipError(
+        f"{path!r} holds a {meta.get('kind')!r} model, but a {kind!r} model was expected.")
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    if target is None:
+      meta_tree = ckptr.metadata(os.path.join(path, PARAMS_DIR))
+      tree = getattr(meta_tree, "item_metadata", meta_tree)
+      tree = getattr(tree, "tree", tree)
+      target = jax.tree.map(
+          lambda m: np.zeros(m.shape, m.dtype), tree,
+          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
+  except FileNotFoundError as e:
+    raise ProclipError(f"{path!r} lacks its parameters ({PARAMS_DIR}/); convert it again.") from e
+  finally:
+    ckptr.close()
+  return meta, params

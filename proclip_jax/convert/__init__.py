@@ -1,0 +1,1 @@
+"""Weight converters: PyTorch / Hugging Face checkpoints to Flax parameter trees and back."""

@@ -1,0 +1,1 @@
+"""Datasets (tfds ArrayRecord), grain input pipelines, image transforms, the demo world."""

@@ -1,0 +1,1 @@
+"""Flax Linen models: CLIP towers, text embedders, the ProCLIP adapter and two-tower model."""

@@ -1,0 +1,1 @@
+"""Training: mesh and sharding rules, optimizer, train steps, loop, checkpoints."""
