@@ -1,0 +1,38 @@
+"""Benchmarks behind ``tools/benchmark.py``: one module per name, each with ``add_args`` and ``run``.
+
+Every measurement is printed as one JSON object: median seconds per step after warm-up
+(with min and max), items per second and, where it applies, model FLOPs, achieved FLOP/s,
+its fraction of the machine's measured matmul peak, peak memory and compile seconds.
+"""
+import json
+import statistics
+import time
+from typing import Callable
+
+NAMES = {
+    "input": "proclip_jax.bench.input",
+    "loss_memory": "proclip_jax.bench.loss_memory",
+    "precompute": "proclip_jax.bench.precompute",
+    "stage1": "proclip_jax.bench.stage1",
+    "stage2": "proclip_jax.bench.stage2",
+}
+
+
+def timeit(fn: Callable[[], object], *, warmup: int = 2, runs: int = 5) -> dict:
+  """Median / min / max wall seconds of ``fn()`` after ``warmup`` calls.
+
+  ``fn`` must block until its work is done (``jax.block_until_ready`` for JAX results).
+  """
+  for _ in range(warmup):
+    fn()
+  times = []
+  for _ in range(runs):
+    t0 = time.perf_counter()
+    fn()
+    times.append(time.perf_counter() - t0)
+  return {"median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+          "runs": runs}
+
+
+def emit(record: dict) -> None:
+  print(json.dumps(record, sort_keys=True), flush=True)

@@ -1,0 +1,29 @@
+"""Benchmarks: ``python tools/benchmark.py NAME [options]`` prints one JSON object per measurement.
+
+NAME is one of: input, loss_memory, precompute, stage1, stage2. ``--help`` after NAME lists
+that benchmark's options.
+"""
+import argparse
+import importlib
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from proclip_jax.bench import NAMES  # noqa: E402
+
+
+def main(argv=None):
+  argv = sys.argv[1:] if argv is None else argv
+  if not argv or argv[0] not in NAMES:
+    print(f"usage: python tools/benchmark.py {{{','.join(NAMES)}}} [options]", file=sys.stderr)
+    return 2
+  module = importlib.import_module(NAMES[argv[0]])
+  parser = argparse.ArgumentParser(prog=f"benchmark.py {argv[0]}", description=module.__doc__)
+  module.add_args(parser)
+  return module.run(parser.parse_args(argv[1:])) or 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
