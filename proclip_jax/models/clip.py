@@ -1,0 +1,211 @@
+"""CLIP: the image tower and the text tower side by side, and loading a converted CLIP.
+
+Parameter tree of :class:`CLIP`::
+
+    visual        VisionTransformer parameters (see vit.py)
+    text          TextTransformer parameters (see clip_text.py; absent for an image-only model)
+    logit_scale   []  log of the contrastive temperature's inverse (scale = exp(logit_scale))
+
+``load_clip(path)`` opens a folder written by ``tools/convert.py`` (``kind="clip"``) and gives
+jit-compiled, batched ``encode_image`` / ``encode_text`` returning L2-normalised numpy
+features, and ``tokenize`` (CLIP BPE).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import flax.linen as nn
+
+from proclip_jax.errors import ProclipError
+from proclip_jax.models.clip_text import TextConfig, TextTransformer
+from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
+
+
+@dataclasses.dataclass(frozen=True)
+class CLIPConfig:
+  """A CLIP: image tower, optional text tower, initial ``logit_scale`` (log of 1/0.07)."""
+  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  text: TextConfig | None = dataclasses.field(default_factory=TextConfig)
+  logit_scale_init: float = math.log(1 / 0.07)
+
+  def __post_init__(self):
+    if (self.text is not None and self.text.embed_dim != self.vision.embed_dim):
+      raise ProclipError(
+          f"CLIPConfig: image tower projects to {self.vision.embed_dim} but text tower to "
+          f"{self.text.embed_dim}; the joint dimensions must match.")
+
+  @classmethod
+  def named(cls, name: str, **overrides: Any) -> "CLIPConfig":
+    """An OpenAI variant ("B/32", "B/16", "L/14", "L/14-336")."""
+    return cls(vision=VisionConfig.named(name), text=TextConfig.named(name), **overrides)
+
+  def replace(self, **common: Any) -> "CLIPConfig":
+    """The same CLIP with fields shared by both towers changed (dtype, remat, scan_layers)."""
+    return CLIPConfig(
+        vision=dataclasses.replace(self.vision, **common),
+        text=None if self.text is None else dataclasses.replace(self.text, **common),
+        logit_scale_init=self.logit_scale_init)
+
+  def to_dict(self) -> dict:
+    return {"vision": self.vision.to_dict(),
+            "text": None if self.text is None else self.text.to_dict(),
+            "logit_scale_init": self.logit_scale_init}
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "CLIPConfig":
+    unknown = sorted(set(d) - {"vision", "text", "logit_scale_init"})
+    if unknown:
+      raise ProclipError(f"CLIPConfig: unknown fields {unknown}.")
+    return cls(vision=VisionConfig.from_dict(d["vision"]),
+               text=None if d.get("text") is None else TextConfig.from_dict(d["text"]),
+               logit_scale_init=float(d.get("logit_scale_init", math.log(1 / 0.07))))
+
+
+class CLIP(nn.Module):
+  """Two towers and the logit scale; ``__call__(images, ids)`` gives normalised features."""
+  config: CLIPConfig
+
+  def setup(self):
+    self.visual = VisionTransformer(self.config.vision)
+    self.text = None if self.config.text is None else TextTransformer(self.config.text)
+    self.logit_scale = self.param(
+        "logit_scale", nn.with_logical_partitioning(
+            nn.initializers.constant(self.config.logit_scale_init), ()), (), jnp.float32)
+
+  def encode_image(self, images, normalize: bool = True):
+    return _l2(self.visual(images)) if normalize else self.visual(images)
+
+  def encode_text(self, ids, normalize: bool = True):
+    if self.text is None:
+      raise ProclipError("This CLIP has no text tower (it was converted from an image-only "
+                         "checkpoint).")
+    return _l2(self.text(ids)) if normalize else self.text(ids)
+
+  def __call__(self, images, ids=None):
+    """Returns ``(image_features, text_features or None, logit_scale)``; features unit-norm."""
+    img = self.encode_image(images)
+    txt = None if (ids is None or self.text is None) else self.encode_text(ids)
+    return img, txt, self.logit_scale
+
+
+def _l2(x):
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+def example_inputs(config: CLIPConfig, batch: int = 1):
+  """Dummy ``(images, ids)`` of the right shapes for ``init`` / ``eval_shape``."""
+  images = jnp.zeros((batch, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
+  ids = None if config.text is None else jnp.zeros((batch, config.text.context_length), jnp.int32)
+  return images, ids
+
+
+def init_clip(config: CLIPConfig, seed: int = 0) -> dict:
+  """Random (unboxed) CLIP parameters."""
+  variables = CLIP(config).init(jax.random.PRNGKey(seed), *example_inputs(config))
+  return nn.unbox(variables)["params"]
+
+
+def abstract_params(config: CLIPConfig):
+  """``jax.eval_shape`` of the boxed init (shapes and logical axis names, no memory)."""
+  return jax.eval_shape(lambda: CLIP(config).init(
+      jax.random.PRNGKey(0), *example_inputs(config)))["params"]
+
+
+def _bucket(n: int, batch_size: int) -> int:
+  return min(batch_size, 1 << max(0, (n - 1).bit_length()))
+
+
+class LoadedCLIP:
+  """A converted CLIP ready for inference (see :func:`load_clip`).
+
+  Attributes:
+    config: the :class:`CLIPConfig`.
+    params: the parameter tree (``visual``, ``text``, ``logit_scale``).
+    logit_scale: float, log of the logit multiplier (multiply cosine logits by its exp).
+  """
+
+  def __init__(self, config: CLIPConfig, params: Mapping, batch_size: int = 64):
+    self.config = config
+    self.params = params
+    self.batch_size = int(batch_size)
+    self.logit_scale = float(np.asarray(params["logit_scale"]))
+    model = CLIP(config)
+    self._image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image))
+    self._text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIP.encode_text))
+    self._tokenizer = None
+
+  def tokenize(self, texts, context_length: int | None = None) -> np.ndarray:
+    """CLIP BPE ids, int32 ``[N, context_length]`` (default: the text tower's context)."""
+    if self._tokenizer is None:
+      from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
+      self._tokenizer = ClipTokenizer()
+    if context_length is None:
+      context_length = self.config.text.context_length if self.config.text else 77
+    return self._tokenizer(texts, context_length=context_length)
+
+  def _batched(self, fn, x: np.ndarray) -> np.ndarray:
+    n = x.shape[0]
+    if n == 0:
+      raise ProclipError("Nothing to encode: the input batch is empty.")
+    b = _bucket(n, self.batch_size)
+    outs = []
+    for start in range(0, n, b):
+      chunk = x[start:start + b]
+      pad = b - chunk.shape[0]
+      if pad:
+        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+      outs.append(np.asarray(fn(self.params, chunk))[:b - pad])
+    return np.concatenate(outs)
+
+  def encode_image(self, pixels) -> np.ndarray:
+    """``pixels``: NHWC float32, CLIP-normalised, at ``config.vision.image_size``.
+
+    Returns L2-normalised float32 ``[N, E]`` (``[N, width]`` for a tower without projection).
+    """
+    pixels = np.asarray(pixels, np.float32)
+    size = self.config.vision.image_size
+    if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
+      raise ProclipError(f"encode_image expects NHWC pixels [N, {size}, {size}, 3], got "
+                         f"{pixels.shape}.")
+    return self._batched(self._image_fn, pixels)
+
+  def encode_text(self, ids) -> np.ndarray:
+    """``ids``: int ``[N, L]`` (from :meth:`tokenize`). Returns L2-normalised float32 ``[N, E]``."""
+    if self.config.text is None:
+      raise ProclipError("This CLIP has no text tower (it was converted from an image-only "
+                         "checkpoint); encode_text is unavailable.")
+    ids = np.asarray(ids)
+    if ids.ndim != 2 or ids.shape[1] > self.config.text.context_length:
+      raise ProclipError(f"encode_text expects ids [N, <= {self.config.text.context_length}], "
+                         f"got {ids.shape}; make them with .tokenize(texts).")
+    return self._batched(self._text_fn, ids.astype(np.int32))
+
+
+def load_clip(path: str, *, dtype: str | None = None, scan_layers: bool | None = None,
+              batch_size: int = 64) -> LoadedCLIP:
+  """Loads a CLIP converted by ``tools/convert.py`` (a folder with model.json + params/).
+
+  Args:
+    path: the converted folder.
+    dtype: optional compute dtype override ("float32" / "bfloat16").
+    scan_layers: optional layout override (parameters are restacked as needed).
+    batch_size: largest batch per compiled call (inputs are chunked and padded).
+  """
+  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  meta, params = load_model(path, kind="clip")
+  config = CLIPConfig.from_dict(meta["config"])
+  overrides = {}
+  if dtype is not None:
+    overrides["dtype"] = dtype
+  if scan_layers is not None and scan_layers != config.vision.scan_layers:
+    overrides["scan_layers"] = scan_layers
+    params = stack_layers(params) if scan_layers else unstack_layers(params)
+  if overrides:
+    config = config.replace(**overrides)
+  return LoadedCLIP(config, params, batch_size=batch_size)
