@@ -1,0 +1,262 @@
+"""AdamW with freezing, weight-decay masks, layer-wise and per-module learning rates.
+
+Every rule is a regular expression over '/'-joined parameter paths such as
+``visual/transformer/resblocks_3/attn/out_proj/kernel`` or ``adapter/block_0/fn_0/bias``
+(``re.search`` semantics). The optimizer config (``config.optim``) fields:
+
+    lr, b1, b2, eps, weight_decay          AdamW (decoupled decay, multiplied by the lr)
+    warmup_steps, end_lr_ratio             linear warmup from 0, then cosine to lr*end_lr_ratio
+    grad_clip_norm                         clip by global norm (0 or None: off)
+    freeze        [regex, ...]             frozen: not differentiated, no optimizer state
+    no_decay      [regex, ...]             no weight decay (default: biases, norms,
+                                           embeddings, logit scale)
+    lr_mults      [(regex, mult), ...]     per-module lr multipliers (first match wins)
+    layer_decay   float (1.0 = off)        layer-wise lr decay over the image tower
+    layer_decay_prefix  "visual/"          which parameters form the image tower
+    layer_stem    regex                    image-tower parameters below block 0
+
+Freezing is done by partitioning (big_vision style): :func:`partition` splits the
+parameter tree into a trainable and a frozen tree; only the trainable tree is
+differentiated and passed to the optimizer, so frozen parameters have no optimizer state.
+
+Layer-wise decay (LLM2CLIP / BEiT recipe) over an image tower with L blocks: stem and
+embeddings get ``decay**(L+1)``, block i gets ``decay**(L-i)``, everything after the
+blocks (final norm, projection) gets 1. Blocks are found either by an index in the path
+(``resblocks_3``, ``blocks_3``, ``layers_3``) or, for scanned (stacked) layers, by the
+logical axis name ``layers`` on the parameter's first dimension: the multiplier is then an
+array along that axis.
+"""
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from proclip_jax.convert.common import flatten, unflatten
+from proclip_jax.errors import ProclipError
+
+LOGIT_SCALE_MAX = math.log(100.0)
+
+DEFAULT_NO_DECAY = (
+    r"(^|/)bias$",            # every bias
+    r"(^|/)scale$",           # LayerNorm / RMSNorm weights (Flax names them "scale")
+    r"(^|/)[^/]*(ln|norm)[^/]*/",  # anything inside a norm module
+    r"embedding",             # class / positional / token embeddings
+    r"(^|/)logit_scale$",
+)
+DEFAULT_STEM = (r"(^|/)(conv1|patch_embed\w*|embedding|class_embedding|positional_embedding"
+                r"|pos_embed\w*|cls\w*|ln_pre)(/|$)")
+_BLOCK_INDEX = re.compile(r"(?:^|/)(?:resblocks|blocks?|layers?|encoderblock)_(\d+)(?:/|$)")
+
+
+def _get(cfg: Any, name: str, default: Any = None) -> Any:
+  if cfg is None:
+    return default
+  if isinstance(cfg, Mapping):
+    return cfg.get(name, default)
+  try:
+    return cfg[name] if name in cfg else default  # ConfigDict
+  except TypeError:
+    return getattr(cfg, name, default)
+
+
+def _compile(rules: Sequence[str], what: str) -> list[re.Pattern]:
+  out = []
+  for r in rules or ():
+    try:
+      out.append(re.compile(r))
+    except re.error as e:
+      raise ProclipError(f"config.optim.{what}: bad regular expression {r!r}: {e}.") from e
+  return out
+
+
+# --------------------------------------------------------------- freezing (partition)
+
+def partition(params: Mapping, freeze: Sequence[str] = ()) -> tuple[dict, dict]:
+  """Splits a nested param dict into ``(trainable, frozen)`` by the ``freeze`` regexes."""
+  pats = _compile(freeze, "freeze")
+  flat = flatten(params)
+  frozen = {k: v for k, v in flat.items() if any(p.search(k) for p in pats)}
+  trainable = {k: v for k, v in flat.items() if k not in frozen}
+  for p in pats:
+    if not any(p.search(k) for k in flat):
+      raise ProclipError(
+          f"config.optim.freeze rule {p.pattern!r} matches no parameter; parameter paths "
+          f"look like {sorted(flat)[:3]}.")
+  return unflatten(trainable), unflatten(frozen)
+
+
+def merge(trainable: Mapping, frozen: Mapping) -> dict:
+  """Inverse of :func:`partition`."""
+  flat = dict(flatten(trainable))
+  flat.update(flatten(frozen))
+  return unflatten(flat)
+
+
+# --------------------------------------------------------------- schedule
+
+def make_schedule(lr: float, total_steps: int, warmup_steps: int = 0,
+                  end_lr_ratio: float = 0.0) -> Callable[[Any], jax.Array]:
+  """Linear warmup from 0 over ``warmup_steps``, then cosine from ``lr`` to ``lr*end_lr_ratio``.
+
+  Reaches the end value at ``total_steps`` and stays there.
+  """
+  if total_steps < 1 or warmup_steps < 0 or warmup_steps > total_steps:
+    raise ProclipError(
+        f"Schedule needs 0 <= warmup_steps ({warmup_steps}) <= total_steps ({total_steps}) "
+        "and total_steps >= 1.")
+  end = lr * end_lr_ratio
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = lr * step / max(warmup_steps, 1)
+    frac = jnp.clip((step - warmup_steps) / max(total_steps - warmup_steps, 1), 0.0, 1.0)
+    cos = end + (lr - end) * 0.5 * (1.0 + jnp.cos(jnp.pi * frac))
+    return jnp.where(step < warmup_steps, warm, cos)
+  return schedule
+
+
+# --------------------------------------------------------------- masks and multipliers
+
+def decay_mask(params: Mapping, no_decay: Sequence[str] | None = None) -> dict:
+  """Tree of bools: True where weight decay applies."""
+  pats = _compile(DEFAULT_NO_DECAY if no_decay is None else no_decay, "no_decay")
+  flat = flatten(params)
+  return unflatten({k: not any(p.search(k) for p in pats) for k in flat})
+
+
+def _first_axis_is_layers(names: Any) -> bool:
+  return bool(names) and names[0] == "layers"
+
+
+def layer_ids(params: Mapping, names: Mapping | None = None, prefix: str = "visual/",
+              stem: str = DEFAULT_STEM) -> tuple[dict[str, Any], int]:
+  """Assigns each image-tower parameter a layer id: 0 stem, i+1 block i, L+1 head.
+
+  Returns ``({path: id or "scanned"}, L)`` for the paths under ``prefix``; ``names`` is
+  the tree of logical axis names (see ``mesh.logical_names``) used to find scanned stacks.
+  """
+  flat = {k: v for k, v in flatten(params).items() if k.startswith(prefix)}
+  flat_names = flatten(names) if names is not None else {}
+  stem_re = re.compile(stem)
+  n_layers = 0
+  for k, v in flat.items():
+    if _first_axis_is_layers(flat_names.get(k)):
+      n_layers = max(n_layers, int(np.shape(v)[0]))
+    m = _BLOCK_INDEX.search(k[len(prefix):])
+    if m:
+      n_layers = max(n_layers, int(m.group(1)) + 1)
+  ids = {}
+  for k in flat:
+    rel = k[len(prefix):]
+    if _first_axis_is_layers(flat_names.get(k)):
+      ids[k] = "scanned"
+    elif (m := _BLOCK_INDEX.search(rel)):
+      ids[k] = int(m.group(1)) + 1
+    elif stem_re.search(rel):
+      ids[k] = 0
+    else:
+      ids[k] = n_layers + 1
+  return ids, n_layers
+
+
+def lr_multipliers(params: Mapping, names: Mapping | None = None, *,
+                   layer_decay: float = 1.0, prefix: str = "visual/",
+                   stem: str = DEFAULT_STEM,
+                   lr_mults: Sequence[Sequence[Any]] = ()) -> dict:
+  """Tree of learning-rate multipliers: layer decay times the first matching module rule.
+
+  Leaves are Python floats, or float32 arrays of shape ``[L, 1, ...]`` for parameters
+  stacked along a scanned ``layers`` axis.
+  """
+  rules = [(re.compile(r), float(m)) for r, m in (lr_mults or ())]
+  flat = flatten(params)
+  ids, n_layers = ({}, 0)
+  if layer_decay != 1.0:
+    ids, n_layers = layer_ids(params, names, prefix, stem)
+  out = {}
+  for k, v in flat.items():
+    mult = next((m for r, m in rules if r.search(k)), 1.0)
+    lid = ids.get(k)
+    if lid is None:
+      out[k] = mult
+    elif lid == "scanned":
+      depth = int(np.shape(v)[0])
+      per = np.array([layer_decay ** (n_layers - i) for i in range(depth)], np.float32) * mult
+      out[k] = per.reshape((depth,) + (1,) * (np.ndim(v) - 1))
+    else:
+      out[k] = float(layer_decay ** (n_layers + 1 - lid)) * mult
+  return unflatten(out)
+
+
+def scale_by_multipliers(mults: Any) -> optax.GradientTransformation:
+  """Multiplies each update by a fixed per-parameter factor (no state)."""
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, m: u * jnp.asarray(m, u.dtype), updates, mults), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+# --------------------------------------------------------------- the optimizer
+
+def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
+                   full_params: Mapping | None = None,
+                   names: Mapping | None = None
+                   ) -> tuple[optax.GradientTransformation, Callable[[Any], jax.Array]]:
+  """Builds the AdamW chain for the ``trainable`` tree (arrays or abstract shapes).
+
+  Args:
+    optim: ``config.optim`` (ConfigDict or dict), fields in the module docstring.
+    trainable: the parameters the optimizer updates (frozen ones already removed).
+    total_steps: length of the schedule.
+    full_params: the whole parameter tree, trainable and frozen; the number of image-tower
+      layers is counted on it (so freezing some blocks does not shift the decay).
+    names: logical axis names tree of ``full_params`` (finds scanned layer stacks).
+
+  Returns:
+    ``(tx, schedule)``: ``tx`` includes the learning rate; ``schedule(count)`` gives it.
+  """
+  lr = float(_get(optim, "lr", 1e-4))
+  schedule = make_schedule(lr, int(total_steps), int(_get(optim, "warmup_steps", 0)),
+                           float(_get(optim, "end_lr_ratio", 0.0)))
+  full = full_params if full_params is not None else trainable
+  mults_full = lr_multipliers(
+      full, names, layer_decay=float(_get(optim, "layer_decay", 1.0)),
+      prefix=_get(optim, "layer_decay_prefix", "visual/"),
+      stem=_get(optim, "layer_stem", DEFAULT_STEM),
+      lr_mults=_get(optim, "lr_mults", ()))
+  flat_m = flatten(mults_full)
+  mults = unflatten({k: flat_m[k] for k in flatten(trainable)})
+  no_decay = _get(optim, "no_decay", None)
+  wd = float(_get(optim, "weight_decay", 0.0))
+  clip = _get(optim, "grad_clip_norm", None)
+  parts = []
+  if clip:
+    parts.append(optax.clip_by_global_norm(float(clip)))
+  parts.append(optax.scale_by_adam(b1=float(_get(optim, "b1", 0.9)),
+                                   b2=float(_get(optim, "b2", 0.999)),
+                                   eps=float(_get(optim, "eps", 1e-8))))
+  if wd:
+    parts.append(optax.add_decayed_weights(
+        wd, mask=decay_mask(trainable, None if no_decay is None else list(no_decay))))
+  parts.append(scale_by_multipliers(mults))
+  parts.append(optax.scale_by_learning_rate(schedule))
+  return optax.chain(*parts), schedule
+
+
+def clamp_logit_scale(params: Mapping, max_value: float = LOGIT_SCALE_MAX) -> Mapping:
+  """Clamps a top-level ``logit_scale`` to ``[0, max_value]`` (if it is in ``params``)."""
+  if "logit_scale" not in params:
+    return params
+  out = dict(params)
+  out["logit_scale"] = jnp.clip(params["logit_scale"], 0.0, max_value)
+  return out

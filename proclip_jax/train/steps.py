@@ -1,0 +1,209 @@
+"""Jitted ProCLIP train steps for stage 1 and stage 2 (sharded, donated state).
+
+Both builders return ``step(state, batch) -> (state, metrics)``, jit-compiled with the
+state's shardings in and out, the batch split over the mesh's batch axes, and the state
+donated. The mesh and the logical-axis rules are entered around each call.
+
+Stage 1 (adapter only; everything comes from the caches). Batch, for each caption field
+``f`` of ``config.stage1.fields`` (default ``("short", "raw")``)::
+
+    llm_{f}    float32 [B, D]   cached LLM-embedder features (the student's input)
+    clip_{f}   float32 [B, E]   cached CLIP text-tower features (the teacher)
+
+    loss = stage1_distill_loss(adapter(llm_short), clip_short, adapter(llm_raw), clip_raw,
+                               config.distill_chunk)
+
+Stage 2 (image tower + adapter + logit scale; teacher = EMA image tower). Batch::
+
+    image      float32 [B, H, W, 3]   CLIP-normalised pixels
+    llm_{f}    float32 [B, D]         for f in config.stage2.text_fields (default short, long)
+
+Each example's text is one of its fields, drawn uniformly per example and step from
+``fold_in(key(config.seed), step)`` (a single field is used as is)::
+
+    loss = contrastive(img, txt, logit_scale) over the global batch
+           + λ · image_distill_loss(img, stop_gradient(teacher(image)), config.distill_chunk)
+
+then ``θ_T ← m·θ_T + (1−m)·θ`` on the image tower after the optimizer step (skipped when
+m = 1) and ``logit_scale`` clamped to ``[0, ln 100]``.
+
+Only ``state.params`` is differentiated; ``state.frozen`` and ``state.ema`` enter as
+constants. If the loss or the gradient norm is not finite, params, optimizer state and
+teacher stay as they were, ``nonfinite_steps`` is incremented (``step`` advances).
+
+Metrics (float32 scalars): ``loss``, the loss terms, ``logit_scale`` (log) and ``scale``
+(exp), ``grad_norm`` (before clipping), ``lr`` (of this update), ``finite`` (1 or 0),
+``nonfinite_steps``.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from proclip_jax import losses
+from proclip_jax.errors import ProclipError
+from proclip_jax.models.adapter import l2_normalize
+from proclip_jax.train import mesh as mesh_lib
+from proclip_jax.train import optimizer as optim_lib
+from proclip_jax.train.state import Setup, TrainState, _get, setup, uses_teacher
+
+StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
+
+
+def _apply_update(s: Setup, state: TrainState, grads, loss, ema_fn=None):
+  """Optimizer update, logit-scale clamp, EMA; all undone if loss/grads are not finite."""
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+  params = optim_lib.clamp_logit_scale(optax.apply_updates(state.params, updates))
+  ema = state.ema if ema_fn is None else ema_fn(params)
+  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
+  lr = s.schedule(state.step - state.nonfinite_steps)
+  new_state = TrainState(
+      step=state.step + 1,
+      params=keep(params, state.params),
+      frozen=state.frozen,
+      opt_state=keep(opt_state, state.opt_state),
+      ema=keep(ema, state.ema),
+      nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
+  metrics = {"grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32),
+             "nonfinite_steps": new_state.nonfinite_steps.astype(jnp.float32)}
+  return new_state, metrics
+
+
+def _jit(fn, mesh: Mesh, rules, shardings: TrainState) -> StepFn:
+  """jit with state shardings in/out, batch sharded, state donated; mesh entered per call."""
+  batch_sh = mesh_lib.batch_sharding(mesh, rules)
+  jitted = jax.jit(fn, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, mesh_lib.replicated(mesh)),
+                   donate_argnums=(0,))
+
+  @functools.wraps(fn)
+  def step(state, batch):
+    with jax.set_mesh(mesh):
+      return jitted(state, batch)
+  step.jitted = jitted  # for .lower(...) / cost analysis
+  return step
+
+
+def _check_chunk(config) -> int:
+  chunk = int(_get(config, "distill_chunk", 512))
+  if chunk < 1:
+    raise ProclipError(f"config.distill_chunk must be a positive integer, got {chunk}.")
+  return chunk
+
+
+# ------------------------------------------------------------------------ stage 1
+
+def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
+  """The stage-1 step: distil CLIP's text features into the adapter (see module doc)."""
+  s = setup(config, mesh)
+  chunk = _check_chunk(config)
+  fields = tuple(_get(config, "stage1.fields", ("short", "raw")))
+  if len(fields) != 2:
+    raise ProclipError(
+        f"config.stage1.fields must name two caption fields (short, raw), got {fields}.")
+
+  def loss_fn(params, frozen, batch):
+    full = optim_lib.merge(params, frozen)
+    student = [s.model.text_features(full["adapter"], batch[f"llm_{f}"]) for f in fields]
+    teacher = [l2_normalize(batch[f"clip_{f}"]) for f in fields]
+    terms = losses.stage1_distill_terms(student[0], teacher[0], student[1], teacher[1],
+                                        chunk)
+    return terms["loss"], terms
+
+  def step(state: TrainState, batch: dict):
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, batch)
+    new_state, metrics = _apply_update(s, state, grads, loss)
+    metrics.update({k: v.astype(jnp.float32) for k, v in terms.items()})
+    return new_state, metrics
+
+  return _jit(step, mesh, s.rules, state_shardings)
+
+
+# ------------------------------------------------------------------------ stage 2
+
+def _pick_text(batch: dict, fields: tuple[str, ...], rng: jax.Array) -> jax.Array:
+  feats = [batch[f"llm_{f}"] for f in fields]
+  if len(feats) == 1:
+    return feats[0]
+  choice = jax.random.randint(rng, (feats[0].shape[0],), 0, len(feats))
+  out = feats[0]
+  for i, f in enumerate(feats[1:], start=1):
+    out = jnp.where((choice == i)[:, None], f, out)
+  return out
+
+
+def ema_update(teacher: Any, student: Any, momentum: float) -> Any:
+  """``θ_T ← m·θ_T + (1−m)·θ`` leaf by leaf (float32)."""
+  m = jnp.float32(momentum)
+  return jax.tree.map(lambda t, p: m * t + (1.0 - m) * p.astype(t.dtype), teacher, student)
+
+
+def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
+  """The stage-2 step: contrastive + λ·image self-distillation, EMA teacher (module doc)."""
+  s = setup(config, mesh)
+  chunk = _check_chunk(config)
+  fields = tuple(_get(config, "stage2.text_fields", ("short", "long")))
+  lam = float(_get(config, "stage2.distill_weight", 1.0))
+  m = float(_get(config, "stage2.ema_momentum", 0.999))
+  if not 0.0 <= m <= 1.0:
+    raise ProclipError(f"config.stage2.ema_momentum must be in [0, 1], got {m}.")
+  impl = _get(config, "stage2.contrastive_impl", "dense")
+  block = int(_get(config, "stage2.contrastive_block", 1024))
+  seed = int(_get(config, "seed", 0))
+  teacher_on = uses_teacher(config)
+
+  def loss_fn(params, frozen, batch, txt_in, teacher_img):
+    full = optim_lib.merge(params, frozen)
+    img = s.model.image_features(full["visual"], batch["image"])
+    txt = s.model.text_features(full["adapter"], txt_in)
+    clip = losses.contrastive_loss(img, txt, full["logit_scale"], impl, block=block,
+                                   mesh=mesh)
+    terms = {"clip": clip}
+    loss = clip
+    if teacher_img is not None:
+      d = losses.image_distill_terms(img, teacher_img, chunk)
+      terms.update({"distill": d["loss"], "distill_ins": d["ins"],
+                    "distill_struct": d["struct"]})
+      loss = clip + lam * d["loss"]
+    terms["loss"] = loss
+    return loss, terms
+
+  def step(state: TrainState, batch: dict):
+    rng = jax.random.fold_in(jax.random.key(seed), state.step)
+    txt_in = _pick_text(batch, fields, rng)
+    teacher_img = None
+    if teacher_on:
+      teacher_img = jax.lax.stop_gradient(s.model.image_features(state.ema, batch["image"]))
+    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state.params, state.frozen, batch, txt_in, teacher_img)
+
+    ema_fn = None
+    if teacher_on and m < 1.0:
+      ema_fn = lambda p: ema_update(  # noqa: E731
+          state.ema, optim_lib.merge(p, state.frozen)["visual"], m)
+    new_state, metrics = _apply_update(s, state, grads, loss, ema_fn)
+    ls = optim_lib.merge(new_state.params, new_state.frozen)["logit_scale"]
+    metrics.update({k: v.astype(jnp.float32) for k, v in terms.items()})
+    metrics.update({"logit_scale": ls.astype(jnp.float32), "scale": jnp.exp(ls)})
+    return new_state, metrics
+
+  return _jit(step, mesh, s.rules, state_shardings)
+
+
+def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
+  """``make_stage1_step`` or ``make_stage2_step`` by ``config.stage``."""
+  stage = int(_get(config, "stage", 0))
+  if stage == 1:
+    return make_stage1_step(config, mesh, state_shardings)
+  if stage == 2:
+    return make_stage2_step(config, mesh, state_shardings)
+  raise ProclipError(f"config.stage must be 1 or 2, got {stage!r}.")
