@@ -28,13 +28,16 @@ from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers
 
 @dataclasses.dataclass(frozen=True)
 class CLIPConfig:
-  """A CLIP: image tower, optional text tower, initial ``logit_scale`` (log of 1/0.07)."""
-  vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+  """A CLIP: image tower and text tower (either may be None), initial ``logit_scale``."""
+  vision: VisionConfig | None = dataclasses.field(default_factory=VisionConfig)
   text: TextConfig | None = dataclasses.field(default_factory=TextConfig)
   logit_scale_init: float = math.log(1 / 0.07)
 
   def __post_init__(self):
-    if (self.text is not None and self.text.embed_dim != self.vision.embed_dim):
+    if self.vision is None and self.text is None:
+      raise ProclipError("CLIPConfig: a CLIP needs an image tower, a text tower or both.")
+    if (self.text is not None and self.vision is not None
+        and self.text.embed_dim != self.vision.embed_dim):
       raise ProclipError(
           f"CLIPConfig: image tower projects to {self.vision.embed_dim} but text tower to "
           f"{self.text.embed_dim}; the joint dimensions must match.")
@@ -47,12 +50,12 @@ class CLIPConfig:
   def replace(self, **common: Any) -> "CLIPConfig":
     """The same CLIP with fields shared by both towers changed (dtype, remat, scan_layers)."""
     return CLIPConfig(
-        vision=dataclasses.replace(self.vision, **common),
+        vision=None if self.vision is None else dataclasses.replace(self.vision, **common),
         text=None if self.text is None else dataclasses.replace(self.text, **common),
         logit_scale_init=self.logit_scale_init)
 
   def to_dict(self) -> dict:
-    return {"vision": self.vision.to_dict(),
+    return {"vision": None if self.vision is None else self.vision.to_dict(),
             "text": None if self.text is None else self.text.to_dict(),
             "logit_scale_init": self.logit_scale_init}
 
@@ -61,7 +64,7 @@ class CLIPConfig:
     unknown = sorted(set(d) - {"vision", "text", "logit_scale_init"})
     if unknown:
       raise ProclipError(f"CLIPConfig: unknown fields {unknown}.")
-    return cls(vision=VisionConfig.from_dict(d["vision"]),
+    return cls(vision=None if d.get("vision") is None else VisionConfig.from_dict(d["vision"]),
                text=None if d.get("text") is None else TextConfig.from_dict(d["text"]),
                logit_scale_init=float(d.get("logit_scale_init", math.log(1 / 0.07))))
 
@@ -71,13 +74,16 @@ class CLIP(nn.Module):
   config: CLIPConfig
 
   def setup(self):
-    self.visual = VisionTransformer(self.config.vision)
+    self.visual = None if self.config.vision is None else VisionTransformer(self.config.vision)
     self.text = None if self.config.text is None else TextTransformer(self.config.text)
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(
             nn.initializers.constant(self.config.logit_scale_init), ()), (), jnp.float32)
 
   def encode_image(self, images, normalize: bool = True):
+    if self.visual is None:
+      raise ProclipError("This CLIP has no image tower (it was converted from a text-only "
+                         "checkpoint).")
     return _l2(self.visual(images)) if normalize else self.visual(images)
 
   def encode_text(self, ids, normalize: bool = True):
@@ -86,9 +92,9 @@ class CLIP(nn.Module):
                          "checkpoint).")
     return _l2(self.text(ids)) if normalize else self.text(ids)
 
-  def __call__(self, images, ids=None):
-    """Returns ``(image_features, text_features or None, logit_scale)``; features unit-norm."""
-    img = self.encode_image(images)
+  def __call__(self, images=None, ids=None):
+    """Returns ``(image_features, text_features, logit_scale)``; features unit-norm (or None)."""
+    img = None if (images is None or self.visual is None) else self.encode_image(images)
     txt = None if (ids is None or self.text is None) else self.encode_text(ids)
     return img, txt, self.logit_scale
 
@@ -100,7 +106,8 @@ def _l2(x):
 
 def example_inputs(config: CLIPConfig, batch: int = 1):
   """Dummy ``(images, ids)`` of the right shapes for ``init`` / ``eval_shape``."""
-  images = jnp.zeros((batch, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
+  images = None if config.vision is None else jnp.zeros(
+      (batch, config.vision.image_size, config.vision.image_size, 3), jnp.float32)
   ids = None if config.text is None else jnp.zeros((batch, config.text.context_length), jnp.int32)
   return images, ids
 
@@ -168,6 +175,9 @@ class LoadedCLIP:
 
     Returns L2-normalised float32 ``[N, E]`` (``[N, width]`` for a tower without projection).
     """
+    if self.config.vision is None:
+      raise ProclipError("This CLIP has no image tower (it was converted from a text-only "
+                         "checkpoint); encode_image is unavailable.")
     pixels = np.asarray(pixels, np.float32)
     size = self.config.vision.image_size
     if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
@@ -203,7 +213,8 @@ def load_clip(path: str, *, dtype: str | None = None, scan_layers: bool | None =
   overrides = {}
   if dtype is not None:
     overrides["dtype"] = dtype
-  if scan_layers is not None and scan_layers != config.vision.scan_layers:
+  current = (config.vision or config.text).scan_layers
+  if scan_layers is not None and scan_layers != current:
     overrides["scan_layers"] = scan_layers
     params = stack_layers(params) if scan_layers else unstack_layers(params)
   if overrides:
