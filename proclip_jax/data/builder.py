@@ -41,6 +41,7 @@ The build writes into ``.OUT_NAME.incomplete`` beside ``OUT`` and renames it at 
 killed run never leaves a folder that looks complete; running again starts that split
 from scratch (the leftover temporary folder is removed).
 """
+import contextlib
 import csv
 import dataclasses
 import io
@@ -647,7 +648,8 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
   was_active = tfds.core.utils.tqdm_utils._active  # pylint: disable=protected-access
   tfds.disable_progress_bar()
   try:
-    builder.download_and_prepare()
+    with contextlib.redirect_stdout(io.StringIO()):  # tfds' "downloaded ..." lines mislead
+      builder.download_and_prepare()
   except ValueError as e:
     shutil.rmtree(tmp, ignore_errors=True)
     if "should be >0" in str(e):
