@@ -138,3 +138,53 @@ def test_converter_errors(tmp_path):
   assert not os.path.exists(os.path.join(tmp_path, "out"))
   with pytest.raises(ProclipError):
     AdapterConfig(in_dim=0, out_dim=3)
+
+
+def _openai_visual_sd(rng, w=32, layers=2, patch=8, grid=4, e=12):
+  f = lambda *s: (rng.normal(size=s) * 0.1).astype(np.float32)  # noqa: E731
+  sd = {"visual.conv1.weight": f(w, 3, patch, patch), "visual.class_embedding": f(w),
+        "visual.positional_embedding": f(grid * grid + 1, w),
+        "visual.ln_pre.weight": 1 + f(w), "visual.ln_pre.bias": f(w),
+        "visual.ln_post.weight": 1 + f(w), "visual.ln_post.bias": f(w),
+        "visual.proj": f(w, e)}
+  for i in range(layers):
+    b = f"visual.transformer.resblocks.{i}."
+    sd.update({b + "ln_1.weight": 1 + f(w), b + "ln_1.bias": f(w),
+               b + "attn.in_proj_weight": f(3 * w, w), b + "attn.in_proj_bias": f(3 * w),
+               b + "attn.out_proj.weight": f(w, w), b + "attn.out_proj.bias": f(w),
+               b + "ln_2.weight": 1 + f(w), b + "ln_2.bias": f(w),
+               b + "mlp.c_fc.weight": f(4 * w, w), b + "mlp.c_fc.bias": f(4 * w),
+               b + "mlp.c_proj.weight": f(w, 4 * w), b + "mlp.c_proj.bias": f(w)})
+  return sd
+
+
+def test_convert_full_checkpoint_with_image_tower(rng, tmp_path):
+  from proclip_jax.models.proclip import ProCLIPConfig, ProCLIPModel
+  tm = _torch_model(16, 12, 8, 1, seed=3)
+  sd = {"text." + k: v.numpy() for k, v in tm.state_dict().items()}
+  sd.update(_openai_visual_sd(rng))
+  sd["logit_scale"] = np.asarray(np.log(50.0), np.float32)
+  sd["text.model.embed_tokens.weight"] = np.zeros((3, 16), np.float32)  # LLM: ignored
+  path = os.path.join(tmp_path, "ckpt.pt")
+  torch.save({"state_dict": {k: torch.from_numpy(np.asarray(v)) for k, v in sd.items()}}, path)
+  feats = {}
+  x = rng.normal(size=(2, 32, 32, 3)).astype(np.float32)
+  t = rng.normal(size=(2, 16)).astype(np.float32)
+  for scan in (False, True):
+    out = os.path.join(tmp_path, f"out{scan}")
+    convert_proclip(path, out, scan_layers=scan)
+    meta, params = load_model(out, kind="proclip")
+    cfg = ProCLIPConfig.from_dict(meta["config"])
+    assert cfg.vision.scan_layers == scan and cfg.vision.layers == 2
+    assert meta["n_ignored_source_keys"] == 1
+    vis = params["visual"]
+    np.testing.assert_array_equal(vis["proj"], sd["visual.proj"])
+    np.testing.assert_array_equal(vis["conv1"]["kernel"],
+                                  np.transpose(sd["visual.conv1.weight"], (2, 3, 1, 0)))
+    model = ProCLIPModel(cfg)
+    img = np.asarray(model.encode_images(params, x))
+    np.testing.assert_allclose(np.linalg.norm(img, axis=-1), 1.0, atol=1e-6)
+    txt = np.asarray(model.encode_texts(params, t))
+    np.testing.assert_allclose(np.linalg.norm(txt, axis=-1), 1.0, atol=1e-6)
+    feats[scan] = img
+  np.testing.assert_allclose(feats[False], feats[True], atol=1e-6)

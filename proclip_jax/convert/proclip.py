@@ -104,22 +104,37 @@ def convert_adapter(sd: Mapping[str, np.ndarray], prefix: str, config: AdapterCo
   return params, used
 
 
-def _convert_visual(sd: Mapping[str, np.ndarray], dtype: str):
-  """The image tower through the CLIP converter; returns (VisionConfig, params, used keys)."""
-  try:
-    from proclip_jax.convert import clip as clip_conv  # pylint: disable=import-outside-toplevel
-  except ImportError as e:
-    raise ProclipError("Converting the image tower needs proclip_jax/convert/clip.py.") from e
-  return clip_conv.convert_openai_visual(sd, dtype=dtype)
+def _convert_visual(sd: Mapping[str, np.ndarray], *, act: str, scan_layers: bool,
+                    dtype: str):
+  """The ``visual.*`` tower through the CLIP converter's tables: (VisionConfig, params, used)."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  import jax  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert import clip as clip_conv  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert.common import unflatten  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models import vit  # pylint: disable=import-outside-toplevel
+  cfg = clip_conv.openai_visual_config(sd, "visual.", act=act)
+  flat, used = clip_conv.apply_table(sd, clip_conv.openai_vision_table(cfg, "visual.", "visual"))
+  params = unflatten(flat)["visual"]
+  size = cfg.image_size
+  abstract = jax.eval_shape(lambda: vit.VisionTransformer(cfg).init(
+      jax.random.key(0), np.zeros((1, size, size, 3), np.float32))["params"])
+  unused = [k for k in sd if k.startswith("visual.") and k not in used]
+  check_tree(params, abstract, what="image tower of the checkpoint", unused_source_keys=unused)
+  if scan_layers:
+    params = vit.stack_layers(params)
+  cfg = dataclasses.replace(cfg, scan_layers=scan_layers, dtype=dtype)
+  return cfg, params, used
 
 
-def convert_proclip(src: str, out: str, *, overwrite: bool = False,
-                    dtype: str = "float32") -> str:
+def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str = "float32",
+                    act: str = "quick_gelu", scan_layers: bool = False) -> str:
   """Converts a ProCLIP / LLM2CLIP checkpoint at ``src`` into the model folder ``out``.
 
   The result has ``kind="proclip"``, ``config`` = ``ProCLIPConfig.to_dict()`` and params
   ``{"visual", "adapter", "logit_scale"}`` (the image tower is optional: a file holding only
-  the adapter converts to an adapter-only model).
+  the adapter converts to an adapter-only model). ``act``: the image tower's activation
+  (OpenAI towers: QuickGELU); ``scan_layers``: store its blocks stacked for ``nn.scan``;
+  ``dtype``: the compute dtype written into the model config (parameters stay float32).
   """
   from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
@@ -135,7 +150,8 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False,
   params = {"adapter": adapter}
   vision_cfg = None
   if any(k.startswith("visual.") for k in sd):
-    vision_cfg, visual, used_v = _convert_visual(sd, dtype)
+    vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
+                                                 dtype=dtype)
     params["visual"] = visual
     used |= set(used_v)
     if vision_cfg.embed_dim != adapter_cfg.out_dim:
