@@ -5,8 +5,8 @@ The formulas are those of ``shared/proclip_method.md``:
 * ``clip_loss``: ½[CE(s·img·txtᵀ, arange) + CE(s·txt·imgᵀ, arange)], mean over the batch,
   ``s = exp(logit_scale)``, logits and logsumexp in float32.
 * ``stage1_distill_loss``: per chunk of ``chunk`` rows,
-  ``L_ins = Σ_i ||s_i^short − t_i^short||² + Σ_i ||s_i^raw − t_i^raw||²`` (sums, not means) and
-  ``L_struct = Σ_{i<j} SmoothL1_β=1(||s_i − s_j|| − ||t_i − t_j||)`` over the short captions;
+  ``L_ins = Σ_i ||s_i^short − t_i^short||² + Σ_i ||s_i^raw − t_i^raw||²`` (sums, not means)
+  and ``L_struct = Σ_{i<j} SmoothL1_β=1(||s_i − s_j|| − ||t_i − t_j||)`` (short captions);
   the loss is the mean over chunks of ``L_ins + L_struct``.
 * ``image_distill_loss``: the same instance + structure terms between the student image
   features and the (EMA) teacher's, per chunk, mean over chunks; without λ.

@@ -257,3 +257,24 @@ def test_sharded_two_batch_axes_and_replicated_axis(pair):
     losses.clip_loss_sharded(img, txt, ls, mesh=mesh, axis_names=("data", "fsdp"), block=5)
   with pytest.raises(ProclipError, match="not axes"):
     losses.clip_loss_sharded(img, txt, ls, mesh=mesh, axis_names=("batch",))
+
+
+def test_loss_memory_benchmark_small(capsys):
+  """The benchmark runs at a tiny size; tiles keep temp memory below the dense B×B logits."""
+  import argparse
+  import json
+  from proclip_jax.bench import loss_memory
+  parser = argparse.ArgumentParser()
+  loss_memory.add_args(parser)
+  loss_memory.run(parser.parse_args(["--batch", "1024", "--dim", "8", "--block", "16",
+                                     "--time-batches", "64", "--warmup", "0", "--runs", "1",
+                                     "--platform", "default"]))
+  records = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+  mem = {r["impl"]: r for r in records if r["what"] == "memory_per_device"}
+  assert set(mem) == set(loss_memory.IMPLS) and all(r["devices"] == 8 for r in mem.values())
+  assert mem["dense"]["temp_bytes"] >= 1024 * 1024 * 4      # the logits themselves
+  assert mem["blockwise"]["temp_bytes"] < mem["dense"]["temp_bytes"] / 4
+  assert mem["sharded"]["temp_bytes"] < mem["dense_spmd"]["temp_bytes"] / 4
+  times = [r for r in records if r["what"] == "time_value_and_grad"]
+  assert len(times) == 4
+  np.testing.assert_allclose([r["loss"] for r in times], times[0]["loss"], rtol=1e-6)

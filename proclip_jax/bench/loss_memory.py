@@ -13,8 +13,8 @@ each implementation with ``jax.jit(...).lower(...).compile()`` and prints
 * ``sharded``: the ring over the mesh (``losses.clip_loss_sharded``), O(B/n·block) per device.
 
 Then, for the small batches of ``--time-batches``, it runs each implementation and prints the
-median step time. The simulated devices are CPU devices (``--devices``); ``--platform`` other
-than cpu uses the accelerators present.
+median step time. The simulated devices are CPU devices (``--devices``); ``--platform default``
+leaves the platform and device count to JAX (the accelerators present).
 """
 import time
 
@@ -24,7 +24,8 @@ IMPLS = ("dense", "dense_spmd", "blockwise", "sharded")
 
 
 def add_args(parser):
-  parser.add_argument("--batch", type=int, default=65536, help="global batch for the memory figures")
+  parser.add_argument("--batch", type=int, default=65536,
+                      help="global batch for the memory figures")
   parser.add_argument("--dim", type=int, default=512, help="joint embedding dimension")
   parser.add_argument("--devices", type=int, default=8, help="simulated CPU devices")
   parser.add_argument("--block", type=int, default=1024, help="tile columns (blockwise/sharded)")
@@ -33,17 +34,15 @@ def add_args(parser):
                       help="comma-separated global batches to time ('' for none)")
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--runs", type=int, default=3)
-  parser.add_argument("--platform", default="cpu", help="cpu (simulated devices) or gpu/tpu")
+  parser.add_argument("--platform", default="cpu",
+                      help="cpu: --devices simulated CPU devices; default: leave JAX's choice")
 
 
 def _setup(args):
   import jax
   if args.platform == "cpu":
     jax.config.update("jax_platforms", "cpu")
-    try:
-      jax.config.update("jax_num_cpu_devices", args.devices)
-    except RuntimeError:  # backend already up (called from a test): use what is there
-      pass
+    jax.config.update("jax_num_cpu_devices", args.devices)
   return jax
 
 
