@@ -385,6 +385,9 @@ class Pipeline:
     ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=max(o.read_threads, 1),
                                               prefetch_buffer_size=max(o.prefetch_batches, 1)))
     if o.worker_count > 0:
+      from absl import flags  # pylint: disable=g-import-not-at-top
+      if not flags.FLAGS.is_parsed():  # grain's workers read absl flags (defaults suffice)
+        flags.FLAGS.mark_as_parsed()
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
           num_workers=o.worker_count, per_worker_buffer_size=o.worker_buffer_size))
     self._dataset = ds
