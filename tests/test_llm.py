@@ -229,6 +229,45 @@ def test_lora_merge_equals_peft_forward(tmp_path):
   with peft_model.disable_adapter():
     plain = np_pool(hf_hidden(hf, ids, attn, causal=False), attn, pool, "mean")
   assert np.abs(plain - want).max() > 1e-3  # the adapter changes the output
+  scanned = E.load_embedder(out, scan_layers=True)
+  assert "layers" in scanned.params and "layers_0" not in scanned.params
+  assert np.abs(np.asarray(jax.jit(scanned.embed_tokens)(scanned.params, ids, attn, pool))
+                - got).max() <= TOL
+
+
+def test_lora_merge_transcription(tmp_path):
+  """W + s·B·A with PEFT's prefixes, alpha_pattern / rank_pattern and rsLoRA, in NumPy."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert.llm import merge_lora  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(0)
+  base = {"model.layers.0.self_attn.q_proj.weight": rng.normal(size=(8, 6)).astype(np.float32),
+          "model.layers.0.mlp.up_proj.weight": rng.normal(size=(5, 6)).astype(np.float32),
+          "lm_head.weight": rng.normal(size=(3, 6)).astype(np.float32)}
+  a_q, b_q = rng.normal(size=(2, 6)), rng.normal(size=(8, 2))
+  a_u, b_u = rng.normal(size=(4, 6)), rng.normal(size=(5, 4))
+  pre = "base_model.model.model.layers.0."
+  save_file({pre + "self_attn.q_proj.lora_A.weight": a_q.astype(np.float32),
+             pre + "self_attn.q_proj.lora_B.weight": b_q.astype(np.float32),
+             pre + "mlp.up_proj.lora_A.weight": a_u.astype(np.float32),
+             pre + "mlp.up_proj.lora_B.weight": b_u.astype(np.float32)},
+            str(tmp_path / "adapter_model.safetensors"))
+  for rslora in (False, True):
+    with open(tmp_path / "adapter_config.json", "w") as f:
+      json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "use_rslora": rslora,
+                 "rank_pattern": {"up_proj": 4}, "alpha_pattern": {"up_proj": 3},
+                 "target_modules": ["q_proj", "up_proj"]}, f)
+    merged = merge_lora(base, tmp_path)
+    sq, su = (4 / np.sqrt(2), 3 / 2.0) if rslora else (4 / 2, 3 / 4)
+    np.testing.assert_allclose(merged["model.layers.0.self_attn.q_proj.weight"],
+                               base["model.layers.0.self_attn.q_proj.weight"] + sq * b_q @ a_q,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(merged["model.layers.0.mlp.up_proj.weight"],
+                               base["model.layers.0.mlp.up_proj.weight"] + su * b_u @ a_u,
+                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(merged["lm_head.weight"], base["lm_head.weight"])
+  del base["model.layers.0.mlp.up_proj.weight"]
+  with pytest.raises(ProclipError, match="no base weight"):
+    merge_lora(base, tmp_path)
 
 
 # ------------------------------------------------------------------ bad input, nothing written
