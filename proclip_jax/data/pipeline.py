@@ -25,8 +25,9 @@ How it is built (all of it deterministic in ``seed`` alone, whatever the worker 
    image (``transforms.decode_image``), apply the train transform (random crop drawn from a
    generator seeded by ``(seed, epoch, id)``) or the eval transform, and pick the caption
    field: one of ``fields`` with probabilities ``field_weights`` (equal by default), drawn
-   from the same ``(seed, epoch, id)`` generator, so the choice for an example changes per
-   epoch but never with worker count or resumption.
+   from the same generator (``np.random.default_rng([seed, epoch, id])``: its first
+   ``random()`` picks the field, the crop is drawn next), so the choice for an example
+   changes per epoch but never with worker count or resumption.
 4. **Batch** (a dict of NumPy arrays, ``B = batch_size`` per process):
    ``image`` float32 [B, S, S, 3] (CLIP-normalised), ``id`` int64 [B], ``text`` object [B]
    (the chosen captions), ``field`` object [B] (the chosen field names), ``field_index``
