@@ -114,8 +114,8 @@ def example_inputs(config: CLIPConfig, batch: int = 1):
 
 def init_clip(config: CLIPConfig, seed: int = 0) -> dict:
   """Random (unboxed) CLIP parameters."""
-  variables = CLIP(config).init(jax.random.PRNGKey(seed), *example_inputs(config))
-  return nn.unbox(variables)["params"]
+  variables = jax.jit(CLIP(config).init)(jax.random.PRNGKey(seed), *example_inputs(config))
+  return jax.tree.map(np.asarray, nn.unbox(variables)["params"])
 
 
 def abstract_params(config: CLIPConfig):

@@ -44,18 +44,15 @@ _PLAIN_ASCII = regex.compile(r"[\t\n\r\x20-\x25\x27-\x7e]*")
 def byte_alphabet() -> dict[int, str]:
   """Byte value -> a printable character (GPT-2's reversible byte-to-unicode map).
 
-  Bytes that are printable Latin-1 characters map to themselves; the other 68 bytes map,
-  in increasing order, to the characters 256, 257, ...
+  Bytes that are printable Latin-1 characters map to themselves and come first (in byte
+  order); the other 68 bytes follow, mapped in increasing order to characters 256, 257, ...
+  The dict's order is the order of the first 256 vocabulary entries.
   """
   keep = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
           + list(range(ord("®"), ord("ÿ") + 1)))
-  table, extra = {}, 0
-  for b in range(256):
-    if b in keep:
-      table[b] = chr(b)
-    else:
-      table[b] = chr(256 + extra)
-      extra += 1
+  table = {b: chr(b) for b in keep}
+  others = [b for b in range(256) if b not in table]
+  table.update({b: chr(256 + n) for n, b in enumerate(others)})
   return table
 
 
