@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.llm import Proj, pool, positions_from_mask, _NEG
+from proclip_jax.models.llm import Proj, pool, positions_from_mask, MASK_VALUE
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
@@ -111,7 +111,7 @@ class BertLayer(nn.Module):
     v = Proj(shape, names, use_bias=True, dtype=dt, name="value")(x)
     scores = jnp.einsum("bqhd,bkhd->bhqk", q.astype(dt), k.astype(dt),
                         preferred_element_type=jnp.float32) * (cfg.head_dim ** -0.5)
-    scores = jnp.where(attn_mask[:, None, None, :] > 0, scores, _NEG)
+    scores = jnp.where(attn_mask[:, None, None, :] > 0, scores, MASK_VALUE)
     probs = jax.nn.softmax(scores, axis=-1)
     o = jnp.einsum("bhqk,bkhd->bqhd", probs.astype(dt), v.astype(dt),
                    preferred_element_type=jnp.float32)

@@ -352,8 +352,10 @@ class Embedder:
       chunk = texts[s:s + batch_size]
       ids, attn, pool = self.tokenizer(chunk)
       n = len(chunk)
-      rows = batch_size if len(texts) > batch_size else n
-      if rows > n:  # pad the last batch to a compiled shape; dummy rows see one token
+      # Pad the batch to a compiled shape (batch_size, or a power of two for a small call);
+      # dummy rows see one token.
+      rows = batch_size if len(texts) > batch_size else min(batch_size, 1 << (n - 1).bit_length())
+      if rows > n:
         extra = rows - n
         ids = np.concatenate([ids, np.full((extra, ids.shape[1]), self.tokenizer.pad_id,
                                            np.int32)])

@@ -32,7 +32,7 @@ Parameters are float32 and carry logical axis names ("vocab", "embed", "heads", 
     layers_{i}/mlp/{gate,up}_proj/kernel  [embed, mlp];  mlp/down_proj/kernel [mlp, embed]
     norm/scale                            [embed]
 
-With ``scan_layers=True`` the layers are one ``layers/...`` subtree stacked on a leading
+With ``scan_layers=True`` the layers are one ``layers/layer/...`` subtree stacked on a leading
 "layers" axis (:func:`stack_layers` converts). ``dtype`` is the matmul compute dtype;
 norms, softmax and pooling run in float32.
 """
@@ -51,7 +51,7 @@ from proclip_jax.errors import ProclipError
 
 POOLINGS = ("mean", "last", "cls")
 ROPE_TYPES = ("default", "linear", "llama3")
-_NEG = float(np.finfo(np.float32).min)
+MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,7 +163,7 @@ def dot_attention(q, k, v, keep, dtype):
   q = q.reshape(b, length, hkv, h // hkv, dh)
   scores = jnp.einsum("bqkgd,bskd->bkgqs", q.astype(dtype), k.astype(dtype),
                       preferred_element_type=jnp.float32) * (dh ** -0.5)
-  scores = jnp.where(keep[:, :, None], scores, _NEG)
+  scores = jnp.where(keep[:, :, None], scores, MASK_VALUE)
   probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1)
   out = jnp.einsum("bkgqs,bskd->bqkgd", probs.astype(dtype), v.astype(dtype),
                    preferred_element_type=jnp.float32)
