@@ -22,11 +22,14 @@ OpenAI image tower (ProCLIP / LLM2CLIP).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
 from typing import Callable, Iterable, Mapping
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from proclip_jax.convert.common import (check_tree, conv_oihw_to_hwio, flatten, linear,
@@ -34,7 +37,7 @@ from proclip_jax.convert.common import (check_tree, conv_oihw_to_hwio, flatten, 
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIPConfig, abstract_params
 from proclip_jax.models.clip_text import TextConfig
-from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
+from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
 
 Hook = Callable[[np.ndarray], dict]
 Table = list  # of (source_key, hook)
@@ -345,16 +348,13 @@ def convert_openai_visual(sd: Mapping[str, np.ndarray], prefix: str = "visual.",
   reported as unexpected. Returns ``(VisionConfig, params)`` with params in the per-layer
   (or, with ``scan_layers``, stacked) layout of :class:`VisionTransformer`.
   """
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.vit import VisionTransformer  # pylint: disable=import-outside-toplevel
   cfg = openai_visual_config(sd, prefix, act)
   flat, used = apply_table(sd, openai_vision_table(cfg, prefix, dst="visual"))
   params = unflatten(flat)["visual"]
   unused = sorted(k for k in sd if k.startswith(prefix) and k not in used)
   size = cfg.image_size
   abstract = jax.eval_shape(lambda: VisionTransformer(cfg).init(
-      jax.random.PRNGKey(0), jax.numpy.zeros((1, size, size, 3))))["params"]
+      jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3))))["params"]
   check_tree(params, abstract, what=f"image tower under {prefix!r}", unused_source_keys=unused)
   if scan_layers:
     cfg = dataclasses.replace(cfg, scan_layers=True)

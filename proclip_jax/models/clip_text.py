@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.vit import Transformer, _check_common, _p, layer_norm
+from proclip_jax.models.vit import Transformer, check_options, layer_norm, partitioned
 
 _TEXT_VARIANTS = {
     "B/32": dict(width=512, layers=12, heads=8, embed_dim=512),
@@ -63,7 +63,7 @@ class TextConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
-    _check_common("TextConfig", self.width, self.heads, self.act, self.dtype, self.remat)
+    check_options("TextConfig", self.width, self.heads, self.act, self.dtype, self.remat)
 
   @property
   def mlp_width(self) -> int:
@@ -112,9 +112,9 @@ class TextTransformer(nn.Module):
       raise ProclipError(
           f"TextTransformer expects ids [N, L] with L <= {cfg.context_length}, got {ids.shape}.")
     length = ids.shape[1]
-    tok = self.param("token_embedding", _p(nn.initializers.normal(0.02), ("vocab", "embed")),
+    tok = self.param("token_embedding", partitioned(nn.initializers.normal(0.02), ("vocab", "embed")),
                      (cfg.vocab_size, cfg.width), jnp.float32)
-    pos = self.param("positional_embedding", _p(nn.initializers.normal(0.01), (None, "embed")),
+    pos = self.param("positional_embedding", partitioned(nn.initializers.normal(0.01), (None, "embed")),
                      (cfg.context_length, cfg.width), jnp.float32)
     x = jnp.take(tok, ids, axis=0) + pos[None, :length]
     causal = jnp.tril(jnp.ones((length, length), jnp.bool_))[None, None]
@@ -126,7 +126,7 @@ class TextTransformer(nn.Module):
     if cfg.embed_dim is None:
       return pooled
     proj = self.param("text_projection",
-                      _p(nn.initializers.normal(cfg.width ** -0.5), ("embed", "joint")),
+                      partitioned(nn.initializers.normal(cfg.width ** -0.5), ("embed", "joint")),
                       (cfg.width, cfg.embed_dim), jnp.float32)
     if not project:
       return pooled

@@ -52,7 +52,7 @@ _VISION_VARIANTS = {
 }
 
 
-def _check_common(name: str, width: int, heads: int, act: str, dtype: str, remat) -> None:
+def check_options(name: str, width: int, heads: int, act: str, dtype: str, remat) -> None:
   if heads <= 0 or width % heads:
     raise ProclipError(f"{name}: width {width} is not divisible by heads {heads}.")
   if act not in ACTIVATIONS:
@@ -97,7 +97,7 @@ class VisionConfig:
   scan_layers: bool = False
 
   def __post_init__(self):
-    _check_common("VisionConfig", self.width, self.heads, self.act, self.dtype, self.remat)
+    check_options("VisionConfig", self.width, self.heads, self.act, self.dtype, self.remat)
     if self.image_size % self.patch_size:
       raise ProclipError(
           f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
@@ -142,15 +142,16 @@ def activation(name: str):
           "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True)}[name]
 
 
-def _p(init, names):
+def partitioned(init, names):
+  """``init`` wrapped with logical axis ``names`` (flax ``with_logical_partitioning``)."""
   return nn.with_logical_partitioning(init, names)
 
 
 def layer_norm(eps: float, name: str) -> nn.LayerNorm:
   """A float32 LayerNorm with partitioned ``scale``/``bias`` over "embed"."""
   return nn.LayerNorm(epsilon=eps, dtype=jnp.float32, param_dtype=jnp.float32,
-                      scale_init=_p(nn.initializers.ones, ("embed",)),
-                      bias_init=_p(nn.initializers.zeros, ("embed",)), name=name)
+                      scale_init=partitioned(nn.initializers.ones, ("embed",)),
+                      bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
 
 
 class Attention(nn.Module):
@@ -169,8 +170,8 @@ class Attention(nn.Module):
     std = self.width ** -0.5
     proj = functools.partial(
         nn.DenseGeneral, features=(self.heads, head_dim), axis=-1, dtype=self.dtype,
-        param_dtype=jnp.float32, kernel_init=_p(nn.initializers.normal(std), ("embed", "heads", "kv")),
-        bias_init=_p(nn.initializers.zeros, ("heads", "kv")))
+        param_dtype=jnp.float32, kernel_init=partitioned(nn.initializers.normal(std), ("embed", "heads", "kv")),
+        bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
     q = proj(name="query")(x)
     k = proj(name="key")(x)
     v = proj(name="value")(x)
@@ -183,8 +184,8 @@ class Attention(nn.Module):
     out_std = std * (2 * self.depth) ** -0.5
     return nn.DenseGeneral(
         features=self.width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=_p(nn.initializers.normal(out_std), ("heads", "kv", "embed")),
-        bias_init=_p(nn.initializers.zeros, ("embed",)), name="out")(out)
+        kernel_init=partitioned(nn.initializers.normal(out_std), ("heads", "kv", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="out")(out)
 
 
 class Mlp(nn.Module):
@@ -198,13 +199,13 @@ class Mlp(nn.Module):
   def __call__(self, x):
     std = self.width ** -0.5
     h = nn.Dense(self.mlp_dim, dtype=self.dtype, param_dtype=jnp.float32,
-                 kernel_init=_p(nn.initializers.normal((2 * self.width) ** -0.5), ("embed", "mlp")),
-                 bias_init=_p(nn.initializers.zeros, ("mlp",)), name="c_fc")(x)
+                 kernel_init=partitioned(nn.initializers.normal((2 * self.width) ** -0.5), ("embed", "mlp")),
+                 bias_init=partitioned(nn.initializers.zeros, ("mlp",)), name="c_fc")(x)
     h = activation(self.act)(h)
     return nn.Dense(self.width, dtype=self.dtype, param_dtype=jnp.float32,
-                    kernel_init=_p(nn.initializers.normal(std * (2 * self.depth) ** -0.5),
+                    kernel_init=partitioned(nn.initializers.normal(std * (2 * self.depth) ** -0.5),
                                    ("mlp", "embed")),
-                    bias_init=_p(nn.initializers.zeros, ("embed",)), name="c_proj")(h)
+                    bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="c_proj")(h)
 
 
 class ResidualBlock(nn.Module):
@@ -300,13 +301,13 @@ class VisionTransformer(nn.Module):
     std = cfg.width ** -0.5
     x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size,) * 2,
                 padding="VALID", use_bias=False, dtype=dtype, param_dtype=jnp.float32,
-                kernel_init=_p(nn.initializers.lecun_normal(), (None, None, None, "embed")),
+                kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 name="conv1")(images.astype(jnp.float32))
     n = x.shape[0]
     x = x.reshape(n, -1, cfg.width).astype(jnp.float32)
-    cls = self.param("class_embedding", _p(nn.initializers.normal(std), ("embed",)),
+    cls = self.param("class_embedding", partitioned(nn.initializers.normal(std), ("embed",)),
                      (cfg.width,), jnp.float32)
-    pos = self.param("positional_embedding", _p(nn.initializers.normal(std), (None, "embed")),
+    pos = self.param("positional_embedding", partitioned(nn.initializers.normal(std), (None, "embed")),
                      (cfg.grid * cfg.grid + 1, cfg.width), jnp.float32)
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.width)), x], axis=1) + pos[None]
     x = layer_norm(cfg.ln_eps, "ln_pre")(x)
@@ -315,7 +316,7 @@ class VisionTransformer(nn.Module):
     pooled = layer_norm(cfg.ln_eps, "ln_post")(x[:, 0])
     if cfg.embed_dim is None:
       return pooled
-    proj = self.param("proj", _p(nn.initializers.normal(std), ("embed", "joint")),
+    proj = self.param("proj", partitioned(nn.initializers.normal(std), ("embed", "joint")),
                       (cfg.width, cfg.embed_dim), jnp.float32)
     if not project:
       return pooled

@@ -1,0 +1,325 @@
+"""CLIP conversion parity against transformers' PyTorch CLIP, and converter bad inputs.
+
+Reference: transformers models with random weights (LayerNorms and biases perturbed too),
+saved with ``save_pretrained`` and converted by the production path
+(``convert.api.convert`` -> ``load_clip``). An OpenAI-layout state dict is derived from the
+same weights by a mapping written here (q/k/v fused into ``in_proj``), independently of the
+converter's tables.
+"""
+import os
+import pickle
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.numpy import load_file, save_file
+from transformers import (CLIPConfig as HFCLIPConfig, CLIPModel, CLIPTextModelWithProjection,
+                          CLIPVisionModel, CLIPVisionModelWithProjection)
+
+from proclip_jax.convert.api import convert, summary
+from proclip_jax.convert.clip import clip_to_openai, convert_openai_visual
+from proclip_jax.errors import ProclipError
+from proclip_jax.models.clip import load_clip
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+
+
+def _randomize(model, seed):
+  g = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn(p.shape, generator=g))
+  return model.eval()
+
+
+def _tiny_hf_config(eos_token_id, vision_width=32, vision_heads=4, text_width=32, text_heads=4,
+                    vocab=99, context=16):
+  return HFCLIPConfig(
+      text_config=dict(vocab_size=vocab, hidden_size=text_width, intermediate_size=37,
+                       num_hidden_layers=2, num_attention_heads=text_heads,
+                       max_position_embeddings=context, eos_token_id=eos_token_id,
+                       bos_token_id=min(vocab - 2, 49406), pad_token_id=0),
+      vision_config=dict(hidden_size=vision_width, intermediate_size=4 * vision_width + 5,
+                         num_hidden_layers=2, num_attention_heads=vision_heads, image_size=30,
+                         patch_size=6),
+      projection_dim=24)
+
+
+def _pixels(n, size, seed=0):
+  return np.random.default_rng(seed).normal(size=(n, size, size, 3)).astype(np.float32)
+
+
+def _hf_clip_outputs(model, pixels, ids):
+  with torch.no_grad():
+    o = model(input_ids=torch.tensor(ids, dtype=torch.long),
+              pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2)))
+  return o.image_embeds.numpy(), o.text_embeds.numpy(), o.logits_per_image.numpy()
+
+
+def _compare(clip, model, pixels, ids, what):
+  img_ref, txt_ref, logits_ref = _hf_clip_outputs(model, pixels, ids)
+  img, txt = clip.encode_image(pixels), clip.encode_text(ids)
+  logits = np.exp(clip.logit_scale) * img @ txt.T
+  errs = (np.abs(img - img_ref).max(), np.abs(txt - txt_ref).max(),
+          np.abs(logits - logits_ref).max())
+  print(f"{what}: max abs err image {errs[0]:.2e} text {errs[1]:.2e} logits {errs[2]:.2e}")
+  assert errs[0] <= TOL and errs[1] <= TOL
+  assert errs[2] <= TOL * np.exp(clip.logit_scale)  # logits are scaled cosines
+  return errs
+
+
+# ----------------------------------------------------------------- Hugging Face folders
+
+@pytest.fixture(scope="module")
+def hf_clip(tmp_path_factory):
+  """Tiny CLIPModel pooling at the first eos (eos=3 is smaller than other ids)."""
+  torch.manual_seed(0)
+  model = _randomize(CLIPModel(_tiny_hf_config(eos_token_id=3)), 1)
+  path = str(tmp_path_factory.mktemp("hf") / "clip")
+  model.save_pretrained(path)
+  return model, path
+
+
+def _ids_with_eos(n, length, vocab, eos, seed=0):
+  rng = np.random.default_rng(seed)
+  ids = rng.integers(4, vocab, size=(n, length))
+  for row, pos in enumerate(rng.integers(2, length - 1, size=n)):
+    ids[row, pos] = eos
+    ids[row, pos + 1:] = eos if row % 2 else 0  # padding with eos or zeros
+  ids[:, 0] = vocab - 2
+  return ids
+
+
+def test_hf_clip_parity_and_layouts(hf_clip, tmp_path):
+  model, src = hf_clip
+  out = convert(src, str(tmp_path / "out"))
+  assert "hf-clip" in summary(out)
+  clip = load_clip(out)
+  assert clip.config.text.eos_token_id == 3
+  assert sorted(clip.params) == ["logit_scale", "text", "visual"]
+  pixels, ids = _pixels(3, 30), _ids_with_eos(5, 16, 99, 3)
+  _compare(clip, model, pixels, ids, "HF tiny CLIPModel")
+  # Stored in the scan layout: same features, and loadable in either layout.
+  out_scan = convert(src, str(tmp_path / "scan"), scan_layers=True)
+  scan = load_clip(out_scan)
+  assert "blocks" in scan.params["visual"]["transformer"]
+  for other in (scan, load_clip(out_scan, scan_layers=False), load_clip(out, scan_layers=True)):
+    assert np.abs(other.encode_image(pixels) - clip.encode_image(pixels)).max() <= 1e-6
+    assert np.abs(other.encode_text(ids) - clip.encode_text(ids)).max() <= 1e-6
+  with pytest.raises(ProclipError, match="already exists"):
+    convert(src, out)
+
+
+def test_hf_tower_models(tmp_path):
+  torch.manual_seed(0)
+  cfg = _tiny_hf_config(eos_token_id=2)  # legacy config: pool at argmax(ids)
+  text = _randomize(CLIPTextModelWithProjection(cfg.text_config), 2)
+  text.save_pretrained(str(tmp_path / "text"))
+  vision = _randomize(CLIPVisionModel(cfg.vision_config), 3)  # no projection
+  vision.save_pretrained(str(tmp_path / "vision"))
+  clip_t = load_clip(convert(str(tmp_path / "text"), str(tmp_path / "t_out")))
+  clip_v = load_clip(convert(str(tmp_path / "vision"), str(tmp_path / "v_out")))
+  ids = _ids_with_eos(4, 16, 99, 98, seed=1)
+  ids[:, 0] = 1
+  with torch.no_grad():
+    t_ref = text(input_ids=torch.tensor(ids)).text_embeds.numpy()
+    pixels = _pixels(2, 30, seed=3)
+    v_ref = vision(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).pooler_output.numpy()
+  t_ref /= np.linalg.norm(t_ref, axis=-1, keepdims=True)
+  v_ref /= np.linalg.norm(v_ref, axis=-1, keepdims=True)
+  assert clip_t.config.vision is None and clip_t.config.text.eos_token_id is None
+  assert clip_v.config.text is None and clip_v.config.vision.embed_dim is None
+  assert np.abs(clip_t.encode_text(ids) - t_ref).max() <= TOL
+  assert np.abs(clip_v.encode_image(pixels) - v_ref).max() <= TOL
+  with pytest.raises(ProclipError, match="no text tower"):
+    clip_v.encode_text(ids)
+
+
+def test_real_b16_image_tower(tmp_path):
+  """ViT-B/16 dimensions (random weights), image tower only, two images."""
+  torch.manual_seed(0)
+  model = CLIPVisionModelWithProjection(
+      HFCLIPConfig().vision_config.__class__(
+          hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+          image_size=224, patch_size=16, projection_dim=512)).eval()
+  model.save_pretrained(str(tmp_path / "b16"))
+  clip = load_clip(convert(str(tmp_path / "b16"), str(tmp_path / "out"), scan_layers=True))
+  assert clip.config.vision == clip.config.vision.named("B/16", scan_layers=True)
+  pixels = _pixels(2, 224, seed=4)
+  with torch.no_grad():
+    ref = model(pixel_values=torch.tensor(pixels.transpose(0, 3, 1, 2))).image_embeds.numpy()
+  ref /= np.linalg.norm(ref, axis=-1, keepdims=True)
+  err = np.abs(clip.encode_image(pixels) - ref).max()
+  print(f"B/16 image tower: max abs err {err:.2e}")
+  assert err <= TOL
+
+
+# ------------------------------------------------------------------- OpenAI state dicts
+
+def _hf_to_openai(sd):
+  """Independent reference mapping: HF CLIPModel tensors -> OpenAI / open_clip names."""
+  out = {}
+  for src, dst in (("vision_model.", "visual."), ("text_model.", "")):
+    n = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(src + "encoder.layers."))
+    for i in range(n):
+      s, d = f"{src}encoder.layers.{i}.", f"{dst}transformer.resblocks.{i}."
+      out[d + "attn.in_proj_weight"] = torch.cat(
+          [sd[s + f"self_attn.{x}_proj.weight"] for x in "qkv"])
+      out[d + "attn.in_proj_bias"] = torch.cat([sd[s + f"self_attn.{x}_proj.bias"] for x in "qkv"])
+      for a, b in (("attn.out_proj", "self_attn.out_proj"), ("ln_1", "layer_norm1"),
+                   ("ln_2", "layer_norm2"), ("mlp.c_fc", "mlp.fc1"), ("mlp.c_proj", "mlp.fc2")):
+        out[d + a + ".weight"] = sd[s + b + ".weight"]
+        out[d + a + ".bias"] = sd[s + b + ".bias"]
+  out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+  out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+  out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+  for a, b in (("ln_pre", "pre_layrnorm"), ("ln_post", "post_layernorm")):
+    out[f"visual.{a}.weight"] = sd[f"vision_model.{b}.weight"]
+    out[f"visual.{a}.bias"] = sd[f"vision_model.{b}.bias"]
+  out["visual.proj"] = sd["visual_projection.weight"].T
+  out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+  out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+  out["ln_final.weight"] = sd["text_model.final_layer_norm.weight"]
+  out["ln_final.bias"] = sd["text_model.final_layer_norm.bias"]
+  out["text_projection"] = sd["text_projection.weight"].T
+  out["logit_scale"] = sd["logit_scale"]
+  return {k: v.detach().clone().contiguous() for k, v in out.items()}
+
+
+@pytest.fixture(scope="module")
+def openai_clip(tmp_path_factory):
+  """OpenAI-shaped tiny CLIP (head size 64, CLIP vocabulary, context 77) + its state dict."""
+  torch.manual_seed(0)
+  cfg = _tiny_hf_config(eos_token_id=49407, vision_width=128, vision_heads=2, text_width=64,
+                        text_heads=1, vocab=49408, context=77)
+  model = _randomize(CLIPModel(cfg), 4)
+  return model, _hf_to_openai(model.state_dict()), tmp_path_factory.mktemp("openai")
+
+
+def test_openai_state_dict_parity_and_export(openai_clip):
+  model, sd, tmp = openai_clip
+  pt = str(tmp / "wrapped.pt")
+  torch.save({"state_dict": sd, "epoch": 3}, pt)
+  st = str(tmp / "plain.safetensors")
+  save_file({k: v.numpy() for k, v in sd.items()}, st)
+  texts = ["a photo of a cat", "Ein Foto von einem Hund 🐶", "a diagram " * 40, "&amp; x"]
+  for src in (pt, st):
+    clip = load_clip(convert(src, str(tmp / (os.path.basename(src) + ".out"))))
+    assert clip.config.vision.heads == 2 and clip.config.text.heads == 1
+    ids = clip.tokenize(texts)
+    assert ids.shape == (4, 77) and ids.dtype == np.int32
+    _compare(clip, model, _pixels(3, 30, seed=5), ids, f"OpenAI layout {os.path.basename(src)}")
+  back = clip_to_openai(clip.params, clip.config)
+  assert sorted(back) == sorted(sd)
+  for k, v in sd.items():
+    np.testing.assert_array_equal(back[k], v.numpy().reshape(back[k].shape), err_msg=k)
+  # The image tower alone, as ProCLIP / LLM2CLIP checkpoints embed it.
+  np_sd = {k: v.numpy() for k, v in sd.items()}
+  vcfg, vparams = convert_openai_visual(np_sd, "visual.", scan_layers=True)
+  assert vcfg == clip.config.vision.__class__(**{**clip.config.vision.to_dict(),
+                                                  "scan_layers": True})
+  assert vparams["transformer"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 128, 2, 64)
+  bad = dict(np_sd, **{"visual.extra_head.weight": np.zeros(3, np.float32)})
+  with pytest.raises(ProclipError, match="visual.extra_head.weight"):
+    convert_openai_visual(bad, "visual.")
+
+
+# ------------------------------------------------------------------------ bad inputs
+
+def _hf_variant(src, dst, edit):
+  os.makedirs(dst)
+  with open(os.path.join(src, "config.json")) as f, open(os.path.join(dst, "config.json"), "w") as g:
+    g.write(f.read())
+  sd = load_file(os.path.join(src, "model.safetensors"))
+  edit(sd)
+  save_file(sd, os.path.join(dst, "model.safetensors"))
+  return dst
+
+
+def _expect_error(src, out, match):
+  with pytest.raises(ProclipError, match=match) as e:
+    convert(src, out)
+  assert not os.path.exists(out)
+  assert not [p for p in os.listdir(os.path.dirname(out)) if ".tmp-" in p]
+  return str(e.value)
+
+
+def test_bad_checkpoints(hf_clip, tmp_path):
+  _, src = hf_clip
+
+  def rename(sd):
+    sd["vision_model.post_layernorm.gamma"] = sd.pop("vision_model.post_layernorm.weight")
+
+  msg = _expect_error(_hf_variant(src, str(tmp_path / "keys"), rename), str(tmp_path / "o1"),
+                      "does not fit")
+  assert "visual/ln_post/scale" in msg and "(source) vision_model.post_layernorm.gamma" in msg
+
+  def reshape(sd):
+    sd["text_projection.weight"] = np.zeros((25, 32), np.float32)
+
+  msg = _expect_error(_hf_variant(src, str(tmp_path / "shape"), reshape), str(tmp_path / "o2"),
+                      "mis-shaped")
+  assert "text/text_projection: got (32, 25), model expects (32, 24)" in msg
+
+  trunc = _hf_variant(src, str(tmp_path / "trunc"), lambda sd: None)
+  path = os.path.join(trunc, "model.safetensors")
+  with open(path, "rb") as f:
+    data = f.read()
+  with open(path, "wb") as f:
+    f.write(data[:len(data) // 2])
+  _expect_error(trunc, str(tmp_path / "o3"), "truncated")
+
+  unknown = str(tmp_path / "unknown.safetensors")
+  save_file({"encoder.weight": np.zeros((2, 2), np.float32)}, unknown)
+  _expect_error(unknown, str(tmp_path / "o4"), "Cannot tell what")
+
+
+class _RunsCode:
+  def __init__(self, marker):
+    self.marker = marker
+
+  def __reduce__(self):
+    return (os.system, (f"touch {self.marker}",))
+
+
+def test_pickle_that_runs_code_is_not_executed(tmp_path):
+  marker = tmp_path / "pwned"
+  evil = str(tmp_path / "evil.pt")
+  torch.save({"visual.conv1.weight": _RunsCode(str(marker)), "token_embedding.weight":
+              torch.zeros(2)}, evil)
+  _expect_error(evil, str(tmp_path / "out"), "weights_only")
+  assert not marker.exists()
+  # The payload is live: an unsafe load of the same kind of file does run it.
+  live_marker = tmp_path / "live"
+  live = str(tmp_path / "live.pt")
+  torch.save({"x": _RunsCode(str(live_marker))}, live)
+  torch.load(live, weights_only=False)
+  assert live_marker.exists()
+  # A plain (non-zip) pickle with the same payload is refused too.
+  raw = str(tmp_path / "raw.bin")
+  with open(raw, "wb") as f:
+    pickle.dump({"visual.conv1.weight": _RunsCode(str(marker))}, f)
+  _expect_error(raw, str(tmp_path / "out2"), "weights_only")
+  assert not marker.exists()
+
+
+def test_cli(hf_clip, tmp_path, capsys):
+  _, src = hf_clip
+  sys.path.insert(0, os.path.join(ROOT, "tools"))
+  try:
+    import convert as cli  # pylint: disable=import-outside-toplevel
+  finally:
+    sys.path.pop(0)
+  assert cli.main([src, str(tmp_path / "ok")]) == 0
+  assert "hf-clip" in capsys.readouterr().out
+  bad = str(tmp_path / "bad.safetensors")
+  save_file({"foo": np.zeros(1, np.float32)}, bad)
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert.py"), bad,
+                         str(tmp_path / "o")], capture_output=True, text=True, check=False,
+                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert proc.returncode == 2, proc.stderr
+  assert "Cannot tell what" in proc.stderr and "Traceback" not in proc.stderr
+  assert not os.path.exists(tmp_path / "o")
