@@ -139,7 +139,7 @@ class LoadedCLIP:
 
   def __init__(self, config: CLIPConfig, params: Mapping, batch_size: int = 64):
     self.config = config
-    self.params = params
+    self.params = jax.device_put(params)  # once, not per call
     self.batch_size = int(batch_size)
     self.logit_scale = float(np.asarray(params["logit_scale"]))
     model = CLIP(config)
