@@ -1,0 +1,460 @@
+"""The public inference API: a trained or converted ProCLIP as a library.
+
+::
+
+    model = proclip_jax.ProCLIP.load("converted_or_saved_folder", embedder="minilm_folder")
+    img = model.encode_images([PIL.Image.open("cat.jpg")])        # np float32 [1, E], unit norm
+    txt = model.encode_texts(["a photo of a cat", "ein Hund"])     # np float32 [2, E], unit norm
+    W = model.zero_shot_classifier(["cat", "dog"], ["a photo of a {}."])   # [2, E]
+    sim = model.similarity(img, txt)                                # cosine [1, 2]
+    idx, scores = model.rank("a cat", image_embs, k=5)
+
+What ``ProCLIP.load(path)`` accepts:
+
+* a converted ProCLIP folder (``kind="proclip"``, ``tools/convert.py`` on a ProCLIP / LLM2CLIP
+  release checkpoint), or a folder written by :meth:`ProCLIP.save` (the same kind, with the
+  embedder's path recorded as ``"embedder"`` in model.json);
+* a training workdir (``experiments/run.py``): its latest checkpoint (see
+  :func:`_load_workdir`).
+
+The text side is ``embedder.embed`` (tokenizer + template + LLM, batched and bucketed by the
+embedder) followed by the adapter; an embedder comes from ``embedder=`` (a converted embedder
+folder or a loaded ``Embedder``) or the path recorded in model.json.
+
+Images: a list of PIL images or uint8 ``HWC`` arrays (the CLIP eval transform is applied:
+resize shorter side bicubic, centre crop, CLIP normalisation) or a float ``NHWC`` array that
+is already normalised at the tower's size. Encoding runs in fixed-size, bucketed batches
+(power-of-two sizes up to ``batch_size``); with a ``mesh`` each batch is split over the
+mesh's batch axes (padded to a multiple of the device count, padding rows dropped) and the
+parameters are placed by the logical-axis rules.
+
+:class:`CLIPModelAdapter` gives a converted CLIP (``proclip_jax.load_clip``) the same
+``encode_images`` / ``encode_texts`` interface, so the evaluators run on both.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from proclip_jax.errors import ProclipError
+
+
+# --------------------------------------------------------------------------- helpers
+
+def preprocess_images(images, size: int) -> np.ndarray:
+  """PIL images / uint8 HWC arrays / a float NHWC normalised array -> float32 NHWC.
+
+  A float array (or list of float HWC arrays) is taken as already CLIP-normalised and must
+  be ``size x size``; anything else goes through ``transforms.eval_transform``.
+  """
+  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype,
+                                                                           np.floating):
+    x = images.astype(np.float32)
+  elif isinstance(images, np.ndarray) and images.ndim == 3:
+    raise ProclipError(f"encode_images takes a batch: a list of images or an NHWC array, got "
+                       f"one array of shape {images.shape}; wrap it in a list.")
+  else:
+    if isinstance(images, np.ndarray):
+      images = list(images)
+    rows = []
+    for i, im in enumerate(images):
+      a = im if hasattr(im, "convert") else np.asarray(im)
+      if isinstance(a, np.ndarray):
+        if np.issubdtype(a.dtype, np.floating):
+          rows.append(a.astype(np.float32))
+          continue
+        if a.dtype != np.uint8 or a.ndim != 3 or a.shape[-1] != 3:
+          raise ProclipError(f"Image {i}: expected a PIL image, a uint8 HWC RGB array or a "
+                             f"normalised float array; got {a.dtype} {a.shape}.")
+      rows.append(transforms.eval_transform(a, size))
+    if not rows:
+      raise ProclipError("Nothing to encode: no images given.")
+    x = np.stack(rows)
+  if x.ndim != 4 or x.shape[1:] != (size, size, 3):
+    raise ProclipError(f"Pre-normalised images must be [N, {size}, {size}, 3], got {x.shape}.")
+  return x
+
+
+def _batch_axes(mesh) -> tuple:
+  return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
+
+
+def _fetch(x) -> np.ndarray:
+  return np.asarray(jax.device_get(x))
+
+
+class BatchedEncoder:
+  """``fn(params, x[B, ...]) -> [B, E]`` over any number of rows, optionally on a mesh.
+
+  Rows are processed in chunks of a power of two up to ``batch_size`` (so only a few shapes
+  compile); with a mesh the chunk is a multiple of the batch-axis device count, split over
+  those axes, the last chunk padded by repeating its last row and the padding dropped.
+  ``param_shardings(mesh)`` gives the parameter placement (default: replicated).
+  """
+
+  def __init__(self, fn: Callable, params: Any, batch_size: int = 64,
+               param_shardings: Callable | None = None):
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ProclipError(f"batch_size must be a positive int, got {batch_size!r}.")
+    self.fn, self.params, self.batch_size = fn, params, batch_size
+    self._param_shardings = param_shardings
+    self._plain = jax.jit(fn)
+    self._by_mesh: dict = {}
+
+  def _on_mesh(self, mesh):
+    key = id(mesh)
+    if key not in self._by_mesh:
+      p_sh = (self._param_shardings(mesh) if self._param_shardings is not None else
+              jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
+      params = jax.device_put(self.params, p_sh)
+      axes = _batch_axes(mesh)
+      x_sh = NamedSharding(mesh, P(axes if axes else None))
+      fn = jax.jit(self.fn, in_shardings=(p_sh, x_sh), out_shardings=NamedSharding(mesh, P()))
+      n_dev = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+      self._by_mesh[key] = (mesh, params, fn, x_sh, n_dev)
+    return self._by_mesh[key]
+
+  def __call__(self, x: np.ndarray, mesh=None, batch_size: int | None = None) -> np.ndarray:
+    n = len(x)
+    if n == 0:
+      raise ProclipError("Nothing to encode: the batch is empty.")
+    bs = batch_size or self.batch_size
+    if mesh is None:
+      params, fn, x_sh, n_dev = self.params, self._plain, None, 1
+    else:
+      _, params, fn, x_sh, n_dev = self._on_mesh(mesh)
+    chunk = min(bs, 1 << max(0, (n - 1).bit_length()))
+    chunk = -(-chunk // n_dev) * n_dev
+    outs = []
+    for s in range(0, n, chunk):
+      part = np.asarray(x[s:s + chunk])
+      pad = chunk - len(part)
+      if pad:
+        part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
+      if x_sh is not None:
+        part = jax.device_put(part, x_sh)
+      outs.append(_fetch(fn(params, part))[:chunk - pad])
+    return np.concatenate(outs).astype(np.float32)
+
+
+# --------------------------------------------------------------------------- ProCLIP
+
+class ProCLIP:
+  """A ProCLIP model (image tower + adapter) with an optional text embedder.
+
+  Attributes:
+    config: the ``ProCLIPConfig``.
+    params: ``{"visual", "adapter", "logit_scale"}`` (host arrays).
+    embedder: the loaded ``Embedder`` (None: only cached features can be encoded).
+    embedder_path: where the embedder was loaded from (recorded by :meth:`save`).
+    mesh: default mesh for encoding (None: the default device).
+    logit_scale: float, log of the logit multiplier.
+    image_size: the image tower's input side.
+  """
+
+  def __init__(self, config, params: Mapping, embedder=None, *, embedder_path: str | None = None,
+               batch_size: int = 64, mesh=None, meta: Mapping | None = None):
+    from proclip_jax.models.proclip import ProCLIPModel  # pylint: disable=import-outside-toplevel
+    self.config = config
+    self.params = jax.tree.map(np.asarray, dict(params))
+    self.embedder = embedder
+    self.embedder_path = embedder_path
+    self.mesh = mesh
+    self.meta = dict(meta or {})
+    self.batch_size = batch_size
+    self.model = ProCLIPModel(config)
+    self.logit_scale = float(np.asarray(self.params.get("logit_scale",
+                                                        config.logit_scale_init)))
+    self.image_size = None if config.vision is None else config.vision.image_size
+
+    def shardings(part):
+      def make(mesh):
+        from proclip_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+        return mesh_lib.tree_shardings(self.model.abstract((part,))[part], mesh)
+      return make
+
+    self._image_enc = None
+    if config.vision is not None and "visual" in self.params:
+      self._image_enc = BatchedEncoder(self.model.image_features, self.params["visual"],
+                                       batch_size, shardings("visual"))
+    if "adapter" not in self.params:
+      raise ProclipError("This ProCLIP checkpoint has no adapter parameters.")
+    self._text_enc = BatchedEncoder(self.model.text_features, self.params["adapter"],
+                                    batch_size, shardings("adapter"))
+
+  # ----------------------------------------------------------------- loading / saving
+  @classmethod
+  def load(cls, path: str, *, embedder=None, batch_size: int = 64, mesh=None,
+           step: int | None = None) -> "ProCLIP":
+    """Loads a converted / saved ProCLIP folder or a training workdir.
+
+    Args:
+      path: a ``kind="proclip"`` model folder, or a training workdir.
+      embedder: a converted embedder folder or a loaded ``Embedder`` (default: the path
+        recorded in the model folder / the training config, if any).
+      batch_size: largest batch per compiled call.
+      mesh: encode on this mesh (batch split over its data/fsdp axes).
+      step: for a workdir, the checkpoint step (default: the latest).
+    """
+    from proclip_jax.checkpoint import MODEL_JSON, load_model  # pylint: disable=import-outside-toplevel
+    from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
+    path = os.fspath(path)
+    if not os.path.exists(path):
+      raise ProclipError(f"ProCLIP.load: {path} does not exist. Pass a converted ProCLIP folder "
+                         "(tools/convert.py), a folder saved by ProCLIP.save, or a workdir.")
+    if os.path.isfile(os.path.join(path, MODEL_JSON)):
+      meta, params = load_model(path)
+      if meta.get("kind") != "proclip":
+        raise ProclipError(f"{path} holds a {meta.get('kind')!r} model, not a ProCLIP one; a "
+                           "converted CLIP loads with proclip_jax.load_clip (and evaluates "
+                           "through proclip_jax.inference.CLIPModelAdapter).")
+      config = ProCLIPConfig.from_dict(meta["config"])
+      recorded = meta.get("embedder")
+    else:
+      config, params, recorded, meta = _load_workdir(path, step)
+    emb, emb_path = _resolve_embedder(embedder, recorded, path)
+    return cls(config, params, emb, embedder_path=emb_path, batch_size=batch_size, mesh=mesh,
+               meta=meta)
+
+  def save(self, out: str, *, embedder: str | None = None, overwrite: bool = False) -> str:
+    """Writes a ``kind="proclip"`` folder; ``embedder`` (a path) is recorded for ``load``."""
+    from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+    emb = embedder if embedder is not None else self.embedder_path
+    extra = {"embedder": os.path.abspath(os.fspath(emb))} if emb is not None else {}
+    return save_model(out, "proclip", self.config.to_dict(), self.params, overwrite=overwrite,
+                      **extra)
+
+  # ----------------------------------------------------------------- encoders
+  def encode_images(self, images, *, batch_size: int | None = None, mesh=None) -> np.ndarray:
+    """Unit-norm float32 ``[N, E]`` image embeddings (see the module docstring for inputs)."""
+    if self._image_enc is None:
+      raise ProclipError("This ProCLIP model has no image tower (a stage-1, adapter-only "
+                         "checkpoint); load a stage-2 or converted full model.")
+    x = preprocess_images(images, self.image_size)
+    return self._image_enc(x, mesh if mesh is not None else self.mesh, batch_size)
+
+  def encode_text_features(self, llm_features, *, batch_size: int | None = None,
+                           mesh=None) -> np.ndarray:
+    """Adapter on LLM-embedder features ``[N, D]`` (e.g. from a cache) -> unit-norm ``[N, E]``."""
+    feats = np.asarray(llm_features, np.float32)
+    if feats.ndim != 2 or feats.shape[1] != self.config.adapter.in_dim:
+      raise ProclipError(f"LLM features must be [N, {self.config.adapter.in_dim}], got "
+                         f"{feats.shape}; was the cache made with another embedder?")
+    return self._text_enc(feats, mesh if mesh is not None else self.mesh, batch_size)
+
+  def embed_texts(self, texts: Sequence[str], *, batch_size: int | None = None) -> np.ndarray:
+    """The raw LLM-embedder features of ``texts`` (before the adapter)."""
+    if self.embedder is None:
+      raise ProclipError("No text embedder: pass embedder=PATH to ProCLIP.load (a converted "
+                         "embedder folder, `python tools/convert.py LLM_DIR OUT`).")
+    if isinstance(texts, str):
+      raise ProclipError("encode_texts takes a list of strings, not a single string.")
+    feats = self.embedder.embed(list(texts), batch_size=batch_size or self.batch_size)
+    if feats.shape[1] != self.config.adapter.in_dim:
+      raise ProclipError(f"The embedder gives {feats.shape[1]}-dim features but the adapter "
+                         f"reads {self.config.adapter.in_dim}; use the embedder it was trained "
+                         "with.")
+    return feats
+
+  def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
+                   mesh=None) -> np.ndarray:
+    """Unit-norm float32 ``[N, E]``: embedder (template, LLM, pooling) then the adapter."""
+    return self.encode_text_features(self.embed_texts(texts, batch_size=batch_size),
+                                     batch_size=batch_size, mesh=mesh)
+
+  # ----------------------------------------------------------------- helpers
+  def zero_shot_classifier(self, class_names: Sequence[str], templates: Sequence[str]
+                           ) -> np.ndarray:
+    """``[C, E]``: normalize(mean over templates of the normalised template embeddings)."""
+    return zero_shot_classifier(self, class_names, templates)
+
+  def similarity(self, image_embs, text_embs) -> np.ndarray:
+    return similarity(image_embs, text_embs)
+
+  def rank(self, query_text: str, image_embs, k: int = 5):
+    return rank(self, query_text, image_embs, k)
+
+
+def _resolve_embedder(embedder, recorded, where):
+  if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
+    return embedder, getattr(embedder, "path", None)
+  path = embedder if embedder is not None else recorded
+  if path is None:
+    return None, None
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise ProclipError(f"The text embedder {path} (recorded in {where}) does not exist; pass "
+                       "embedder=PATH (--embedder) to a converted embedder folder.")
+  from proclip_jax.models.embedder import load_embedder  # pylint: disable=import-outside-toplevel
+  return load_embedder(path), path
+
+
+def _load_workdir(path: str, step: int | None):
+  """``(config, params, embedder path, meta)`` from a training workdir's checkpoint.
+
+  The layout is ``train/checkpoints.py``'s: ``WORKDIR/checkpoints/STEP/{state, metadata}``.
+  The model config comes from the metadata's ``config.model``; the parameters are
+  ``merge(state.params, state.frozen)`` (the EMA teacher and the optimizer are not read).
+  The embedder is ``config.embedder_path`` when the run recorded one, else the ``path`` in
+  the manifest of the run's LLM cache (``config.cache.llm``), when that folder exists.
+  """
+  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.optimizer import merge  # pylint: disable=import-outside-toplevel
+  root = ckpt_lib.checkpoint_dir(path)
+  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  if not steps:
+    raise ProclipError(
+        f"{path} is neither a model folder (no model.json) nor a training workdir with a "
+        f"checkpoint ({root} has none). Pass a converted ProCLIP folder, a folder written "
+        "by ProCLIP.save, or the --workdir of a run that saved a checkpoint.")
+  if step is None:
+    step = steps[-1]
+  elif step not in steps:
+    raise ProclipError(f"{path} has no checkpoint of step {step}; it has {steps}.")
+  step_dir = root / str(step)
+  meta = ckpt_lib.Checkpoints(path, read_only=True).metadata(step)
+  cfg = dict(meta.get("config") or {})
+  if "model" not in cfg:
+    raise ProclipError(f"The checkpoint {step_dir} has no config.model in its metadata; it "
+                       "was not written by experiments/run.py.")
+  config = ProCLIPConfig.from_dict(cfg["model"])
+  ckptr = ocp.PyTreeCheckpointer()
+  try:
+    tree = ckptr.metadata(step_dir / "state")
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    parts = {k: tree[k] for k in ("params", "frozen") if isinstance(tree.get(k), Mapping)}
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), parts,
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  finally:
+    ckptr.close()
+  params = merge(out.get("params", {}), out.get("frozen", {}))
+  emb = cfg.get("embedder_path") or None
+  cache = (cfg.get("cache") or {}).get("llm") if isinstance(cfg.get("cache"), Mapping) else None
+  if emb is None and cache:
+    manifest = os.path.join(cache, "manifest.json")
+    if os.path.isfile(manifest):
+      import json  # pylint: disable=import-outside-toplevel
+      with open(manifest, encoding="utf-8") as f:
+        emb = (json.load(f).get("model") or {}).get("path") or None
+    if emb is not None and not os.path.isdir(emb):
+      emb = None
+  return config, params, emb, {"kind": "workdir", "step": step, "stage": cfg.get("stage"),
+                               "workdir": os.fspath(path)}
+
+
+# --------------------------------------------------------------------------- functions
+
+def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[str]
+                         ) -> np.ndarray:
+  """Class embeddings ``[C, E]`` for any model with ``encode_texts`` (prompt ensemble)."""
+  from proclip_jax.eval import metrics  # pylint: disable=import-outside-toplevel
+  class_names, templates = list(class_names), list(templates)
+  if not class_names or not templates:
+    raise ProclipError("zero_shot_classifier needs at least one class name and one template.")
+  bad = [t for t in templates if "{}" not in t]
+  if bad:
+    raise ProclipError(f"Templates must contain '{{}}' for the class name: {bad[:3]}.")
+  texts = [t.format(c) for c in class_names for t in templates]
+  emb = model.encode_texts(texts)
+  return metrics.zero_shot_classifier(emb.reshape(len(class_names), len(templates), -1))
+
+
+def similarity(image_embs, text_embs) -> np.ndarray:
+  """Cosine similarities ``[N_images, N_texts]`` (float32) of two embedding arrays."""
+  a, b = np.asarray(image_embs, np.float32), np.asarray(text_embs, np.float32)
+  if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
+    raise ProclipError(f"similarity: expected [N, E] and [M, E], got {a.shape} and {b.shape}.")
+  a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
+  b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
+  return a @ b.T
+
+
+def rank(model, query_text: str, image_embs, k: int = 5):
+  """``(indices, scores)`` of the ``k`` images closest to the text query (best first; ties
+  by lower index)."""
+  if not isinstance(query_text, str):
+    raise ProclipError("rank: query_text must be one string.")
+  q = model.encode_texts([query_text])
+  s = similarity(q, image_embs)[0]
+  k = min(int(k), len(s))
+  order = np.argsort(-s, kind="stable")[:k]
+  return order, s[order]
+
+
+# --------------------------------------------------------------------------- CLIP
+
+class CLIPModelAdapter:
+  """A converted CLIP (``load_clip``) behind the ProCLIP inference interface.
+
+  ``encode_images`` takes what :meth:`ProCLIP.encode_images` takes; ``encode_texts`` uses
+  the CLIP BPE tokenizer and text tower (77 tokens).
+  """
+
+  def __init__(self, clip, *, batch_size: int = 64, mesh=None):
+    from proclip_jax.models.clip import CLIP  # pylint: disable=import-outside-toplevel
+    self.clip = clip
+    self.config = clip.config
+    self.mesh = mesh
+    self.batch_size = batch_size
+    self.logit_scale = clip.logit_scale
+    self.image_size = None if clip.config.vision is None else clip.config.vision.image_size
+    module = CLIP(clip.config)
+    params = jax.tree.map(np.asarray, dict(clip.params))
+    self._image_enc = self._text_enc = None
+    if clip.config.vision is not None:
+      self._image_enc = BatchedEncoder(
+          lambda p, x: module.apply({"params": p}, x, method=CLIP.encode_image), params,
+          batch_size)
+    if clip.config.text is not None:
+      self._text_enc = BatchedEncoder(
+          lambda p, t: module.apply({"params": p}, t, method=CLIP.encode_text), params,
+          batch_size)
+
+  @classmethod
+  def load(cls, path: str, **kwargs) -> "CLIPModelAdapter":
+    from proclip_jax.models.clip import load_clip  # pylint: disable=import-outside-toplevel
+    return cls(load_clip(path), **kwargs)
+
+  def encode_images(self, images, *, batch_size: int | None = None, mesh=None) -> np.ndarray:
+    if self._image_enc is None:
+      raise ProclipError("This CLIP has no image tower.")
+    x = preprocess_images(images, self.image_size)
+    return self._image_enc(x, mesh if mesh is not None else self.mesh, batch_size)
+
+  def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
+                   mesh=None) -> np.ndarray:
+    if self._text_enc is None:
+      raise ProclipError("This CLIP has no text tower.")
+    if isinstance(texts, str):
+      raise ProclipError("encode_texts takes a list of strings, not a single string.")
+    ids = self.clip.tokenize(list(texts))
+    return self._text_enc(ids, mesh if mesh is not None else self.mesh, batch_size)
+
+  def zero_shot_classifier(self, class_names, templates) -> np.ndarray:
+    return zero_shot_classifier(self, class_names, templates)
+
+  def similarity(self, image_embs, text_embs) -> np.ndarray:
+    return similarity(image_embs, text_embs)
+
+  def rank(self, query_text: str, image_embs, k: int = 5):
+    return rank(self, query_text, image_embs, k)
+
+
+def load_any(path: str, *, embedder=None, batch_size: int = 64, mesh=None):
+  """ProCLIP for a ProCLIP folder or workdir, CLIPModelAdapter for a converted CLIP."""
+  from proclip_jax.checkpoint import MODEL_JSON, read_model_json  # pylint: disable=import-outside-toplevel
+  if os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON)):
+    if read_model_json(path).get("kind") == "clip":
+      return CLIPModelAdapter.load(path, batch_size=batch_size, mesh=mesh)
+  return ProCLIP.load(path, embedder=embedder, batch_size=batch_size, mesh=mesh)
