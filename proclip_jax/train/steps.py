@@ -15,11 +15,13 @@ Stage 1 (adapter only; everything comes from the caches). Batch, for each captio
 
 Stage 2 (image tower + adapter + logit scale; teacher = EMA image tower). Batch::
 
-    image      float32 [B, H, W, 3]   CLIP-normalised pixels
-    llm_{f}    float32 [B, D]         for f in config.stage2.text_fields (default short, long)
+    image        float32 [B, H, W, 3]   CLIP-normalised pixels
+    llm_feature  float32 [B, D]         the LLM feature of the caption the pipeline drew
+ or llm_{f}      float32 [B, D]         for f in config.stage2.text_fields (default short,
+                                        long): the step draws one field per example,
+                                        uniformly, from ``fold_in(key(config.seed), step)``
 
-Each example's text is one of its fields, drawn uniformly per example and step from
-``fold_in(key(config.seed), step)`` (a single field is used as is)::
+Other batch entries (ids, texts, masks) are dropped before the jitted call. ::
 
     loss = contrastive(img, txt, logit_scale) over the global batch
            + λ · image_distill_loss(img, stop_gradient(teacher(image)), config.distill_chunk)
@@ -40,7 +42,6 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import optax
@@ -53,6 +54,7 @@ from proclip_jax.train import mesh as mesh_lib
 from proclip_jax.train import optimizer as optim_lib
 from proclip_jax.train.state import Setup, TrainState, _get, setup, uses_teacher
 
+TEXT_KEY = "llm_feature"  # stage 2: the LLM feature of the caption the pipeline chose
 StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
 
 
@@ -77,8 +79,11 @@ def _apply_update(s: Setup, state: TrainState, grads, loss, ema_fn=None):
   return new_state, metrics
 
 
-def _jit(fn, mesh: Mesh, rules, shardings: TrainState) -> StepFn:
-  """jit with state shardings in/out, batch sharded, state donated; mesh entered per call."""
+def _jit(fn, mesh: Mesh, rules, shardings: TrainState, select) -> StepFn:
+  """jit with state shardings in/out, batch sharded, state donated; mesh entered per call.
+
+  ``select(batch)`` keeps the entries the step reads (a batch may carry ids, texts ...).
+  """
   batch_sh = mesh_lib.batch_sharding(mesh, rules)
   jitted = jax.jit(fn, in_shardings=(shardings, batch_sh),
                    out_shardings=(shardings, mesh_lib.replicated(mesh)),
@@ -86,6 +91,7 @@ def _jit(fn, mesh: Mesh, rules, shardings: TrainState) -> StepFn:
 
   @functools.wraps(fn)
   def step(state, batch):
+    batch = select(batch)
     with jax.set_mesh(mesh):
       return jitted(state, batch)
   step.jitted = jitted  # for .lower(...) / cost analysis
@@ -125,12 +131,24 @@ def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
     metrics.update({k: v.astype(jnp.float32) for k, v in terms.items()})
     return new_state, metrics
 
-  return _jit(step, mesh, s.rules, state_shardings)
+  keys = [f"{p}_{f}" for f in fields for p in ("llm", "clip")]
+  return _jit(step, mesh, s.rules, state_shardings, lambda b: _select(b, keys, "stage 1"))
+
+
+def _select(batch: dict, keys, what: str) -> dict:
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ProclipError(
+        f"The {what} batch lacks {missing} (it has {sorted(batch)}); the data pipeline's "
+        "side data must provide them (see train/steps.py).")
+  return {k: batch[k] for k in keys}
 
 
 # ------------------------------------------------------------------------ stage 2
 
 def _pick_text(batch: dict, fields: tuple[str, ...], rng: jax.Array) -> jax.Array:
+  if TEXT_KEY in batch:
+    return batch[TEXT_KEY]
   feats = [batch[f"llm_{f}"] for f in fields]
   if len(feats) == 1:
     return feats[0]
@@ -196,7 +214,11 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
     metrics.update({"logit_scale": ls.astype(jnp.float32), "scale": jnp.exp(ls)})
     return new_state, metrics
 
-  return _jit(step, mesh, s.rules, state_shardings)
+  def select(batch):
+    if TEXT_KEY in batch:
+      return _select(batch, ["image", TEXT_KEY], "stage 2")
+    return _select(batch, ["image"] + [f"llm_{f}" for f in fields], "stage 2")
+  return _jit(step, mesh, s.rules, state_shardings, select)
 
 
 def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
