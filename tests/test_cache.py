@@ -168,7 +168,8 @@ def test_devices_and_sharded_params_equal_one_device(world, clip_dir, tmp_path):
   sharded = P.precompute(world[0], clip_dir, tmp_path / "sharded", fields=FIELDS,
                          mesh={"data": 2, "fsdp": 4}, **kw)
   r1, r8, rs = (C.CacheReader(p) for p in (one, eight, sharded))
-  assert r1.manifest["dtype"] == "bfloat16" and np.load(os.path.join(one, "long.npy")).dtype == np.uint16
+  assert r1.manifest["dtype"] == "bfloat16"
+  assert np.load(os.path.join(one, "long.npy")).dtype == np.uint16
   for f in FIELDS:
     a, b, c = r1.get(f, r1.ids), r8.get(f, r1.ids), rs.get(f, r1.ids)
     # bfloat16 storage: equal up to one rounding step of the stored value.

@@ -214,8 +214,9 @@ def read_manifest(path: str) -> dict:
                        f"manifest is written last).{extra}")
   m = read_json(mpath)
   if not isinstance(m, dict) or m.get("format") != FORMAT:
-    raise ProclipError(f"{mpath} is not an embedding-cache manifest (format "
-                       f"{m.get('format') if isinstance(m, dict) else None!r}, expected {FORMAT!r}).")
+    found = m.get("format") if isinstance(m, dict) else None
+    raise ProclipError(f"{mpath} is not an embedding-cache manifest (format {found!r}, "
+                       f"expected {FORMAT!r}).")
   if m.get("version") != VERSION:
     raise ProclipError(f"{path}: cache format version {m.get('version')} is not supported "
                        f"(this code reads version {VERSION}); write the cache again.")

@@ -247,7 +247,7 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def _runner(model: PrecomputeModel, mesh_spec, devices):
+def build_forward(model: PrecomputeModel, mesh_spec, devices):
   """(jitted fn, placed params, batch sharding, batch divisor) over this process's devices."""
   import jax  # pylint: disable=import-outside-toplevel
   from proclip_jax.train import mesh as M  # pylint: disable=import-outside-toplevel
@@ -375,7 +375,7 @@ def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: 
   mine = [s for k, s in enumerate(starts) if k % pc == pi]
   todo = [s for s in mine if not os.path.exists(os.path.join(parts, _unit_name("unit", s)))]
   if todo:
-    fn, params, batch_sharding, shards = _runner(model, mesh, devices)
+    fn, params, batch_sharding, shards = build_forward(model, mesh, devices)
     rows_per_batch = -(-batch_size // shards) * shards
     total = sum(min(s + unit_size, n) - s for s in todo) * len(fields)
     bar = tqdm(total=total, desc=f"precompute {model.kind}", unit="cap", smoothing=0.05,
