@@ -1,0 +1,203 @@
+"""Shared pieces of the experiment configs: typed string args and the base ConfigDict.
+
+A config file is a Python module with ``get_config(arg: str | None) -> ConfigDict``;
+``arg`` is the text after the colon in ``--config stage2.py:size=L/14,steps=2000`` and is
+parsed by :func:`parse_arg` into typed values (the defaults' types decide)::
+
+    args = parse_arg("size=L/14,steps=2000", size="B/16", steps=10_000, bf16=True)
+    args.size, args.steps, args.bf16     # "L/14", 2000, True
+
+:func:`base_config` holds every field the trainer (``proclip_jax/train/loop.py``) reads,
+with the method file's defaults where it gives them; the stage files fill in the rest.
+Any field can be overridden on the command line: ``--config.optim.lr=3e-5``.
+"""
+from __future__ import annotations
+
+import ast
+import math
+import os
+
+import ml_collections
+
+from proclip_jax.errors import ProclipError
+
+# Joint dimension E and image size of the OpenAI CLIP backbones the configs know.
+BACKBONES = {"B/32": (512, 224), "B/16": (512, 224), "L/14": (768, 224),
+             "L/14-336": (768, 336)}
+# Text embedders: cache folder stem, preset, feature size D.
+EMBEDDERS = {
+    "llm2clip_llama3_8b": ("llm2clip-llama3-8b-cc", "llm2clip-llama3", 4096),
+    "qwen3_embedding_8b": ("qwen3-embedding-8b", "qwen3-embedding", 4096),
+    "qwen3_embedding_4b": ("qwen3-embedding-4b", "qwen3-embedding", 2560),
+    "qwen3_embedding_0.6b": ("qwen3-embedding-0.6b", "qwen3-embedding", 1024),
+}
+
+
+def _parse_value(text: str, default, name: str):
+  """``text`` as the type of ``default`` (bool, int, float, str, tuple, None = literal)."""
+  try:
+    if isinstance(default, bool):
+      low = text.strip().lower()
+      if low in ("1", "true", "yes", "on"):
+        return True
+      if low in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(text)
+    if isinstance(default, int):
+      return int(text)
+    if isinstance(default, float):
+      return float(text)
+    if isinstance(default, str):
+      return text
+    if isinstance(default, (tuple, list)):
+      # "a;b;c" (commas separate args) or a Python literal.
+      if text.strip().startswith(("(", "[")):
+        value = ast.literal_eval(text)
+      else:
+        value = [v for v in text.split(";") if v]
+      return type(default)(value)
+    try:
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  except (ValueError, SyntaxError) as e:
+    raise ProclipError(
+        f"Config arg {name}={text!r}: expected a {type(default).__name__} like "
+        f"{default!r}.") from e
+
+
+def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections.ConfigDict:
+  """Parses ``"k1=v1,k2=v2,flag"`` into a ConfigDict typed by ``defaults``.
+
+  A bare name sets a boolean to True. Unknown keys are an error unless ``lazy`` is True
+  (then they are kept, typed by :func:`ast.literal_eval` when possible).
+  """
+  out = ml_collections.ConfigDict(dict(defaults))
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, text = item.partition("=")
+    key = key.strip()
+    if key not in defaults:
+      if not lazy:
+        raise ProclipError(
+            f"Unknown config arg {key!r} in {arg!r}; this config takes "
+            f"{', '.join(f'{k}={v}' for k, v in defaults.items())}.")
+      out[key] = _parse_value(text, None, key) if eq else True
+      continue
+    if not eq:
+      if not isinstance(defaults[key], bool):
+        raise ProclipError(f"Config arg {key!r} needs a value ({key}=...).")
+      out[key] = True
+      continue
+    out[key] = _parse_value(text, defaults[key], key)
+  return out
+
+
+def backbone(size: str) -> tuple[int, int]:
+  """``(E, image_size)`` of an OpenAI CLIP backbone name."""
+  if size not in BACKBONES:
+    raise ProclipError(f"Unknown backbone size {size!r}; known: {', '.join(BACKBONES)}.")
+  return BACKBONES[size]
+
+
+def embedder(name: str) -> tuple[str, str, int]:
+  """``(cache stem, preset, D)`` of a text-embedder name."""
+  if name not in EMBEDDERS:
+    raise ProclipError(f"Unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}.")
+  return EMBEDDERS[name]
+
+
+def size_tag(size: str) -> str:
+  """"L/14" -> "l14" (for folder names)."""
+  return size.lower().replace("/", "").replace("-", "_")
+
+
+def base_config(stage: int) -> ml_collections.ConfigDict:
+  """Every field the trainer reads, with defaults (paths left for the stage files)."""
+  c = ml_collections.ConfigDict()
+  c.stage = stage
+  c.seed = 0
+  c.total_steps = 10_000
+  c.distill_chunk = 512          # rows per chunk of the distillation sums
+  # "auto": jax.distributed.initialize() when the environment names a coordinator or a
+  # multi-host TPU / SLURM / Open MPI job; "on" always; "off" never.
+  c.distributed = "auto"
+
+  # Observability and checkpoints.
+  c.log_every = 50               # metrics.jsonl + TensorBoard every N steps
+  c.ckpt_every = 1000            # periodic Orbax checkpoint every N steps (0: final only)
+  c.max_to_keep = 3
+  c.progress = True              # progress bar with ETA on process 0
+  c.evals = ml_collections.ConfigDict()   # {name: {"every": N, ...}} (train/loop.py)
+
+  # Devices: mesh axes (-1 fills) and logical-axis rules (None: train/mesh.py defaults).
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  c.logical_axis_rules = ml_collections.config_dict.placeholder(tuple)
+
+  # Data: a tfds dataset made by tools/build_dataset.py; the global batch over all hosts.
+  c.data = ml_collections.ConfigDict()
+  c.data.path = ""
+  c.data.split = "train"
+  c.data.batch_size = 4096
+  c.data.num_epochs = ml_collections.config_dict.placeholder(int)   # None: forever
+  c.data.shuffle = True
+  c.data.worker_count = 0
+  c.data.read_threads = 8
+  c.data.prefetch_batches = 4
+  c.data.worker_buffer_size = 2
+
+  # Embedding caches made by tools/precompute.py.
+  c.cache = ml_collections.ConfigDict()
+  c.cache.llm = ""               # LLM-embedder features per caption field
+  c.cache.clip = ""              # CLIP text-tower features (stage 1 teacher)
+  c.cache.preset = ""            # expected embedder preset of the llm cache ("" = any)
+
+  # Starting points (stage 2).
+  c.init = ml_collections.ConfigDict()
+  c.init.clip = ""               # converted CLIP folder (tools/convert.py): image tower
+  c.init.stage1_workdir = ""     # stage-1 workdir: the adapter
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 1e-4
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.eps = 1e-8
+  c.optim.weight_decay = 0.05
+  c.optim.warmup_steps = 0
+  c.optim.end_lr_ratio = 0.0
+  c.optim.grad_clip_norm = 0.0
+  c.optim.layer_decay = 1.0
+  c.optim.freeze = ()
+  c.optim.lr_mults = ()
+
+  c.stage1 = ml_collections.ConfigDict()
+  c.stage1.fields = ("short", "raw")
+
+  c.stage2 = ml_collections.ConfigDict()
+  c.stage2.text_fields = ("short", "long")      # drawn with equal chance per example
+  c.stage2.ema_momentum = 0.999
+  c.stage2.distill_weight = 1.0                 # λ
+  c.stage2.contrastive_impl = "dense"           # dense | blockwise | sharded
+  c.stage2.contrastive_block = 1024
+  return c
+
+
+def model_config(c: ml_collections.ConfigDict, *, d: int, e: int, size: str | None,
+                 dtype: str, scan_layers: bool = False) -> None:
+  """Sets ``c.model``: the adapter D -> E (one block, expansion 8) and the image tower."""
+  vision = None
+  if size is not None:
+    from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
+    vision = VisionConfig.named(size, dtype=dtype, scan_layers=scan_layers).to_dict()
+  c.model = ml_collections.ConfigDict({
+      "vision": vision,
+      "adapter": {"in_dim": d, "out_dim": e, "expansion": 8, "n_blocks": 1, "dtype": dtype},
+      "logit_scale_init": math.log(100.0),
+  })
+
+
+def under(root: str, *parts: str) -> str:
+  """``root/parts...`` (a plain join; gs:// roots stay URLs)."""
+  return os.path.join(root, *parts)

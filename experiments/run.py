@@ -1,0 +1,189 @@
+"""Trains ProCLIP: ``python experiments/run.py --config NAME.py[:ARGS] --workdir DIR``.
+
+::
+
+    python experiments/run.py --config stage1.py:size=B/16,root=/data/proclip \\
+        --workdir /ckpt/stage1_b16 --config.total_steps=2000 --config.optim.lr=2e-4
+
+* ``--config``: a config file (``get_config(arg)`` returning an ml_collections ConfigDict);
+  a bare name such as ``stage1.py`` is looked up in ``experiments/configs/``; the text after
+  ``:`` is its argument string (see ``experiments/configs/common.py``).
+* ``--config.a.b=VALUE`` (or ``--config.a.b VALUE``): overrides any field. The value is
+  parsed as the field's current type (int, float, bool, str; tuples and lists as Python
+  literals or ``a;b``; ``None`` fields take a literal or a string).
+* ``--workdir``: checkpoints, metrics.jsonl, TensorBoard files. A workdir that holds a
+  checkpoint is resumed.
+* ``--print-config``: print the resolved config and exit.
+
+A multi-host TPU slice runs the same command on every worker: ``jax.distributed`` is
+initialised when the environment (or ``config.distributed="on"``) says so. A user mistake
+(bad field, missing file) prints one line and exits with status 2; SIGTERM saves a
+checkpoint and exits 0.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import importlib.util
+import json
+import os
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from proclip_jax.errors import ProclipError  # noqa: E402  pylint: disable=wrong-import-position
+
+
+def resolve_config_path(spec: str) -> tuple[str, str | None]:
+  """``"stage1.py:size=L/14"`` -> (absolute file, "size=L/14"); bare names from configs/."""
+  path, sep, arg = spec.partition(":")
+  candidates = [path]
+  if not os.path.isabs(path):
+    candidates.append(os.path.join(CONFIG_DIR, path))
+    if not path.endswith(".py"):
+      candidates.append(os.path.join(CONFIG_DIR, path + ".py"))
+  for c in candidates:
+    if os.path.isfile(c):
+      return os.path.abspath(c), (arg if sep else None)
+  known = sorted(f for f in os.listdir(CONFIG_DIR) if f.endswith(".py") and f != "common.py")
+  raise ProclipError(f"Config file {path!r} not found (looked in the current folder and "
+                     f"{CONFIG_DIR}); known configs: {', '.join(known)}.")
+
+
+def load_config(spec: str):
+  """Imports the config file and returns ``get_config(arg)``."""
+  path, arg = resolve_config_path(spec)
+  name = "proclip_config_" + os.path.splitext(os.path.basename(path))[0]
+  module_spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(module_spec)
+  module_spec.loader.exec_module(module)
+  if not hasattr(module, "get_config"):
+    raise ProclipError(f"Config file {path} has no get_config(arg) function.")
+  return module.get_config(arg)
+
+
+def _parse_value(text: str, current, field: str):
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  kind = type(current).__name__
+  try:
+    if isinstance(current, bool):
+      low = text.strip().lower()
+      if low in ("1", "true", "yes", "on"):
+        return True
+      if low in ("0", "false", "no", "off"):
+        return False
+      raise ValueError(text)
+    if isinstance(current, int):
+      return int(text)
+    if isinstance(current, float):
+      return float(text)
+    if isinstance(current, str):
+      return text
+    if isinstance(current, (tuple, list)):
+      if text.strip().startswith(("(", "[")):
+        value = ast.literal_eval(text)
+        if not isinstance(value, (tuple, list)):
+          raise ValueError(text)
+      else:
+        value = [v for v in text.split(";") if v != ""]
+        if len(value) == 1 and "," in value[0]:
+          value = value[0].split(",")
+      return type(current)(value)
+    if isinstance(current, ml_collections.ConfigDict):
+      raise ProclipError(f"--config.{field} is a group of fields "
+                         f"({', '.join(sorted(current.keys())) or 'empty'}); set its fields "
+                         f"one by one (--config.{field}.NAME=VALUE).")
+    try:  # a None / placeholder field: a Python literal, else the text itself
+      return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+      return text
+  except (ValueError, SyntaxError):
+    raise ProclipError(f"--config.{field}={text!r}: expected a value of type {kind} (now "
+                       f"{current!r}).") from None
+
+
+def apply_override(config, field: str, text: str) -> None:
+  """Sets ``config.<field>`` (dotted) from a command-line string, type-checked."""
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  parts = field.split(".")
+  node = config
+  for i, name in enumerate(parts[:-1]):
+    if not isinstance(node, ml_collections.ConfigDict) or name not in node:
+      where = ".".join(parts[:i]) or "config"
+      known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+      raise ProclipError(f"--config.{field}: {where} has no field {name!r}; it has "
+                         f"{', '.join(known) or 'no subfields'}.")
+    node = node[name]
+  last = parts[-1]
+  if not isinstance(node, ml_collections.ConfigDict) or last not in node:
+    where = ".".join(["config"] + parts[:-1])
+    known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+    raise ProclipError(f"--config.{field}: unknown field; {where} has "
+                       f"{', '.join(known) or 'no fields'}.")
+  value = _parse_value(text, node[last], field)
+  try:
+    node[last] = value
+  except (TypeError, ValueError) as e:
+    raise ProclipError(f"--config.{field}={text!r}: {e}") from None
+
+
+def parse_args(argv: list[str]):
+  """``(args, overrides)``; overrides are ``[(dotted_field, text), ...]`` in order."""
+  rest, overrides = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a.startswith("--config."):
+      key, eq, text = a[len("--config."):].partition("=")
+      if not eq:
+        if i + 1 >= len(argv):
+          raise ProclipError(f"{a} needs a value ({a}=VALUE).")
+        i += 1
+        text = argv[i]
+      if not key:
+        raise ProclipError(f"{a}: name a field, e.g. --config.total_steps=100.")
+      overrides.append((key, text))
+    else:
+      rest.append(a)
+    i += 1
+  parser = argparse.ArgumentParser(
+      prog="experiments/run.py", description=__doc__.split("\n")[0],
+      epilog="Any config field: --config.a.b=VALUE.")
+  parser.add_argument("--config", required=True, help="NAME.py[:ARGS] (see experiments/configs)")
+  parser.add_argument("--workdir", default=None, help="run folder (required unless --print-config)")
+  parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+  args = parser.parse_args(rest)
+  if not args.print_config and not args.workdir:
+    parser.error("--workdir is required")
+  return args, overrides
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  try:
+    args, overrides = parse_args(argv)
+    config = load_config(args.config)
+    for field, text in overrides:
+      apply_override(config, field, text)
+    if args.print_config:
+      from proclip_jax.train.loop import config_to_dict  # pylint: disable=import-outside-toplevel
+      print(json.dumps(config_to_dict(config), indent=1))
+      return 0
+    import logging  # pylint: disable=import-outside-toplevel
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
+    loop.initialize_distributed(config)
+    result = loop.train(config, args.workdir)
+  except ProclipError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(json.dumps({k: v for k, v in result.items()
+                    if isinstance(v, (int, float, bool, str))}, sort_keys=True))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,268 @@
+"""The trainer end to end (train/loop.py, train/checkpoints.py, experiments/run.py).
+
+Tiny runs on demo-world scenes drawn in memory, with in-memory "caches" (bag-of-words
+random features of the captions, one vector per (id, field), through the same
+``lookup(ids, fields)`` protocol as ``CacheReader``) on the 8 simulated CPU devices:
+
+* stage 1 on the demo world: the loss falls clearly; metrics.jsonl and TensorBoard files;
+* stage-1 -> stage-2 handoff through Orbax (the adapter from the stage-1 workdir, the image
+  tower from a converted-CLIP folder);
+* an interrupted stage-2 run (SIGTERM at step 2 from an eval hook) resumed from its
+  checkpoint ends bitwise equal to the uninterrupted run (params, EMA, optimizer, metrics);
+  a half-written checkpoint folder is ignored;
+* the CLI: a config override reaches the trainer; an unknown field exits 2 with one line.
+"""
+import json
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+  sys.path.insert(0, REPO)
+
+from experiments.configs import common  # noqa: E402
+from proclip_jax.checkpoint import save_model  # noqa: E402
+from proclip_jax.convert.common import flatten  # noqa: E402
+from proclip_jax.data import demo_world as dw  # noqa: E402
+from proclip_jax.errors import ProclipError  # noqa: E402
+from proclip_jax.models.proclip import ProCLIPModel  # noqa: E402
+from proclip_jax.models.vit import VisionConfig  # noqa: E402
+from proclip_jax.train import checkpoints as ckpt_lib  # noqa: E402
+from proclip_jax.train import loop  # noqa: E402
+from proclip_jax.train.state import model_config  # noqa: E402
+
+D, E, SIZE = 24, 16, 32
+N_EXAMPLES = 64
+VISION = VisionConfig(image_size=SIZE, patch_size=16, width=32, layers=2, heads=2,
+                      embed_dim=E)
+
+
+# ------------------------------------------------------------------------ tiny world
+
+def _png(pixels):
+  import io
+  from PIL import Image
+  buf = io.BytesIO()
+  Image.fromarray(pixels).save(buf, format="PNG")
+  return buf.getvalue()
+
+
+def _demo_source(n=N_EXAMPLES, seed=0):
+  """Demo-world records in memory (what the tfds source yields)."""
+  rng = np.random.default_rng(seed)
+  rows = []
+  for i in range(n):
+    scene = dw.sample_scene(rng)
+    rows.append({"id": np.int64(1000 + i), "image": _png(dw.draw(scene, 48)),
+                 "short": dw.short_caption(scene).encode(),
+                 "long": dw.long_caption(scene).encode(),
+                 "raw": dw.raw_caption(scene, rng).encode()})
+  return rows
+
+
+class BagOfWordsCache:
+  """A feature per (id, field): the sum of fixed random word vectors of the caption."""
+
+  def __init__(self, source, dim, seed):
+    self.dim, self.seed = dim, seed
+    self.words = {}
+    self.table = {}
+    for ex in source:
+      for f in ("short", "long", "raw"):
+        self.table[(int(ex["id"]), f)] = self._embed(ex[f].decode())
+
+  def _word(self, w):
+    if w not in self.words:
+      h = int.from_bytes(w.encode()[:8].ljust(8, b"\0"), "little") ^ len(w)
+      self.words[w] = np.random.default_rng([self.seed, h]).normal(size=self.dim)
+    return self.words[w]
+
+  def _embed(self, text):
+    return np.sum([self._word(w) for w in text.lower().split()], axis=0).astype(np.float32)
+
+  def lookup(self, ids, fields):
+    return np.stack([self.table[(int(i), str(f))] for i, f in zip(ids, fields)])
+
+
+@pytest.fixture(scope="module")
+def world():
+  source = _demo_source()
+  return {"source": source, "caches": {"llm": BagOfWordsCache(source, D, 1),
+                                       "clip": BagOfWordsCache(source, E, 2)}}
+
+
+def _config(stage, steps, **over):
+  c = common.base_config(stage)
+  c.total_steps = steps
+  c.seed = 0
+  c.progress = False
+  c.distill_chunk = 8
+  c.log_every = 1
+  c.ckpt_every = 0
+  c.data.batch_size = 16
+  c.data.read_threads = 1
+  c.data.prefetch_batches = 1
+  common.model_config(c, d=D, e=E, size=None, dtype="float32")
+  c.model.adapter.expansion = 2
+  if stage == 1:
+    c.optim.lr = 3e-3
+    c.optim.warmup_steps = 2
+  else:
+    c.model.vision = VISION.to_dict()
+    c.optim.lr = 1e-3
+    c.optim.layer_decay = 0.85
+    c.optim.grad_clip_norm = 5.0
+    c.stage2.ema_momentum = 0.9
+  for k, v in over.items():
+    node = c
+    *path, last = k.split(".")
+    for p in path:
+      node = node[p]
+    node[last] = v
+  return c
+
+
+def _rows(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f]
+
+
+# ------------------------------------------------------------------------ stage 1
+
+@pytest.fixture(scope="module")
+def stage1(world, tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("s1"))
+  result = loop.train(_config(1, 40, log_every=5), workdir, source=world["source"],
+                      caches=world["caches"])
+  return {"workdir": workdir, "result": result}
+
+
+def test_stage1_loss_falls_and_logs(stage1):
+  rows = _rows(stage1["workdir"])
+  losses = [r["loss"] for r in rows if "loss" in r]
+  assert [r["step"] for r in rows if "loss" in r] == list(range(5, 41, 5))
+  assert any("first_step_s" in r for r in rows)
+  assert losses[-1] < 0.5 * losses[0], losses
+  last = rows[-1]
+  for key in ("loss", "ins", "struct", "grad_norm", "lr", "steps_per_s", "examples_per_s"):
+    assert key in last and math.isfinite(last[key]), (key, last)
+  assert last["examples_per_s"] == pytest.approx(16 * last["steps_per_s"])
+  assert stage1["result"]["step"] == 40 and not stage1["result"]["preempted"]
+  assert stage1["result"]["loss"] == pytest.approx(losses[-1])
+  tb = os.listdir(os.path.join(stage1["workdir"], "tb"))
+  assert any(f.startswith("events.out.tfevents") for f in tb)
+  assert ckpt_lib.Checkpoints(stage1["workdir"], read_only=True).all_steps() == [40]
+  cfg = json.load(open(os.path.join(stage1["workdir"], "config.json")))
+  assert cfg["stage"] == 1 and cfg["total_steps"] == 40
+
+
+# ------------------------------------------------------------------------ stage 2
+
+@pytest.fixture(scope="module")
+def clip_dir(tmp_path_factory):
+  """A converted-CLIP folder holding only an image tower (what tools/convert.py writes)."""
+  from proclip_jax.models.clip import CLIPConfig
+  from proclip_jax.models.proclip import ProCLIPConfig
+  from proclip_jax.models.adapter import AdapterConfig
+  model = ProCLIPModel(ProCLIPConfig(vision=VISION, adapter=AdapterConfig(D, E)))
+  visual = jax.tree.map(np.asarray, model.init(jax.random.key(7), ("visual",))["visual"])
+  out = str(tmp_path_factory.mktemp("clip") / "clip-tiny")
+  save_model(out, "clip", CLIPConfig(vision=VISION, text=None).to_dict(),
+             {"visual": visual, "logit_scale": np.float32(math.log(50.0))})
+  return out, visual
+
+
+class SigtermAt:
+  """An eval hook that sends this process SIGTERM (a preemption) when called."""
+
+  def __init__(self):
+    self.calls = []
+
+  def __call__(self, params, config, mesh):
+    self.calls.append(sorted(params))
+    os.kill(os.getpid(), signal.SIGTERM)
+    return {"called": 1.0}
+
+
+def _stage2_config(stage1_workdir, clip_path, **over):
+  return _config(2, 4, ckpt_every=2, **{"init.stage1_workdir": stage1_workdir,
+                                        "init.clip": clip_path}, **over)
+
+
+@pytest.fixture(scope="module")
+def stage2(world, stage1, clip_dir, tmp_path_factory):
+  """Uninterrupted 4 steps (A) and 2 + SIGTERM, then resumed to 4 (B)."""
+  cfg = _stage2_config(stage1["workdir"], clip_dir[0])
+  wa = str(tmp_path_factory.mktemp("s2a"))
+  ra = loop.train(cfg, wa, source=world["source"], caches=world["caches"])
+  wb = str(tmp_path_factory.mktemp("s2b"))
+  hook = SigtermAt()
+  loop.register_eval("test_sigterm", hook)
+  cfg_b = _stage2_config(stage1["workdir"], clip_dir[0])
+  cfg_b.evals.test_sigterm = {"every": 2, "at_end": False}
+  rb1 = loop.train(cfg_b, wb, source=world["source"], caches=world["caches"])
+  steps_b1 = ckpt_lib.Checkpoints(wb, read_only=True).all_steps()
+  partial = os.path.join(wb, "checkpoints", "3.orbax-checkpoint-tmp-1234567")
+  os.makedirs(os.path.join(partial, "state"))
+  rb2 = loop.train(cfg, wb, source=world["source"], caches=world["caches"])
+  return {"cfg": cfg, "wa": wa, "wb": wb, "ra": ra, "rb1": rb1, "rb2": rb2, "hook": hook,
+          "steps_b1": steps_b1, "partial": partial}
+
+
+def _restore(cfg, workdir, step):
+  from proclip_jax.train import mesh as mesh_lib
+  from proclip_jax.train.state import abstract_train_state
+  mesh = mesh_lib.make_mesh(cfg.mesh)
+  abstract, _ = abstract_train_state(cfg, mesh)
+  c = ckpt_lib.Checkpoints(workdir, read_only=True)
+  state, meta = c.restore(abstract, step=step)
+  c.close()
+  return jax.tree.map(lambda x: np.array(x), state), meta
+
+
+def test_stage2_starts_from_stage1_adapter_and_clip_tower(stage1, stage2, clip_dir):
+  init = ckpt_lib.stage2_init_params(stage2["cfg"])
+  s1_cfg = _config(1, 40)
+  s1_state, meta = _restore(s1_cfg, stage1["workdir"], 40)
+  assert meta["stage"] == 1 and meta["step"] == 40
+  adapter = flatten(s1_state.params["adapter"])
+  assert sorted(flatten(init["adapter"])) == sorted(adapter)
+  for k, v in flatten(init["adapter"]).items():
+    np.testing.assert_array_equal(v, adapter[k])
+  for k, v in flatten(clip_dir[1]).items():
+    np.testing.assert_array_equal(flatten(init["visual"])[k], v)
+  assert float(init["logit_scale"]) == pytest.approx(math.log(50.0))
+  assert stage2["ra"]["step"] == 4 and math.isfinite(stage2["ra"]["loss"])
+  rows = _rows(stage2["wa"])
+  last = rows[-1]
+  for key in ("clip", "distill", "logit_scale", "scale", "grad_norm", "lr", "images_per_s"):
+    assert key in last and math.isfinite(last[key]), key
+
+
+def test_interrupted_run_resumes_bitwise(stage2):
+  assert stage2["rb1"]["preempted"] and stage2["rb1"]["step"] == 2
+  assert stage2["steps_b1"] == [2]
+  assert len(stage2["hook"].calls) == 1
+  assert stage2["hook"].calls[0] == ["adapter", "logit_scale", "visual"]
+  assert not os.path.exists(stage2["partial"])  # the half-written folder was dropped
+  assert stage2["rb2"]["step"] == 4 and not stage2["rb2"]["preempted"]
+  sa, _ = _restore(stage2["cfg"], stage2["wa"], 4)
+  sb, _ = _restore(stage2["cfg"], stage2["wb"], 4)
+  leaves_a, leaves_b = jax.tree.leaves(sa), jax.tree.leaves(sb)
+  assert len(leaves_a) == len(leaves_b) > 10
+  for a, b in zip(leaves_a, leaves_b):
+    np.testing.assert_array_equal(a, b)
+  assert flatten(sa.ema) and int(sa.step) == 4
+  timing = ("first_step_s", "steps_per_s", "images_per_s")
+  strip = lambda rows: [{k: v for k, v in r.items() if k not in timing}  # noqa: E731
+                        for r in rows if "loss" in r and r["step"] > 2]
+  assert strip(_rows(stage2["wa"])) == strip(_rows(stage2["wb"]))
+  assert [r["step"] for r in _rows(stage2["wb"]) if "first_step_s" in r] == [1, 3]
