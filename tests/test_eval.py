@@ -56,6 +56,21 @@ def make_tiny_embedder(tmp):
   return convert_embedder(src, tmp / "embedder")
 
 
+def random_params(boxed_abstract, seed=0):
+  """Random parameters drawn in NumPy on abstract shapes (no init compile): weights
+  N(0, 0.1), LayerNorm scales around 1, a logit scale of ln 100."""
+  from flax.core import meta  # pylint: disable=import-outside-toplevel
+  rng = np.random.default_rng(seed)
+
+  def draw(path, a):
+    name = jax.tree_util.keystr(path)
+    if "logit_scale" in name:
+      return np.asarray(np.log(100.0), np.float32)
+    x = rng.normal(0, 0.1, a.shape).astype(np.float32)
+    return x + 1.0 if "scale" in name else x
+  return jax.tree_util.tree_map_with_path(draw, meta.unbox(boxed_abstract))
+
+
 def make_tiny_proclip(embedder_dir, image_size=32, seed=0):
   from proclip_jax.inference import ProCLIP  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.adapter import AdapterConfig  # pylint: disable=import-outside-toplevel
@@ -66,7 +81,7 @@ def make_tiny_proclip(embedder_dir, image_size=32, seed=0):
       vision=VisionConfig(image_size=image_size, patch_size=8, width=32, layers=1, heads=2,
                           embed_dim=16),
       adapter=AdapterConfig(in_dim=32, out_dim=16, expansion=2))
-  params = ProCLIPModel(config).init(jax.random.key(seed))
+  params = random_params(ProCLIPModel(config).abstract(), seed)
   return ProCLIP(config, params, load_embedder(embedder_dir), embedder_path=str(embedder_dir),
                  batch_size=8)
 

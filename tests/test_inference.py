@@ -21,7 +21,7 @@ from proclip_jax.data import transforms
 from proclip_jax.errors import ProclipError
 from proclip_jax.inference import CLIPModelAdapter, ProCLIP
 from proclip_jax.models.adapter import TextProj
-from test_eval import l2n, make_tiny_embedder, make_tiny_proclip
+from test_eval import l2n, make_tiny_embedder, make_tiny_proclip, random_params
 
 TOL = 1e-5
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -146,13 +146,13 @@ def test_load_training_workdir(setup):
 
 
 def test_clip_adapter_interface(setup):
-  from proclip_jax.models.clip import CLIPConfig, LoadedCLIP, init_clip  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip import CLIPConfig, LoadedCLIP, abstract_params  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
   cfg = CLIPConfig(vision=VisionConfig(image_size=32, patch_size=16, width=32, layers=1, heads=2,
                                        embed_dim=16),
                    text=TextConfig(width=32, layers=1, heads=2, embed_dim=16, context_length=16))
-  clip = LoadedCLIP(cfg, init_clip(cfg))
+  clip = LoadedCLIP(cfg, random_params(abstract_params(cfg)))
   wrap = CLIPModelAdapter(clip)
   assert np.abs(wrap.encode_texts(TEXTS) - clip.encode_text(clip.tokenize(TEXTS))).max() < TOL
   pix = np.stack([transforms.eval_transform(x, 32) for x in setup["imgs"]])
@@ -181,3 +181,15 @@ def test_clis(setup):
   assert evaluate.main(["--checkpoint", setup["saved"], "--eval", "flickr30k",
                         "--data-root", str(setup["tmp"])]) == 2
   assert evaluate.main(["--checkpoint", setup["saved"], "--eval", "nope"]) == 2
+  from proclip_jax.data.demo_world import generate_demo_world  # pylint: disable=import-outside-toplevel
+  from proclip_jax.eval.evaluators import run_evals  # pylint: disable=import-outside-toplevel
+  demo = generate_demo_world(setup["tmp"] / "demo", n_train=1, n_test=6, image_size=32)
+  out = setup["tmp"] / "results.json"
+  assert evaluate.main(["--checkpoint", setup["saved"], "--eval", "demo_zero_shot",
+                        "--demo", demo.path, "--out", str(out), "--batch-size", "4"]) == 0
+  got = json.load(open(out))["results"]
+  want = run_evals("demo_zero_shot", model, {"demo": demo.path, "batch_size": 4})
+  for name in want:
+    for k in want[name]:
+      if k != "seconds":
+        assert abs(got[name][k] - want[name][k]) < 1e-9, (name, k)
