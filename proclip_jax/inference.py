@@ -106,8 +106,19 @@ class BatchedEncoder:
     self._plain = jax.jit(fn)
     self._by_mesh: dict = {}
 
+  def set_params(self, params: Any) -> None:
+    """New parameters (same tree and shapes); compiled functions are kept."""
+    self.params = params
+    self._by_mesh = {k: (m, None, fn, x_sh, n) for k, (m, _, fn, x_sh, n) in
+                     self._by_mesh.items()}
+
   def _on_mesh(self, mesh):
     key = id(mesh)
+    if key in self._by_mesh and self._by_mesh[key][1] is None:  # params changed
+      m, _, fn, x_sh, n = self._by_mesh[key]
+      p_sh = (self._param_shardings(mesh) if self._param_shardings is not None else
+              jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
+      self._by_mesh[key] = (m, jax.device_put(self.params, p_sh), fn, x_sh, n)
     if key not in self._by_mesh:
       p_sh = (self._param_shardings(mesh) if self._param_shardings is not None else
               jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
@@ -186,6 +197,15 @@ class ProCLIP:
       raise ProclipError("This ProCLIP checkpoint has no adapter parameters.")
     self._text_enc = BatchedEncoder(self.model.text_features, self.params["adapter"],
                                     batch_size, shardings("adapter"))
+
+  def set_params(self, params: Mapping) -> None:
+    """Swaps in new parameters of the same shapes (e.g. the trainer's, between evals) without
+    recompiling the encoders."""
+    self.params = jax.tree.map(np.asarray, dict(params))
+    self.logit_scale = float(np.asarray(self.params.get("logit_scale", self.logit_scale)))
+    for enc, part in ((self._image_enc, "visual"), (self._text_enc, "adapter")):
+      if enc is not None:
+        enc.set_params(self.params[part])
 
   # ----------------------------------------------------------------- loading / saving
   @classmethod

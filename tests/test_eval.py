@@ -395,3 +395,19 @@ def test_run_evals_errors(world):
     ev.run_evals("demo_short", world["model"], {})
   with pytest.raises(ProclipError, match="No demo world"):
     ev.run_evals("demo_short", world["model"], {"demo": str(world["tmp"])})
+
+
+def test_trainer_hook_matches_direct_call(world):
+  """``for_trainer(name)(params, config, mesh)`` (train/loop.py's hook) = the direct evaluator."""
+  from proclip_jax.inference import ProCLIP  # pylint: disable=import-outside-toplevel
+  model, demo = world["model"], world["demo"]
+  config = {"model": model.config.to_dict(),
+            "evals": {"demo_zero_shot": {"every": 1, "demo": demo.path, "batch_size": 8,
+                                         "embedder": str(world["emb_dir"])}}}
+  hook = ev.TRAINER_EVALS["demo_zero_shot"]
+  got = hook(model.params, config, None)
+  assert_same(got, ev.demo_zero_shot(model, demo.path, batch_size=8))
+  other = make_tiny_proclip(world["emb_dir"], seed=3)
+  got2 = hook(other.params, config, None)  # new params, same compiled encoders
+  assert_same(got2, ev.demo_zero_shot(other, demo.path, batch_size=8))
+  assert isinstance(ev._TRAINER_MODELS["demo_zero_shot"], ProCLIP)  # pylint: disable=protected-access

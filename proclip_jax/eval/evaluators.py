@@ -304,3 +304,51 @@ def run_evals(names: Sequence[str] | str, model, config=None) -> dict:
     res["seconds"] = time.time() - t0
     out[name] = res
   return out
+
+
+# --------------------------------------------------------------------------- trainer hook
+
+_TRAINER_MODELS: dict = {}
+
+
+def for_trainer(name: str) -> Callable[[Mapping, Any, Any], dict]:
+  """``EVALS[name]`` as the trainer's hook ``fn(params, config, mesh) -> dict``.
+
+  The model is a ``ProCLIP`` built from ``config.model`` and the full parameter tree; its
+  text embedder is ``config.evals[name].embedder`` (a converted embedder folder; optional
+  when the evaluation reads an LLM cache, ``llm_cache``). The other fields of
+  ``config.evals[name]`` are this module's evaluation config (``demo``, ``data_root``,
+  ``limit``, ``batch_size`` ...). The model is built once per evaluation name and gets the
+  new parameters on later calls, so the encoders compile once.
+  """
+  def fn(params, config, mesh) -> dict:
+    from proclip_jax.inference import ProCLIP, _resolve_embedder  # pylint: disable=import-outside-toplevel
+    from proclip_jax.train.state import model_config  # pylint: disable=import-outside-toplevel
+    evals = _cfg(config, "evals", {}) or {}
+    settings = evals[name] if name in evals else {}
+    settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
+    host = jax_to_host(params)
+    model = _TRAINER_MODELS.get(name)
+    if model is None:
+      emb, emb_path = _resolve_embedder(settings.get("embedder") or None, None,
+                                        f"config.evals.{name}.embedder")
+      model = ProCLIP(model_config(config), host, emb, embedder_path=emb_path,
+                      batch_size=int(settings.get("batch_size", 64)), mesh=mesh)
+      _TRAINER_MODELS[name] = model
+    else:
+      model.set_params(host)
+    return EVALS[name](model, dict(settings, mesh=mesh))
+  fn.__name__ = f"trainer_{name}"
+  return fn
+
+
+def jax_to_host(tree):
+  """A (possibly sharded, multi-host) parameter tree as host NumPy arrays on every process."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)
+
+
+TRAINER_EVALS = {n: for_trainer(n) for n in EVALS}
