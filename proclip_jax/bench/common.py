@@ -1,0 +1,384 @@
+"""Shared benchmark pieces: matmul peak, model FLOP counts, peak memory, compile time, A/B runs.
+
+* :func:`matmul_peak` / :func:`torch_matmul_peak`: the machine's measured matmul rate
+  (FLOP/s) for a dtype, from a jitted ``n×n @ n×n`` product (``2·n³`` FLOPs), and torch's
+  for reference. The benchmarks report achieved FLOP/s as a fraction of JAX's own rate.
+* FLOP counters (matmul FLOPs, ``2·m·n·k`` per product; elementwise work is not counted):
+  :func:`vit_forward_flops`, :func:`text_forward_flops`, :func:`adapter_forward_flops`, and
+  the step totals :func:`stage1_step_flops` / :func:`stage2_step_flops` with the usual rule
+  "a trained part costs 3× its forward (forward + two backward products), a frozen one or
+  the EMA teacher 1×".
+* :func:`peak_memory`: the device's ``peak_bytes_in_use`` where the runtime reports it
+  (GPU, TPU), else the process's maximum resident set size (``getrusage``, the CPU case:
+  it covers JAX and torch together, and it never goes down).
+* :func:`compile_seconds`: ``jit(...).lower(...).compile()`` timed on its own.
+* :func:`alternate`: runs two (or more) callables in turn, A B A B ..., so that a shared,
+  noisy machine slows both alike, and :func:`ratio` of their medians.
+
+``python -m proclip_jax.bench.common [--n 2048 --dtypes float32,bfloat16 --no-torch]``
+prints one JSON line per (framework, dtype) matmul rate: the AMX investigation in
+``docs/performance.md`` reruns it under different ``XLA_FLAGS``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import statistics
+import sys
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from proclip_jax.bench import emit, timeit
+
+# ------------------------------------------------------------------------ matmul peak
+
+
+def matmul_peak(dtype: str = "float32", n: int = 2048, *, warmup: int = 2,
+                runs: int = 5, device=None) -> dict:
+  """The measured rate of a jitted ``[n, n] @ [n, n]`` product in ``dtype`` (JAX).
+
+  The output is kept in ``dtype`` (float32 accumulation is XLA's choice). Returns a dict
+  with ``flops_per_s`` (from the median), ``median_s``, ``min_s``, ``max_s``, ``n``,
+  ``dtype``, ``framework`` and ``xla_flags`` (the environment's ``XLA_FLAGS``).
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  dt = jnp.dtype(dtype)
+  rng = np.random.default_rng(0)
+  dev = device or jax.devices()[0]
+  a = jax.device_put(rng.standard_normal((n, n), np.float32).astype(dt), dev)
+  b = jax.device_put(rng.standard_normal((n, n), np.float32).astype(dt), dev)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, precision=jax.lax.Precision.DEFAULT))
+  stats = timeit(lambda: f(a, b).block_until_ready(), warmup=warmup, runs=runs)
+  return {"framework": "jax", "dtype": str(dt), "n": n,
+          "flops_per_s": 2.0 * n ** 3 / stats["median_s"],
+          "xla_flags": os.environ.get("XLA_FLAGS", ""), **stats}
+
+
+def torch_matmul_peak(dtype: str = "float32", n: int = 2048, *, warmup: int = 2,
+                      runs: int = 5) -> dict:
+  """The same product in PyTorch on the CPU (``torch.mm``), for reference."""
+  import torch  # pylint: disable=g-import-not-at-top
+  dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  g = torch.Generator().manual_seed(0)
+  a = torch.randn(n, n, generator=g).to(dt)
+  b = torch.randn(n, n, generator=g).to(dt)
+  with torch.no_grad():
+    stats = timeit(lambda: torch.mm(a, b), warmup=warmup, runs=runs)
+  return {"framework": "torch", "dtype": dtype, "n": n,
+          "flops_per_s": 2.0 * n ** 3 / stats["median_s"],
+          "torch_threads": torch.get_num_threads(), **stats}
+
+
+# ---------------------------------------------------------------------- FLOP counters
+
+
+def _mm(m: int, k: int, n: int) -> int:
+  """FLOPs of an ``[m, k] @ [k, n]`` product."""
+  return 2 * m * k * n
+
+
+def encoder_layer_flops(tokens: int, width: int, mlp: int) -> int:
+  """One pre-LN transformer block over ``tokens`` tokens (per sequence).
+
+  q, k, v and output projections (``4·T·w²`` MACs), the attention logits and the
+  probabilities times values (``2·T²·w`` MACs; a causal mask is computed in full, as the
+  models do), and the two MLP products (``2·T·w·mlp`` MACs).
+  """
+  return (4 * _mm(tokens, width, width) + 2 * _mm(tokens, width, tokens)
+          + _mm(tokens, width, mlp) + _mm(tokens, mlp, width))
+
+
+def vit_forward_flops(cfg, batch: int = 1) -> int:
+  """Matmul FLOPs of a ViT image tower forward (a ``VisionConfig``) on ``batch`` images.
+
+  Patch embedding (``g²`` patches of ``p·p·3`` values to ``width``), ``layers`` blocks over
+  ``g² + 1`` tokens, and the class token's projection to ``embed_dim`` (if any).
+  """
+  g = cfg.image_size // cfg.patch_size
+  tokens = g * g + 1
+  mlp = cfg.mlp_dim or 4 * cfg.width
+  per_image = (_mm(g * g, cfg.patch_size ** 2 * 3, cfg.width)
+               + cfg.layers * encoder_layer_flops(tokens, cfg.width, mlp))
+  if cfg.embed_dim is not None:
+    per_image += _mm(1, cfg.width, cfg.embed_dim)
+  return batch * per_image
+
+
+def text_forward_flops(*, width: int, layers: int, mlp: int, context: int,
+                       embed_dim: int | None, batch: int = 1) -> int:
+  """Matmul FLOPs of a CLIP text tower forward (token embedding is a gather: 0 FLOPs)."""
+  per_text = layers * encoder_layer_flops(context, width, mlp)
+  if embed_dim is not None:
+    per_text += _mm(1, width, embed_dim)
+  return batch * per_text
+
+
+def adapter_forward_flops(cfg, batch: int = 1) -> int:
+  """Matmul FLOPs of a TextProj forward (an ``AdapterConfig``) on ``batch`` features."""
+  hidden = cfg.expansion * cfg.in_dim
+  per_row = cfg.n_blocks * (_mm(1, cfg.in_dim, hidden) + _mm(1, hidden, cfg.in_dim))
+  per_row += _mm(1, cfg.in_dim, cfg.out_dim)
+  return batch * per_row
+
+
+def stage1_step_flops(adapter_cfg, batch: int, fields: int = 2) -> int:
+  """Stage 1 (JAX): the adapter trained on ``fields`` caption fields, 3× forward each."""
+  return 3 * fields * adapter_forward_flops(adapter_cfg, batch)
+
+
+def stage2_step_flops(vision_cfg, adapter_cfg, batch: int, *, teacher: bool = True) -> dict:
+  """Stage 2: image tower and adapter trained (3× forward), EMA teacher forward (1×).
+
+  Returns ``{"total", "vision", "adapter", "teacher"}``; the losses' ``B×B`` products are
+  negligible and left out.
+  """
+  vis = 3 * vit_forward_flops(vision_cfg, batch)
+  ad = 3 * adapter_forward_flops(adapter_cfg, batch)
+  te = vit_forward_flops(vision_cfg, batch) if teacher else 0
+  return {"total": vis + ad + te, "vision": vis, "adapter": ad, "teacher": te}
+
+
+def xla_flops(compiled) -> float | None:
+  """XLA's own FLOP estimate of a compiled function (``cost_analysis()['flops']``)."""
+  try:
+    cost = compiled.cost_analysis()
+  except Exception:  # pylint: disable=broad-except
+    return None
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  if not cost or "flops" not in cost:
+    return None
+  return float(cost["flops"])
+
+
+# ------------------------------------------------------------------ memory and compile
+
+
+def peak_memory(device=None) -> dict:
+  """Peak memory so far: the device's counter if it has one, else the process's max RSS.
+
+  Returns ``{"peak_bytes": int, "peak_source": "device" | "maxrss"}``.
+  """
+  try:
+    import jax  # pylint: disable=g-import-not-at-top
+    stats = (device or jax.devices()[0]).memory_stats()
+  except Exception:  # pylint: disable=broad-except
+    stats = None
+  if stats and "peak_bytes_in_use" in stats:
+    return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_source": "device"}
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+  return {"peak_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
+          "peak_source": "maxrss"}
+
+
+def compile_seconds(jitted, *args, **kwargs) -> tuple[Any, float]:
+  """``(compiled, seconds)`` of ``jitted.lower(*args, **kwargs).compile()`` (trace included)."""
+  t0 = time.perf_counter()
+  compiled = jitted.lower(*args, **kwargs).compile()
+  return compiled, time.perf_counter() - t0
+
+
+# ------------------------------------------------------------------ alternating A/B runs
+
+
+def alternate(fns: Mapping[str, Callable[[], object]], *, warmup: int = 1,
+              runs: int = 3) -> dict[str, dict]:
+  """Times each callable ``runs`` times, interleaved (A B A B ...), after ``warmup`` rounds.
+
+  Each ``fn()`` must block until its work is done. Returns ``{name: timeit-style stats}``
+  (``median_s``, ``min_s``, ``max_s``, ``runs``, and the raw ``times_s``).
+  """
+  for _ in range(warmup):
+    for fn in fns.values():
+      fn()
+  times = {k: [] for k in fns}
+  for _ in range(runs):
+    for k, fn in fns.items():
+      t0 = time.perf_counter()
+      fn()
+      times[k].append(time.perf_counter() - t0)
+  return {k: {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t),
+              "runs": runs, "times_s": t} for k, t in times.items()}
+
+
+def ratio(slow: Mapping[str, Any], fast: Mapping[str, Any]) -> dict:
+  """How many times faster ``fast`` is than ``slow`` (medians, and the min/max spread).
+
+  ``ratio_median = slow.median / fast.median``; with :func:`alternate`'s ``times_s`` also
+  the median of the per-round ratios (each round ran both under the same load).
+  """
+  out = {"ratio_median": slow["median_s"] / fast["median_s"],
+         "ratio_best": slow["min_s"] / fast["min_s"]}
+  if "times_s" in slow and "times_s" in fast:
+    out["ratio_paired_median"] = statistics.median(
+        s / f for s, f in zip(slow["times_s"], fast["times_s"]))
+  return out
+
+
+def step_record(stats: Mapping[str, Any], *, items: int, flops: float | None,
+                peak_flops: float | None) -> dict:
+  """items/s, achieved FLOP/s and its fraction of ``peak_flops`` from timing ``stats``."""
+  rec = {k: v for k, v in stats.items() if k != "times_s"}
+  rec["items_per_s"] = items / stats["median_s"]
+  if flops is not None:
+    rec["model_flops_per_step"] = float(flops)
+    rec["achieved_flops_per_s"] = flops / stats["median_s"]
+    if peak_flops:
+      rec["fraction_of_peak"] = rec["achieved_flops_per_s"] / peak_flops
+  return rec
+
+
+# ------------------------------------------------------------------ PyTorch reference
+
+
+def torch_adapter(cfg):
+  """A PyTorch transcription of TextProj (an ``AdapterConfig``), float32 parameters.
+
+  ``t / ||t||``, then per block ``x + fn3(GELU_exact(fn0(LN(x))))``, then ``proj(LN(x))``
+  (LayerNorm eps 1e-5), as ``models/adapter.py``.
+  """
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  class Block(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.ln = nn.LayerNorm(cfg.in_dim, eps=1e-5)
+      self.fn0 = nn.Linear(cfg.in_dim, cfg.expansion * cfg.in_dim)
+      self.fn3 = nn.Linear(cfg.expansion * cfg.in_dim, cfg.in_dim)
+
+    def forward(self, x):
+      return x + self.fn3(torch.nn.functional.gelu(self.fn0(self.ln(x))))
+
+  class TextProj(nn.Module):
+
+    def __init__(self):
+      super().__init__()
+      self.blocks = nn.ModuleList([Block() for _ in range(cfg.n_blocks)])
+      self.ln_final = nn.LayerNorm(cfg.in_dim, eps=1e-5)
+      self.proj = nn.Linear(cfg.in_dim, cfg.out_dim)
+
+    def forward(self, t):
+      x = torch.nn.functional.normalize(t.float(), dim=-1, eps=1e-12)
+      for b in self.blocks:
+        x = b(x)
+      return self.proj(self.ln_final(x)).float()
+
+  return TextProj()
+
+
+def _torch_safe_sqrt(x):
+  import torch  # pylint: disable=g-import-not-at-top
+  pos = x > 0
+  return torch.where(pos, torch.sqrt(torch.where(pos, x, torch.ones_like(x))),
+                     torch.zeros_like(x))
+
+
+def _torch_structure(s, t):
+  """Σ_{i<j} SmoothL1(||s_i − s_j|| − ||t_i − t_j||) per chunk: [n, c, E] -> [n]."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  def dist(x):
+    gram = x @ x.transpose(1, 2)
+    sq = torch.diagonal(gram, dim1=1, dim2=2)
+    return _torch_safe_sqrt(torch.clamp(sq[:, :, None] + sq[:, None, :] - 2 * gram, min=0))
+
+  c = s.shape[1]
+  upper = torch.triu(torch.ones(c, c, dtype=torch.bool), diagonal=1)
+  diff = torch.nn.functional.smooth_l1_loss(dist(s), dist(t), reduction="none", beta=1.0)
+  return torch.where(upper, diff, torch.zeros_like(diff)).sum(dim=(1, 2))
+
+
+def torch_distill_terms(s_short, t_short, s_raw=None, t_raw=None, chunk: int = 512) -> dict:
+  """PyTorch transcription of ``losses.stage1_distill_terms`` (or, without the raw pair,
+  ``losses.image_distill_terms``): per-chunk sums, mean over chunks."""
+  b = s_short.shape[0]
+  c = b if chunk >= b else chunk
+  ch = lambda x: x.float().reshape(b // c, c, x.shape[1])  # noqa: E731
+  ss, ts = ch(s_short), ch(t_short)
+  ins = ((ss - ts) ** 2).sum(dim=(1, 2)).mean()
+  if s_raw is not None:
+    ins = ins + ((ch(s_raw) - ch(t_raw)) ** 2).sum(dim=(1, 2)).mean()
+  struct = _torch_structure(ss, ts).mean()
+  return {"loss": ins + struct, "ins": ins, "struct": struct}
+
+
+def torch_clip_loss(img, txt, logit_scale):
+  """PyTorch transcription of ``losses.clip_loss`` (dense symmetric InfoNCE)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  logits = logit_scale.exp() * img.float() @ txt.float().t()
+  labels = torch.arange(img.shape[0])
+  return 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                + torch.nn.functional.cross_entropy(logits.t(), labels))
+
+
+def torch_adamw(param_groups, *, lr: float, weight_decay: float, kind: str = "foreach"):
+  """``torch.optim.AdamW`` with ``kind`` "foreach" or "fused" (both exist on the CPU)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  if kind not in ("foreach", "fused"):
+    raise ValueError(f"torch AdamW kind {kind!r}: use 'foreach' or 'fused'")
+  return torch.optim.AdamW(param_groups, lr=lr, weight_decay=weight_decay,
+                           foreach=kind == "foreach", fused=kind == "fused")
+
+
+def torch_autocast(dtype: str):
+  """A context: bf16 autocast on the CPU for "bfloat16", nothing for "float32"."""
+  import contextlib  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if dtype == "bfloat16":
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+  return contextlib.nullcontext()
+
+
+def peaks(dtypes, *, n: int, torch_too: bool, runs: int = 5) -> dict:
+  """``{(framework, dtype): flops_per_s}`` matmul peaks for the benchmark records."""
+  out = {}
+  for dt in dict.fromkeys(dtypes):
+    out[("jax", dt)] = matmul_peak(dt, n, runs=runs)["flops_per_s"]
+    if torch_too:
+      out[("torch", dt)] = torch_matmul_peak(dt, n, runs=runs)["flops_per_s"]
+  return out
+
+
+def machine() -> dict:
+  """A short description of the host for the records."""
+  import jax  # pylint: disable=g-import-not-at-top
+  model = ""
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          model = line.split(":", 1)[1].strip()
+          break
+  except OSError:
+    pass
+  load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+  return {"cpus": os.cpu_count(), "cpu_model": model, "load_avg_1m": load,
+          "backend": jax.default_backend(), "device": str(jax.devices()[0].device_kind),
+          "jax": jax.__version__}
+
+
+def main(argv=None) -> int:
+  parser = argparse.ArgumentParser(description="matmul rate per dtype, JAX and torch")
+  parser.add_argument("--n", type=int, default=2048)
+  parser.add_argument("--dtypes", default="float32,bfloat16")
+  parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--rounds", type=int, default=2,
+                      help="repeat the whole JAX/torch sweep (alternation under load)")
+  parser.add_argument("--no-torch", action="store_true")
+  args = parser.parse_args(argv)
+  for _ in range(args.rounds):
+    for dt in args.dtypes.split(","):
+      emit({"benchmark": "matmul_peak", **matmul_peak(dt, args.n, runs=args.runs)})
+      if not args.no_torch:
+        emit({"benchmark": "matmul_peak", **torch_matmul_peak(dt, args.n, runs=args.runs)})
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
