@@ -1,0 +1,275 @@
+"""Benchmark ``stage2``: the JAX stage-2 step against the same step in PyTorch.
+
+  python tools/benchmark.py stage2 [--vision B/16 --batch 8 --steps 3 --warmup 1
+      --dtype float32 --llm-dim 4096 --torch-dtypes float32,bfloat16 --torch-adamw fused
+      --scan --remat POLICY --no-donate --no-torch]
+
+JAX: ``train/steps.py``'s ``make_stage2_step`` on a one-device mesh: the image tower
+(``--vision``, 224 px by default), the adapter (D = ``--llm-dim`` → E), the logit scale,
+the EMA teacher's forward, contrastive + λ·image self-distillation, AdamW with layer decay,
+EMA update; state donated (``--no-donate`` re-jits the same step function without it).
+``--scan`` / ``--remat`` select the tower's scanned layers and rematerialisation policy.
+
+PyTorch: ``transformers.CLIPVisionModelWithProjection`` (random weights, same size, SDPA
+attention) as the student and a deep copy as the EMA teacher (``no_grad``), a transcription
+of TextProj, the same losses, ``torch.optim.AdamW`` (``fused`` by default: PyTorch at its
+best) with the same layer-decay groups, gradient clipping, logit-scale clamp, EMA. Each
+dtype of ``--torch-dtypes`` (float32, bf16 autocast) is its own side.
+
+Sides alternate (JAX, PyTorch f32, PyTorch bf16, JAX, ...) after warm-up. One JSON line per
+side (median/min/max s/step, images/s, model FLOPs per step, achieved FLOP/s and its fraction
+of the measured matmul peak, compile seconds, peak memory) and one ``"side": "ratio"`` line
+per PyTorch dtype (PyTorch s/step ÷ JAX s/step; ≥ 1 means JAX is faster).
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+from proclip_jax.bench import common, emit
+
+FIELDS = ("short", "long")
+LAYER_DECAY = 0.85
+EMA_MOMENTUM = 0.999
+LR, WD = 1e-5, 0.05
+
+
+def add_args(parser):
+  parser.add_argument("--vision", default="B/16", help="CLIP image tower variant")
+  parser.add_argument("--batch", type=int, default=8)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per side")
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"),
+                      help="JAX compute dtype")
+  parser.add_argument("--llm-dim", type=int, default=4096)
+  parser.add_argument("--expansion", type=int, default=8)
+  parser.add_argument("--layers", type=int, default=None, help="override depth (tests)")
+  parser.add_argument("--width", type=int, default=None, help="override width (tests)")
+  parser.add_argument("--heads", type=int, default=None, help="override heads (tests)")
+  parser.add_argument("--image-size", type=int, default=None)
+  parser.add_argument("--patch-size", type=int, default=None)
+  parser.add_argument("--embed-dim", type=int, default=None)
+  parser.add_argument("--scan", action="store_true", help="scan over layers")
+  parser.add_argument("--remat", default="false",
+                      help="false, true, or a jax.checkpoint_policies name")
+  parser.add_argument("--no-donate", action="store_true")
+  parser.add_argument("--contrastive", default="dense", help="stage2.contrastive_impl")
+  parser.add_argument("--torch-dtypes", default="float32,bfloat16")
+  parser.add_argument("--torch-adamw", default="fused", choices=("foreach", "fused"))
+  parser.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
+  parser.add_argument("--no-torch", action="store_true")
+
+
+def _remat(value: str):
+  low = value.lower()
+  return {"false": False, "true": True}.get(low, value)
+
+
+def vision_config(args):
+  from proclip_jax.models.vit import VisionConfig  # pylint: disable=g-import-not-at-top
+  over = {k: v for k, v in {"layers": args.layers, "width": args.width, "heads": args.heads,
+                            "image_size": args.image_size, "patch_size": args.patch_size,
+                            "embed_dim": args.embed_dim}.items() if v is not None}
+  return VisionConfig.named(args.vision, dtype=args.dtype, scan_layers=args.scan,
+                            remat=_remat(args.remat), **over)
+
+
+def adapter_config(args, vis, dtype):
+  from proclip_jax.models.adapter import AdapterConfig  # pylint: disable=g-import-not-at-top
+  return AdapterConfig(in_dim=args.llm_dim, out_dim=vis.embed_dim, expansion=args.expansion,
+                       dtype=dtype)
+
+
+def make_batch(args, vis) -> dict:
+  rng = np.random.default_rng(0)
+  out = {"image": rng.standard_normal(
+      (args.batch, vis.image_size, vis.image_size, 3)).astype(np.float32)}
+  for f in FIELDS:
+    out[f"llm_{f}"] = rng.standard_normal((args.batch, args.llm_dim)).astype(np.float32)
+  return out
+
+
+# ---------------------------------------------------------------------------- JAX side
+
+
+def jax_side(args, batch_np: dict):
+  """``(run_one_step, info)``: one blocking JAX step; compile seconds and FLOP counts."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=g-import-not-at-top
+  from proclip_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from proclip_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
+  from proclip_jax.train.steps import make_stage2_step  # pylint: disable=g-import-not-at-top
+
+  vis = vision_config(args)
+  adapter = adapter_config(args, vis, args.dtype)
+  config = {"stage": 2, "model": ProCLIPConfig(vision=vis, adapter=adapter),
+            "total_steps": 1000, "distill_chunk": args.batch, "seed": 0,
+            "optim": {"lr": LR, "weight_decay": WD, "grad_clip_norm": 1.0, "warmup_steps": 10,
+                      "layer_decay": LAYER_DECAY},
+            "stage2": {"ema_momentum": EMA_MOMENTUM, "distill_weight": 1.0,
+                       "text_fields": FIELDS, "contrastive_impl": args.contrastive}}
+  mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
+  state, shardings = create_train_state(config, mesh, jax.random.key(0))
+  step = make_stage2_step(config, mesh, shardings)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+  batch = {k: jax.device_put(v, batch_sh) for k, v in batch_np.items()}
+  jitted = step.jitted
+  if args.no_donate:
+    jitted = jax.jit(step.__wrapped__, in_shardings=(shardings, batch_sh),
+                     out_shardings=(shardings, mesh_lib.replicated(mesh)))
+  with jax.set_mesh(mesh):
+    compiled, compile_s = common.compile_seconds(jitted, state, batch)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+    return metrics
+
+  metrics = run()
+  flops = common.stage2_step_flops(vis, adapter, args.batch)
+  info = {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
+          "model_flops_per_step": flops["total"], "flops_breakdown": flops,
+          "first_loss": float(metrics["loss"]), "scan": args.scan, "remat": args.remat,
+          "donate": not args.no_donate,
+          "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(holder["state"])))}
+  return run, info
+
+
+# ------------------------------------------------------------------------ PyTorch side
+
+
+def _torch_groups(vision, adapter, logit_scale, layers: int):
+  """AdamW groups: layer-decay multipliers over the tower, no decay on biases/norms/embeddings."""
+  groups = {}
+
+  def mult_of(name):
+    if name.startswith(("vision_model.embeddings", "vision_model.pre_layrnorm")):
+      return LAYER_DECAY ** (layers + 1)
+    if name.startswith("vision_model.encoder.layers."):
+      return LAYER_DECAY ** (layers - int(name.split(".")[3]))
+    return 1.0
+
+  def add(name, p, mult):
+    no_decay = p.ndim < 2 or "embedding" in name or "norm" in name
+    key = (mult, no_decay)
+    groups.setdefault(key, []).append(p)
+
+  for name, p in vision.named_parameters():
+    add(name, p, mult_of(name))
+  for name, p in adapter.named_parameters():
+    add(name, p, 1.0)
+  add("logit_scale", logit_scale, 1.0)
+  return [{"params": ps, "lr": LR * m, "weight_decay": 0.0 if nd else WD}
+          for (m, nd), ps in groups.items()]
+
+
+def torch_side(args, batch_np: dict):
+  """``{dtype: run_one_step}`` sharing one PyTorch model, and the info dict."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  vis = vision_config(args)
+  cfg = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=vis.mlp_width,
+                         num_hidden_layers=vis.layers, num_attention_heads=vis.heads,
+                         image_size=vis.image_size, patch_size=vis.patch_size,
+                         projection_dim=vis.embed_dim, hidden_act="quick_gelu",
+                         layer_norm_eps=1e-5)
+  student = CLIPVisionModelWithProjection(cfg).train()
+  teacher = copy.deepcopy(student).eval()
+  for p in teacher.parameters():
+    p.requires_grad_(False)
+  adapter_cfg = adapter_config(args, vis, "float32")
+  adapter = common.torch_adapter(adapter_cfg)
+  logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
+  params = list(student.parameters()) + list(adapter.parameters()) + [logit_scale]
+  opt = common.torch_adamw(_torch_groups(student, adapter, logit_scale, vis.layers),
+                           lr=LR, weight_decay=WD, kind=args.torch_adamw)
+  pixels = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2)))
+  rng = np.random.default_rng(2)
+  choice = torch.from_numpy(rng.integers(0, len(FIELDS), size=args.batch))
+  llm = torch.where(choice[:, None] == 0, torch.from_numpy(batch_np["llm_short"]),
+                    torch.from_numpy(batch_np["llm_long"]))
+  s_params = list(student.parameters())
+  t_params = list(teacher.parameters())
+
+  def make_run(dtype):
+
+    def run():
+      with common.torch_autocast(dtype):
+        with torch.no_grad():
+          t_img = torch.nn.functional.normalize(
+              teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
+        img = torch.nn.functional.normalize(
+            student(pixel_values=pixels).image_embeds.float(), dim=-1)
+        txt = torch.nn.functional.normalize(adapter(llm).float(), dim=-1)
+        loss = (common.torch_clip_loss(img, txt, logit_scale)
+                + common.torch_distill_terms(img, t_img, chunk=args.batch)["loss"])
+      opt.zero_grad(set_to_none=True)
+      loss.backward()
+      torch.nn.utils.clip_grad_norm_(params, 1.0)
+      opt.step()
+      with torch.no_grad():
+        logit_scale.clamp_(0.0, math.log(100.0))
+        torch._foreach_lerp_(t_params, s_params, 1.0 - EMA_MOMENTUM)  # pylint: disable=protected-access
+      return loss
+
+    return run
+
+  dtypes = [d for d in args.torch_dtypes.split(",") if d]
+  runs = {d: make_run(d) for d in dtypes}
+  first = {d: float(r().detach()) for d, r in runs.items()}
+  info = {"model_flops_per_step": common.stage2_step_flops(vis, adapter_cfg, args.batch)["total"],
+          "torch_threads": torch.get_num_threads(), "torch_adamw": args.torch_adamw,
+          "first_loss": first}
+  return runs, info
+
+
+# ------------------------------------------------------------------------------- driver
+
+
+def run(args):
+  torch_on = not args.no_torch
+  torch_dtypes = [d for d in args.torch_dtypes.split(",") if d] if torch_on else []
+  peaks = common.peaks([args.dtype] + torch_dtypes, n=args.peak_n, torch_too=torch_on)
+  vis = vision_config(args)
+  batch_np = make_batch(args, vis)
+  fns = {}
+  jax_run, jax_info = jax_side(args, batch_np)
+  fns["jax"] = jax_run
+  torch_info = None
+  if torch_on:
+    torch_runs, torch_info = torch_side(args, batch_np)
+    fns.update({f"torch_{d}": r for d, r in torch_runs.items()})
+  stats = common.alternate(fns, warmup=args.warmup, runs=args.steps)
+  base = {"benchmark": "stage2", "vision": args.vision, "batch": args.batch,
+          "llm_dim": args.llm_dim, "image_size": vis.image_size, "layers": vis.layers,
+          "width": vis.width, **common.machine(), **common.peak_memory()}
+
+  def record(name, dtype, info):
+    rec = common.step_record(stats[name], items=args.batch,
+                             flops=info["model_flops_per_step"],
+                             peak_flops=peaks[("jax", dtype)])
+    rec.update({k: v for k, v in info.items() if k not in ("model_flops_per_step",
+                                                           "first_loss")})
+    rec["matmul_peak_flops_per_s"] = peaks[("jax", dtype)]
+    if ("torch", dtype) in peaks:
+      rec["torch_matmul_peak_flops_per_s"] = peaks[("torch", dtype)]
+      rec["fraction_of_torch_peak"] = rec["achieved_flops_per_s"] / peaks[("torch", dtype)]
+    first = info["first_loss"]
+    rec["first_loss"] = first[dtype] if isinstance(first, dict) else first
+    emit({**base, "side": name.split("_")[0], "dtype": dtype, **rec})
+
+  record("jax", args.dtype, jax_info)
+  for d in torch_dtypes:
+    record(f"torch_{d}", d, torch_info)
+  for d in torch_dtypes:
+    r = common.ratio(stats[f"torch_{d}"], stats["jax"])
+    emit({**base, "side": "ratio", "jax_dtype": args.dtype, "torch_dtype": d,
+          "what": f"torch {d} s/step / jax {args.dtype} s/step", **r,
+          "jax_fraction_of_peak": (jax_info["model_flops_per_step"]
+                                   / stats["jax"]["median_s"] / peaks[("jax", args.dtype)])})
+  return 0
