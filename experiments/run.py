@@ -14,6 +14,8 @@
 * ``--workdir``: checkpoints, metrics.jsonl, TensorBoard files. A workdir that holds a
   checkpoint is resumed.
 * ``--print-config``: print the resolved config and exit.
+* ``config.stage``: 1 or 2 runs :func:`proclip_jax.train.loop.train`; ``"demo"`` (the demo
+  config) runs :func:`proclip_jax.demo.run_demo`, whose workdir has a default.
 
 A multi-host TPU slice runs the same command on every worker: ``jax.distributed`` is
 initialised when the environment (or ``config.distributed="on"``) says so. A user mistake
@@ -153,12 +155,10 @@ def parse_args(argv: list[str]):
       prog="experiments/run.py", description=__doc__.split("\n")[0],
       epilog="Any config field: --config.a.b=VALUE.")
   parser.add_argument("--config", required=True, help="NAME.py[:ARGS] (see experiments/configs)")
-  parser.add_argument("--workdir", default=None, help="run folder (required unless --print-config)")
+  parser.add_argument("--workdir", default=None,
+                      help="run folder (required for stage 1 / 2; the demo has a default)")
   parser.add_argument("--print-config", action="store_true", help="print the config and exit")
-  args = parser.parse_args(rest)
-  if not args.print_config and not args.workdir:
-    parser.error("--workdir is required")
-  return args, overrides
+  return parser.parse_args(rest), overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,8 +175,16 @@ def main(argv: list[str] | None = None) -> int:
     import logging  # pylint: disable=import-outside-toplevel
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
-    loop.initialize_distributed(config)
-    result = loop.train(config, args.workdir)
+    stage = config.get("stage") if hasattr(config, "get") else None
+    if stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
+      from proclip_jax.demo import run_demo  # pylint: disable=import-outside-toplevel
+      result = run_demo(config, args.workdir or None)
+    else:
+      if not args.workdir:
+        raise ProclipError("--workdir is required: the folder for checkpoints and metrics "
+                           "(an existing one is resumed).")
+      loop.initialize_distributed(config)
+      result = loop.train(config, args.workdir)
   except ProclipError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -266,3 +266,114 @@ def test_interrupted_run_resumes_bitwise(stage2):
                         for r in rows if "loss" in r and r["step"] > 2]
   assert strip(_rows(stage2["wa"])) == strip(_rows(stage2["wb"]))
   assert [r["step"] for r in _rows(stage2["wb"]) if "first_step_s" in r] == [1, 3]
+
+
+# ------------------------------------------------------------------------ configs and errors
+
+def _run_module():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("proclip_run", os.path.join(REPO, "experiments",
+                                                                            "run.py"))
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_config_files_args_and_overrides():
+  run = _run_module()
+  a = common.parse_arg("size=L/14,steps=7,bf16=false,fields=short;long", size="B/16",
+                       steps=1, bf16=True, fields=("short",))
+  assert (a.size, a.steps, a.bf16, a.fields) == ("L/14", 7, False, ("short", "long"))
+  with pytest.raises(ProclipError, match="Unknown config arg 'sise'"):
+    common.parse_arg("sise=1", size="B/16")
+  with pytest.raises(ProclipError, match="steps='many': expected a value of type int"):
+    common.parse_arg("steps=many", steps=1)
+  c1 = run.load_config("stage1.py")
+  assert c1.stage == 1 and c1.model.vision is None
+  assert (c1.model.adapter.in_dim, c1.model.adapter.out_dim) == (4096, 512)
+  assert (c1.optim.lr, c1.optim.weight_decay, c1.optim.warmup_steps) == (1e-4, 0.05, 500)
+  assert (c1.data.batch_size, c1.distill_chunk, tuple(c1.stage1.fields)) == (4096, 512,
+                                                                            ("short", "raw"))
+  c2 = run.load_config("stage2:size=L/14,impl=sharded")
+  assert c2.model.vision.patch_size == 14 and c2.model.adapter.out_dim == 768
+  assert c2.model.vision.dtype == "bfloat16" and c2.stage2.contrastive_impl == "sharded"
+  assert (c2.optim.lr, c2.optim.layer_decay, c2.optim.grad_clip_norm,
+          c2.optim.warmup_steps) == (1e-5, 0.85, 5.0, 0)
+  assert (c2.stage2.ema_momentum, c2.stage2.distill_weight) == (0.999, 1.0)
+  assert tuple(c2.stage2.text_fields) == ("short", "long")
+  assert model_config(c2).vision.layers == 24
+  q = run.load_config("stage1_qwen3.py:qwen=0.6b")
+  assert q.model.adapter.in_dim == 1024 and q.cache.preset == "qwen3-embedding"
+  assert run.load_config("stage2_qwen3.py").model.adapter.in_dim == 4096
+  run.apply_override(c2, "optim.lr", "3e-5")
+  run.apply_override(c2, "stage2.text_fields", "short;long;raw")
+  run.apply_override(c2, "data.num_epochs", "3")
+  run.apply_override(c2, "progress", "false")
+  assert (c2.optim.lr, tuple(c2.stage2.text_fields), c2.data.num_epochs, c2.progress) == (
+      3e-5, ("short", "long", "raw"), 3, False)
+  with pytest.raises(ProclipError, match="unknown field; config.optim has b1"):
+    run.apply_override(c2, "optim.lrr", "1")
+  with pytest.raises(ProclipError, match="expected a value of type int"):
+    run.apply_override(c2, "total_steps", "ten")
+  with pytest.raises(ProclipError, match="known configs: .*stage1.py"):
+    run.load_config("stage9.py")
+
+
+def test_distributed_detection():
+  assert not loop.wants_distributed({"distributed": "auto"}, {})
+  assert loop.wants_distributed({"distributed": "on"}, {})
+  assert loop.wants_distributed({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert loop.wants_distributed({}, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+  assert not loop.wants_distributed({}, {"TPU_WORKER_HOSTNAMES": "localhost"})
+  assert not loop.wants_distributed({"distributed": "off"}, {"SLURM_NTASKS": "4"})
+  with pytest.raises(ProclipError, match="config.distributed"):
+    loop.wants_distributed({"distributed": "maybe"}, {})
+
+
+def test_missing_inputs_name_the_command(world, tmp_path, clip_dir):
+  from proclip_jax.train import mesh as mesh_lib
+  mesh = mesh_lib.make_mesh({"data": -1})
+  cfg = _config(1, 2)
+  cfg.cache.llm = str(tmp_path / "no-cache")
+  with pytest.raises(ProclipError, match="no-cache.*tools/precompute.py"):
+    loop.build_data(cfg, mesh, source=world["source"])
+  cfg = _config(1, 2)
+  with pytest.raises(ProclipError, match="config.cache.llm is not set.*tools/precompute.py"):
+    loop.build_data(cfg, mesh, source=world["source"])
+  cfg.data.path = str(tmp_path / "no-data")
+  with pytest.raises(ProclipError, match="no-data.*tools/build_dataset.py"):
+    loop.build_data(cfg, mesh)
+  cfg = _stage2_config(str(tmp_path / "no-stage1"), clip_dir[0])
+  with pytest.raises(ProclipError, match="no-stage1.*experiments/run.py --config stage1.py"):
+    ckpt_lib.stage2_init_params(cfg)
+  cfg = _stage2_config(str(tmp_path), str(tmp_path / "no-clip"))
+  with pytest.raises(ProclipError, match="no-clip.*tools/convert.py"):
+    ckpt_lib.stage2_init_params(cfg)
+  os.makedirs(tmp_path / "empty")
+  with pytest.raises(ProclipError, match="has no checkpoint"):
+    ckpt_lib.load_stage1_adapter(str(tmp_path / "empty"))
+
+
+def test_cli_override_reaches_trainer_and_errors_exit_2(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  work = tmp_path / "w"
+  p = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "run.py"), "--config",
+       "stage1.py:size=L/14,embedder=qwen3_embedding_0.6b", "--workdir", str(work),
+       f"--config.data.path={tmp_path / 'no-data'}", "--config.optim.lr", "2e-4"],
+      capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 2, p.stderr
+  assert "Traceback" not in p.stderr
+  assert "no-data" in p.stderr and "tools/build_dataset.py" in p.stderr
+  written = json.load(open(work / "config.json"))
+  assert written["optim"]["lr"] == 2e-4
+  assert written["model"]["adapter"] == {"in_dim": 1024, "out_dim": 768, "expansion": 8,
+                                         "n_blocks": 1, "dtype": "float32"}
+  p = subprocess.run(
+      [sys.executable, os.path.join(REPO, "experiments", "run.py"), "--config", "stage2.py",
+       "--workdir", str(tmp_path / "w2"), "--config.stage2.ema_momentun=0.9"],
+      capture_output=True, text=True, env=env, timeout=120)
+  assert p.returncode == 2 and "Traceback" not in p.stderr
+  assert p.stderr.strip().splitlines() == [
+      p.stderr.strip()] and "unknown field; config.stage2 has" in p.stderr
+  assert not (tmp_path / "w2").exists()

@@ -62,8 +62,8 @@ def _parse_value(text: str, default, name: str):
       return text
   except (ValueError, SyntaxError) as e:
     raise ProclipError(
-        f"Config arg {name}={text!r}: expected a {type(default).__name__} like "
-        f"{default!r}.") from e
+        f"Config arg {name}={text!r}: expected a value of type {type(default).__name__} "
+        f"like {default!r}.") from e
 
 
 def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections.ConfigDict:

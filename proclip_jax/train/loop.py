@@ -157,6 +157,31 @@ def config_to_dict(config: Any) -> dict:
   return plain(config)
 
 
+# ------------------------------------------------------------------------ compiled steps
+
+# Fields the jitted step never reads (the loop's own settings, paths). Two configs equal
+# outside them build the same step, so a second train() in one process (a resumed run, the
+# demo's stages, tests) reuses the compiled function instead of compiling it again.
+_LOOP_ONLY = ("evals", "log_every", "ckpt_every", "max_to_keep", "progress", "init", "cache",
+              "data", "distributed")
+_STEP_CACHE: dict[tuple, Any] = {}
+_STEP_CACHE_SIZE = 4
+
+
+def cached_train_step(config: Any, mesh, shardings):
+  """``make_train_step(config, mesh, shardings)``, memoised on the step-relevant config."""
+  d = config_to_dict(config)
+  key = (json.dumps({k: v for k, v in d.items() if k not in _LOOP_ONLY}, sort_keys=True),
+         mesh)
+  step = _STEP_CACHE.pop(key, None)
+  if step is None:
+    step = make_train_step(config, mesh, shardings)
+  _STEP_CACHE[key] = step                      # most recent last
+  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+    _STEP_CACHE.pop(next(iter(_STEP_CACHE)))
+  return step
+
+
 # ------------------------------------------------------------------------ data
 
 _TINY_PNG: bytes | None = None
@@ -432,7 +457,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
 
   # Abstract state, shardings and the jitted step.
   abstract, shardings = abstract_train_state(config, mesh)
-  train_step = make_train_step(config, mesh, shardings)
+  train_step = cached_train_step(config, mesh, shardings)
 
   # Resume, or start from the initial parameters.
   ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=_get(config, "max_to_keep", 3))
