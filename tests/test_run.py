@@ -4,7 +4,8 @@ Tiny runs on demo-world scenes drawn in memory, with in-memory "caches" (bag-of-
 random features of the captions, one vector per (id, field), through the same
 ``lookup(ids, fields)`` protocol as ``CacheReader``) on the 8 simulated CPU devices:
 
-* stage 1 on the demo world: the loss falls clearly; metrics.jsonl and TensorBoard files;
+* stage 1 on the demo world (caches written to disk and read by ``CacheReader``): the loss
+  falls clearly; metrics.jsonl and TensorBoard files;
 * stage-1 -> stage-2 handoff through Orbax (the adapter from the stage-1 workdir, the image
   tower from a converted-CLIP folder);
 * an interrupted stage-2 run (SIGTERM at step 2 from an eval hook) resumed from its
@@ -92,6 +93,22 @@ class BagOfWordsCache:
     return np.stack([self.table[(int(i), str(f))] for i, f in zip(ids, fields)])
 
 
+def _write_cache(path, kind, provider, source, fields):
+  """An embedding-cache folder in the CacheReader layout (ids.npy, FIELD.npy, manifest)."""
+  from proclip_jax.data import cache as C
+  os.makedirs(path)
+  ids = np.array(sorted(int(ex["id"]) for ex in source), np.int64)
+  C.atomic_save_npy(os.path.join(path, C.IDS_FILE), ids)
+  for f in fields:
+    rows = provider.lookup(ids, [f] * len(ids))
+    C.atomic_save_npy(os.path.join(path, f"{f}.npy"), rows.astype(np.float32))
+  C.atomic_write_json(os.path.join(path, C.MANIFEST), {
+      "format": C.FORMAT, "version": C.VERSION, "kind": kind, "dim": provider.dim,
+      "dtype": "float32", "fields": list(fields), "count": len(ids), "skipped": {},
+      "files": {"ids": C.IDS_FILE, **{f: f"{f}.npy" for f in fields}}})
+  return path
+
+
 @pytest.fixture(scope="module")
 def world():
   source = _demo_source()
@@ -139,9 +156,15 @@ def _rows(workdir):
 
 @pytest.fixture(scope="module")
 def stage1(world, tmp_path_factory):
-  workdir = str(tmp_path_factory.mktemp("s1"))
-  result = loop.train(_config(1, 40, log_every=5), workdir, source=world["source"],
-                      caches=world["caches"])
+  """40 stage-1 steps reading on-disk caches through CacheReader (config.cache paths)."""
+  root = tmp_path_factory.mktemp("s1")
+  workdir = str(root / "run")
+  cfg = _config(1, 40, log_every=5)
+  cfg.cache.llm = _write_cache(str(root / "llm"), "llm", world["caches"]["llm"],
+                               world["source"], ("short", "raw"))
+  cfg.cache.clip = _write_cache(str(root / "clip"), "clip_text", world["caches"]["clip"],
+                                world["source"], ("short", "raw"))
+  result = loop.train(cfg, workdir, source=world["source"])
   return {"workdir": workdir, "result": result}
 
 
