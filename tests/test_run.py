@@ -16,7 +16,6 @@ random features of the captions, one vector per (id, field), through the same
 import json
 import math
 import os
-import shutil
 import signal
 import subprocess
 import sys
