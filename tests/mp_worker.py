@@ -9,7 +9,8 @@ Two modes::
     job of SPEC.json (``{"n_examples": N, "jobs": [{"name", "config", "workdir",
     "interleave"}]}``) on an in-memory data source and in-memory embedding caches, both pure
     functions of the example id, so every process (and every rerun) sees the same data.
-    With ``--coordinator`` it first calls ``jax.distributed.initialize`` (loopback). After
+    A job with ``copy_from: WORKDIR`` first copies that workdir (process 0) and deletes
+    its newest checkpoint, so the run resumes from the one before. With ``--coordinator`` it first calls ``jax.distributed.initialize`` (loopback). After
     each job every process restores the latest checkpoint (``Checkpoints.restore``, a
     collective) and process 0 writes ``OUT/NAME.npz`` (the state's params / frozen / ema,
     flattened, plus ``step``); every process writes ``OUT/NAME.pI.json``: ``train``'s
@@ -155,6 +156,16 @@ def train_mode(args) -> int:
   n = int(spec["n_examples"])
   for job in spec["jobs"]:
     config = job["config"]
+    if job.get("copy_from"):  # a copy of another job's workdir minus its newest checkpoint
+      if pid == 0:
+        import shutil  # pylint: disable=import-outside-toplevel
+        shutil.copytree(job["copy_from"], job["workdir"])
+        ck = os.path.join(job["workdir"], "checkpoints")
+        newest = max(int(d) for d in os.listdir(ck) if d.isdigit())
+        shutil.rmtree(os.path.join(ck, str(newest)))
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+        multihost_utils.sync_global_devices(f"copy {job['name']}")
     order = interleaved(n, int(job["interleave"])) if job.get("interleave") else None
     source = Source(n, order)
     llm = Features(config["model"]["adapter"]["in_dim"], 1, args.delay)
