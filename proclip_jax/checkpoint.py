@@ -10,6 +10,7 @@ conversion never leaves an ``OUT`` that looks finished.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -25,9 +26,25 @@ MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
 
 
+def params_fingerprint(params: Any) -> str:
+  """sha256 over every parameter leaf: its "a/b/c" path, dtype, shape and bytes (sorted)."""
+  from proclip_jax.convert.common import flatten  # pylint: disable=import-outside-toplevel
+  h = hashlib.sha256()
+  flat = flatten(params)
+  for key in sorted(flat):
+    a = np.ascontiguousarray(np.asarray(flat[key]))
+    h.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
+    h.update(memoryview(a.reshape(-1).view(np.uint8)))
+  return h.hexdigest()
+
+
 def save_model(out: str, kind: str, config: Mapping[str, Any], params: Any,
                *, overwrite: bool = False, **extra: Any) -> str:
-  """Writes ``params`` and ``{"kind", "config", **extra}`` to ``out`` atomically."""
+  """Writes ``params`` and ``{"kind", "config", "params_sha256", **extra}`` to ``out`` atomically.
+
+  ``params_sha256`` (:func:`params_fingerprint`) lets caches check which weights made them
+  without loading the parameters again.
+  """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   out = os.path.abspath(os.fspath(out))
   if os.path.exists(out):
@@ -42,7 +59,8 @@ def save_model(out: str, kind: str, config: Mapping[str, Any], params: Any,
     ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
     ckptr.wait_until_finished()
     ckptr.close()
-    meta = {"kind": kind, "config": dict(config), **extra}
+    meta = {"kind": kind, "config": dict(config),
+            "params_sha256": params_fingerprint(params), **extra}
     with open(os.path.join(tmp, MODEL_JSON), "w") as f:
       json.dump(meta, f, indent=2, sort_keys=True)
     if os.path.exists(out):

@@ -46,6 +46,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from proclip_jax.checkpoint import params_fingerprint  # noqa: F401  (re-exported)
 from proclip_jax.errors import ProclipError
 
 FORMAT = "proclip-embedding-cache"
@@ -60,18 +61,6 @@ EXPECT_KEYS = ("kind", "model", "model_fingerprint", "preset", "dim", "fields", 
 
 
 # ------------------------------------------------------------------------- fingerprints
-
-def params_fingerprint(params: Any) -> str:
-  """sha256 over every parameter leaf: its "a/b/c" path, dtype, shape and bytes (sorted)."""
-  from proclip_jax.convert.common import flatten  # pylint: disable=import-outside-toplevel
-  h = hashlib.sha256()
-  flat = flatten(params)
-  for key in sorted(flat):
-    a = np.ascontiguousarray(np.asarray(flat[key]))
-    h.update(f"{key}|{a.dtype.str}|{a.shape}\n".encode())
-    h.update(memoryview(a.reshape(-1).view(np.uint8)))
-  return h.hexdigest()
-
 
 def model_fingerprint(path: str) -> str:
   """The parameter fingerprint of a converted model folder (``model.json`` + ``params/``).
