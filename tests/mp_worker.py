@@ -10,7 +10,8 @@ Two modes::
     "interleave"}]}``) on an in-memory data source and in-memory embedding caches, both pure
     functions of the example id, so every process (and every rerun) sees the same data.
     A job with ``copy_from: WORKDIR`` first copies that workdir (process 0) and deletes
-    its newest checkpoint, so the run resumes from the one before. With ``--coordinator`` it first calls ``jax.distributed.initialize`` (loopback). After
+    its newest checkpoint, so the run resumes from the one before. With ``--coordinator``
+    it first calls ``jax.distributed.initialize`` (loopback). After
     each job every process restores the latest checkpoint (``Checkpoints.restore``, a
     collective) and process 0 writes ``OUT/NAME.npz`` (the state's params / frozen / ema,
     flattened, plus ``step``); every process writes ``OUT/NAME.pI.json``: ``train``'s
