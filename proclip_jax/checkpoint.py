@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from typing import Any, Mapping
@@ -24,6 +25,33 @@ from proclip_jax.errors import ProclipError
 
 MODEL_JSON = "model.json"
 PARAMS_DIR = "params"
+
+
+# TensorStore reports I/O and decoding failures as an absl status ("OUT_OF_RANGE: ...",
+# "DATA_LOSS: ...") in a ValueError, or sometimes a plain Exception; Orbax's own checks of
+# the tree and the shapes (a run with another config) raise ValueError / KeyError /
+# TypeError with a sentence.
+_STATUS = re.compile(r"^(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|UNKNOWN|"
+                     r"INTERNAL|INVALID_ARGUMENT|UNAVAILABLE|ABORTED|PERMISSION_DENIED):")
+
+
+def is_read_error(e: BaseException) -> bool:
+  """Whether ``e`` (or an exception it was raised from) is a failure to read the files."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, (OSError, json.JSONDecodeError, UnicodeDecodeError, EOFError)):
+      return True
+    if type(e) is Exception or _STATUS.match(str(e).strip()):  # pylint: disable=unidiomatic-typecheck
+      return True
+    e = e.__cause__ or e.__context__
+  return False
+
+
+def first_line(e: BaseException) -> str:
+  """``"Type: first line of the message"`` (TensorStore messages run over many lines)."""
+  lines = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
 
 
 def params_fingerprint(params: Any) -> str:
@@ -87,6 +115,10 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
 
   ``target`` (an abstract tree, optionally with shardings) restores straight into that
   structure and placement; otherwise arrays come back as host numpy arrays.
+
+  Raises:
+    ProclipError: no ``model.json``, another ``kind``, or parameters that cannot be read
+      (missing or damaged files).
   """
   import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
   path = os.path.abspath(os.fspath(path))
@@ -95,6 +127,7 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
     raise ProclipError(
         f"{path!r} holds a {meta.get('kind')!r} model, but a {kind!r} model was expected.")
   ckptr = ocp.StandardCheckpointer()
+  given_target = target is not None
   try:
     if target is None:
       meta_tree = ckptr.metadata(os.path.join(path, PARAMS_DIR))
@@ -106,6 +139,13 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
     params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
   except FileNotFoundError as e:
     raise ProclipError(f"{path!r} lacks its parameters ({PARAMS_DIR}/); convert it again.") from e
+  except Exception as e:  # pylint: disable=broad-except
+    # With a caller's target, a ValueError may be a structure mismatch (theirs to report);
+    # a TensorStore status ("OUT_OF_RANGE: ...") or an I/O error is a damaged folder.
+    if given_target and not is_read_error(e):
+      raise
+    raise ProclipError(f"{path}: its parameters cannot be read ({first_line(e)}); the folder "
+                       "is damaged: convert it again with tools/convert.py.") from e
   finally:
     ckptr.close()
   return meta, params

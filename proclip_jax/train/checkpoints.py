@@ -28,6 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
+from proclip_jax.checkpoint import first_line, is_read_error
 from proclip_jax.errors import ProclipError
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,10 @@ def _ocp():
 def _grain_ckpt():
   import grain.checkpoint as gc  # pylint: disable=import-outside-toplevel
   return gc
+
+
+class CorruptCheckpoint(ProclipError):
+  """A committed checkpoint whose files cannot be read (truncated, damaged on disk)."""
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -107,6 +112,10 @@ class Checkpoints:
 
     ``abstract_state`` carries the target shardings (``state.abstract_train_state``); the
     data iterator, when given, is set to the saved position in place.
+
+    Raises:
+      CorruptCheckpoint: the step's files cannot be read (truncated or damaged).
+      ProclipError: the checkpoint does not fit ``abstract_state`` (another config).
     """
     ocp = _ocp()
     step = self.latest_step() if step is None else int(step)
@@ -122,7 +131,13 @@ class Checkpoints:
         log.warning("Checkpoint %s has no data-iterator state; the data starts over.", step)
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, TypeError) as e:
+    except Exception as e:  # pylint: disable=broad-except
+      if is_read_error(e):
+        raise CorruptCheckpoint(
+            f"Checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); its "
+            "files are damaged (a disk fault or a copy cut short).") from e
+      if not isinstance(e, (ValueError, KeyError, TypeError)):
+        raise
       raise ProclipError(
           f"Cannot restore checkpoint {self.directory / str(step)} into this run's state "
           f"({e}). The workdir was written by a different config (model sizes, freeze "
@@ -169,6 +184,7 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
 
   Raises:
     ProclipError: no such workdir, no checkpoint, not a stage-1 run, or another adapter.
+    CorruptCheckpoint: the latest checkpoint's files cannot be read.
   """
   ocp = _ocp()
   root = epath.Path(stage1_workdir)
@@ -195,20 +211,29 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
           + ", ".join(f"{k} is {h} there but {w} here" for k, (h, w) in diff.items())
           + ". Use the stage-1 run made with the same embedder (D) and CLIP (E).")
   ckptr = ocp.PyTreeCheckpointer()
-  tree = ckptr.metadata(step_dir / "state")
-  tree = getattr(tree, "item_metadata", tree)
-  tree = getattr(tree, "tree", tree)
-  parts = {k: tree[k]["adapter"] for k in ("params", "frozen")
-           if isinstance(tree.get(k), Mapping) and "adapter" in tree[k]}
-  if not parts:
-    raise ProclipError(f"The checkpoint {step_dir} holds no adapter parameters.")
-  target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), {k: {"adapter": v}
-                                                                for k, v in parts.items()},
-                        is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-      item=target, restore_args=restore_args, partial_restore=True))
-  ckptr.close()
+  try:
+    tree = ckptr.metadata(step_dir / "state")
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    parts = {k: tree[k]["adapter"] for k in ("params", "frozen")
+             if isinstance(tree.get(k), Mapping) and "adapter" in tree[k]}
+    if not parts:
+      raise ProclipError(f"The checkpoint {step_dir} holds no adapter parameters.")
+    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), {k: {"adapter": v}
+                                                                  for k, v in parts.items()},
+                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
+        item=target, restore_args=restore_args, partial_restore=True))
+  except ProclipError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpoint(
+        f"{step_dir}: its adapter parameters cannot be read ({first_line(e)}); the stage-1 "
+        "checkpoint is damaged: set config.init.stage1_workdir to a run with a readable "
+        "checkpoint, or move this step folder away to use the one before.") from e
+  finally:
+    ckptr.close()
   from proclip_jax.train.optimizer import merge  # pylint: disable=import-outside-toplevel
   full = merge(out.get("params", {}).get("adapter", {}), out.get("frozen", {}).get("adapter", {}))
   log.info("Stage-1 adapter from %s (step %d).", step_dir, step)
