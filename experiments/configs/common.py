@@ -128,7 +128,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # Observability and checkpoints.
   c.log_every = 50               # metrics.jsonl + TensorBoard every N steps
   c.ckpt_every = 1000            # periodic Orbax checkpoint every N steps (0: final only)
-  c.max_to_keep = 3
+  c.max_to_keep = 3              # newest checkpoints kept (None or 0: keep all)
   c.progress = True              # progress bar with ETA on process 0
   c.evals = ml_collections.ConfigDict()   # {name: {"every": N, ...}} (train/loop.py)
 

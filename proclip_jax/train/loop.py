@@ -22,9 +22,12 @@ Workdir layout::
                                  start (compile + first step); {"step", "eval/NAME/KEY"}
     WORKDIR/tb/                  TensorBoard event files (tensorboardX), the same scalars
     WORKDIR/checkpoints/STEP/    Orbax (train/checkpoints.py): state, data iterator, metadata
+    WORKDIR/corrupt_checkpoints/STEP/  checkpoints found unreadable on resume, set aside
 
 Resuming is automatic: a workdir with a checkpoint continues from its latest step (the
-state, the optimizer, the EMA teacher and the data iterator restored exactly). SIGTERM (a
+state, the optimizer, the EMA teacher and the data iterator restored exactly); a newest
+checkpoint whose files cannot be read (truncated by a disk fault) is reported with a
+warning, moved to ``corrupt_checkpoints/`` and the one before it is used. SIGTERM (a
 preempted VM) saves a checkpoint at the next step boundary and returns; ``run.py`` exits 0.
 
 Evaluation hooks: ``config.evals = {NAME: {"every": N, "at_end": True, ...}}``; each NAME
@@ -417,6 +420,99 @@ def _run_evals(config, state, mesh, step: int, final: bool) -> dict[str, float]:
   return out
 
 
+# ------------------------------------------------------------------------ resuming
+
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def max_to_keep(config: Any) -> int | None:
+  """``config.max_to_keep``: newest checkpoints kept; None or 0 keep all (default 3)."""
+  value = _raw(config, "max_to_keep", 3)   # _get would turn an explicit None into 3
+  if value is None or int(value) == 0:
+    return None
+  if int(value) < 0:
+    raise ProclipError(f"config.max_to_keep={value} must be >= 0 (0 or None: keep all).")
+  return int(value)
+
+
+def _raw(config: Any, name: str, default: Any) -> Any:
+  """``config.name`` as set (None included); ``default`` when the config lacks it."""
+  if isinstance(config, Mapping) or hasattr(config, "keys"):
+    try:
+      return config[name] if name in config else default
+    except TypeError:
+      pass
+  return getattr(config, name, default)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+    multihost_utils.sync_global_devices(name)
+
+
+def _any_process(flag: bool) -> bool:
+  """``flag`` OR-ed over all processes (each may have read other shards of a checkpoint)."""
+  if jax.process_count() == 1:
+    return flag
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return bool(np.any(multihost_utils.process_allgather(np.int32(flag))))
+
+
+def _set_aside(workdir: epath.Path, step: int) -> epath.Path:
+  """Moves ``checkpoints/STEP`` to ``corrupt_checkpoints/STEP`` (process 0; all wait)."""
+  src = ckpt_lib.checkpoint_dir(workdir) / str(step)
+  dest_dir = workdir / CORRUPT_DIR
+  dest = dest_dir / str(step)
+  n = 1
+  while dest.exists():             # the same step damaged twice: keep both
+    dest, n = dest_dir / f"{step}.{n}", n + 1
+  if jax.process_index() == 0:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+  _sync(f"proclip_set_aside_{step}")
+  return dest
+
+
+def _resume(config: Any, workdir: epath.Path, abstract: Any, pipe):
+  """``(ckpts, step, state, data_iter)`` of the newest readable checkpoint (None, None: none).
+
+  Steps are tried newest first. A checkpoint whose files cannot be read (``CorruptCheckpoint``)
+  is reported, moved to ``WORKDIR/corrupt_checkpoints/STEP`` (so that a later save of that
+  step does not collide with it) and the next older one is tried.
+  """
+  stage = stage_of(config)
+  while True:
+    ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=max_to_keep(config))
+    data_iter = iter(pipe)               # fresh: a failed restore may have moved it
+    steps = sorted(ckpts.all_steps(), reverse=True)
+    if not steps:
+      return ckpts, None, None, data_iter
+    step = steps[0]
+    error = None
+    try:
+      state, meta = ckpts.restore(abstract, data_iter, step)
+    except ckpt_lib.CorruptCheckpoint as e:
+      error = e
+    except BaseException:
+      ckpts.close()
+      raise
+    if _any_process(error is not None):
+      ckpts.close()
+      older = f"step {steps[1]}" if len(steps) > 1 else "the start (no older checkpoint)"
+      dest = _set_aside(workdir, step)
+      why = (str(error) if error is not None else
+             f"Checkpoint {ckpts.directory / str(step)} cannot be read by another process.")
+      log.warning("%s Moved it to %s; trying %s.", why, dest, older)
+      continue
+    saved_stage = (meta.get("config") or {}).get("stage")
+    if saved_stage is not None and int(saved_stage) != stage:
+      ckpts.close()
+      raise ProclipError(f"{workdir} holds a stage-{saved_stage} run; this config is stage "
+                         f"{stage}. Use another --workdir.")
+    return ckpts, step, state, data_iter
+
+
 # ------------------------------------------------------------------------ the trainer
 
 def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None = None
@@ -451,7 +547,6 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   mesh = mesh_lib.make_mesh(_get(config, "mesh"))
   rules = _get(config, "logical_axis_rules")
   pipe, batch_keys = build_data(config, mesh, source=source, caches=caches)
-  data_iter = iter(pipe)
   batch_axes = _batch_axes(mesh, rules)
   global_batch = int(_get(config, "data.batch_size"))
 
@@ -459,15 +554,9 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   abstract, shardings = abstract_train_state(config, mesh)
   train_step = cached_train_step(config, mesh, shardings)
 
-  # Resume, or start from the initial parameters.
-  ckpts = ckpt_lib.Checkpoints(workdir, max_to_keep=_get(config, "max_to_keep", 3))
-  start = ckpts.latest_step()
+  # Resume (the newest readable checkpoint), or start from the initial parameters.
+  ckpts, start, state, data_iter = _resume(config, workdir, abstract, pipe)
   if start is not None:
-    state, meta = ckpts.restore(abstract, data_iter, start)
-    saved_stage = (meta.get("config") or {}).get("stage")
-    if saved_stage is not None and int(saved_stage) != stage:
-      raise ProclipError(f"{workdir} holds a stage-{saved_stage} run; this config is stage "
-                         f"{stage}. Use another --workdir.")
     log.info("Resumed from %s at step %d.", ckpts.directory / str(start), start)
   else:
     start = 0
