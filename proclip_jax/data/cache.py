@@ -36,6 +36,9 @@ Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what t
 (``kind``, ``model`` / ``model_fingerprint``, ``preset``, ``dim``, ``fields``, ``dataset`` /
 ``data`` + ``split``), memory-maps the arrays and answers ``lookup(ids, fields)`` with float32
 ``[B, D]`` rows (``ids`` int64 [B]; ``fields`` one field name or an array of B names).
+Damage is refused with a ProclipError: a truncated or unreadable array file, a row count
+other than the manifest's, and non-finite rows (checked on every lookup; precompute never
+writes them).
 """
 from __future__ import annotations
 
@@ -317,8 +320,12 @@ class CacheReader:
     if not os.path.exists(p):
       raise ProclipError(f"The embedding cache {self.path} lacks {name} (its manifest lists "
                          "it); the cache is damaged: remove it and run tools/precompute.py again.")
-    a = np.load(p, mmap_mode="r")
-    if a.dtype != dtype or a.shape != shape:
+    try:
+      a = np.load(p, mmap_mode="r")
+    except (ValueError, OSError, EOFError) as e:
+      raise ProclipError(f"{p} cannot be read ({type(e).__name__}: {e}); the cache is damaged "
+                         "(truncated?): remove it and run tools/precompute.py again.") from e
+    if a.dtype != dtype or a.shape != shape:  # shape[0]: the manifest's row count
       raise ProclipError(f"{p} is {a.dtype} {a.shape}, the manifest says {dtype} {shape}; the "
                          "cache is damaged: remove it and run tools/precompute.py again.")
     return a
@@ -358,6 +365,13 @@ class CacheReader:
     order = np.argsort(rows, kind="stable")
     out = np.empty((ids.shape[0], self.dim), np.float32)
     out[order] = decode_rows(self._arrays[field][rows[order]], self.dtype)
+    finite = np.isfinite(out).all(axis=1)
+    if not finite.all():  # a NaN passed on would poison the loss without a word
+      bad = np.unique(ids[~finite])
+      raise ProclipError(f"The embedding cache {self.path} has non-finite (NaN/inf) {field!r} "
+                         f"features for ids {bad[:10].tolist()}"
+                         f"{' ...' if bad.size > 10 else ''}; the cache is damaged: "
+                         "recompute it with tools/precompute.py.")
     return out
 
   def lookup(self, ids, fields) -> np.ndarray:

@@ -405,8 +405,19 @@ def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: 
             feats[rows] = np.asarray(y)[:rows.size]
             bar.update(rows.size)
           bar.update(int((~keep).sum()))
-          C.atomic_save_npy(os.path.join(parts, _unit_name("part", s, f)),
-                            C.encode_rows(feats, dtype))
+          encoded = C.encode_rows(feats, dtype)
+          finite = np.isfinite(C.decode_rows(encoded, dtype)).all(axis=1)
+          if not finite.all():  # never write a feature that would poison the loss
+            bad = ids[s:e][~finite].tolist()
+            overflow = np.isfinite(feats).all(axis=1) & ~finite
+            hint = (f" ({int(overflow.sum())} of them overflow {dtype}: use --dtype float32 "
+                    "or bfloat16)" if overflow.any() else "")
+            raise ProclipError(
+                f"The model gave non-finite (NaN/inf) {f!r} features for {len(bad)} ids "
+                f"{_list_ids(bad)}{hint}; nothing of this unit was written. Check the model "
+                f"folder (convert it again) and its --compute-dtype, then rerun "
+                "tools/precompute.py (finished units are kept).")
+          C.atomic_save_npy(os.path.join(parts, _unit_name("part", s, f)), encoded)
         C.atomic_write_json(os.path.join(parts, _unit_name("unit", s)), marker)
         if stop_after_units is not None and done_units >= stop_after_units:
           raise Interrupted(f"stopped after {done_units} units (test hook)")
