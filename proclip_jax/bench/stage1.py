@@ -143,8 +143,9 @@ def torch_side(args, batch_np: dict):
             teacher(input_ids=ids[f]).text_embeds.float(), dim=-1) for f in FIELDS}
       student = {f: torch.nn.functional.normalize(adapter(llm[f]).float(), dim=-1)
                  for f in FIELDS}
-      loss = common.torch_distill_terms(student["short"], targets["short"], student["raw"],
-                                        targets["raw"], chunk)["loss"]
+    # Losses in float32, outside autocast (as the JAX step).
+    loss = common.torch_distill_terms(student["short"], targets["short"], student["raw"],
+                                      targets["raw"], chunk)["loss"]
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)

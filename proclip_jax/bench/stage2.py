@@ -206,8 +206,9 @@ def torch_side(args, batch_np: dict):
         img = torch.nn.functional.normalize(
             student(pixel_values=pixels).image_embeds.float(), dim=-1)
         txt = torch.nn.functional.normalize(adapter(llm).float(), dim=-1)
-        loss = (common.torch_clip_loss(img, txt, logit_scale)
-                + common.torch_distill_terms(img, t_img, chunk=args.batch)["loss"])
+      # Losses in float32, outside autocast (as the JAX step).
+      loss = (common.torch_clip_loss(img, txt, logit_scale)
+              + common.torch_distill_terms(img, t_img, chunk=args.batch)["loss"])
       opt.zero_grad(set_to_none=True)
       loss.backward()
       torch.nn.utils.clip_grad_norm_(params, 1.0)
