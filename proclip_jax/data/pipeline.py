@@ -347,11 +347,6 @@ class Pipeline:
     n = len(source)
     if n == 0:
       raise ProclipError("The data source is empty.")
-    first = source[0]
-    missing = [f for f in (*o.fields, *o.extra_fields, "id", "image") if f not in first]
-    if missing:
-      raise ProclipError(f"The data source has no field {missing}; its examples have "
-                           f"{sorted(first)}. Fix PipelineOptions.fields / extra_fields.")
     if o.process_index is None or o.process_count is None:
       import jax  # pylint: disable=g-import-not-at-top
       index, count = jax.process_index(), jax.process_count()
@@ -359,12 +354,18 @@ class Pipeline:
       index, count = o.process_index, o.process_count
     if not 0 <= index < count:
       raise ProclipError(f"process_index={index} is not in [0, process_count={count}).")
+    start, end = _shard_range(n, index, count)
+    length = end - start
+    # The field check reads this process's first record (each process opens only its shard).
+    first = source[start if length else 0]
+    missing = [f for f in (*o.fields, *o.extra_fields, "id", "image") if f not in first]
+    if missing:
+      raise ProclipError(f"The data source has no field {missing}; its examples have "
+                           f"{sorted(first)}. Fix PipelineOptions.fields / extra_fields.")
     self.options = o
     self.source = source
     self.process_index, self.process_count = index, count
-    start, end = _shard_range(n, index, count)
     self.shard = (start, end)
-    length = end - start
     pad_record = start if length else 0
     if o.mode == "train":
       epochs = _FOREVER_EPOCHS if o.num_epochs is None else o.num_epochs
