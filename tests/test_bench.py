@@ -192,7 +192,8 @@ def test_stage2_benchmark_jax_only(capsys):
   recs = _records(capsys)
   assert [r["side"] for r in recs] == ["jax"]
   r = recs[0]
-  assert STEP_KEYS | {"compile_s", "xla_flops_per_step", "flops_breakdown"} <= set(r)
+  assert STEP_KEYS | {"compile_s", "xla_flops_per_step", "flops_breakdown", "temp_bytes"} <= set(r)
+  assert r["temp_bytes"] > 0
   assert r["scan"] is True and r["donate"] is True and math.isfinite(r["first_loss"])
   vis = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
   ad = AdapterConfig(in_dim=32, out_dim=16, expansion=2)

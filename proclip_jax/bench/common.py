@@ -158,6 +158,14 @@ def xla_flops(compiled) -> float | None:
 # ------------------------------------------------------------------ memory and compile
 
 
+def compiled_temp_bytes(compiled) -> int | None:
+  """XLA's temporary buffer size of a compiled function (activations, workspaces)."""
+  try:
+    return int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    return None
+
+
 def peak_memory(device=None) -> dict:
   """Peak memory so far: the device's counter if it has one, else the process's max RSS.
 

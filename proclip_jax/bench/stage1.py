@@ -97,6 +97,7 @@ def jax_side(args, batch_np: dict):
 
   metrics = run()
   info = {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
+          "temp_bytes": common.compiled_temp_bytes(compiled),
           "model_flops_per_step": common.stage1_step_flops(adapter, args.batch),
           "first_loss": float(metrics["loss"]),
           "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(holder["state"])))}

@@ -131,6 +131,7 @@ def jax_side(args, batch_np: dict):
   metrics = run()
   flops = common.stage2_step_flops(vis, adapter, args.batch)
   info = {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
+          "temp_bytes": common.compiled_temp_bytes(compiled),
           "model_flops_per_step": flops["total"], "flops_breakdown": flops,
           "first_loss": float(metrics["loss"]), "scan": args.scan, "remat": args.remat,
           "donate": not args.no_donate,
