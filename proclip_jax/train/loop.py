@@ -323,6 +323,25 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
 
 # ------------------------------------------------------------------------ metrics
 
+def _summary_writer_class():
+  """``tensorboardX.SummaryWriter``, imported without PyTorch when PyTorch is not loaded yet.
+
+  tensorboardX imports torch (2-3 s of a run's start) only so that it can also accept
+  ``torch.Tensor`` values; this trainer logs Python floats. While tensorboardX is imported,
+  ``import torch`` fails (the ImportError its ``try`` expects); torch stays importable after.
+  """
+  import sys  # pylint: disable=import-outside-toplevel
+  block = "torch" not in sys.modules
+  if block:
+    sys.modules["torch"] = None  # type: ignore[assignment]
+  try:
+    from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
+  finally:
+    if block and sys.modules.get("torch", False) is None:
+      del sys.modules["torch"]
+  return SummaryWriter
+
+
 class MetricWriter:
   """``metrics.jsonl`` + TensorBoard event files in the workdir (process 0 only)."""
 
@@ -332,8 +351,7 @@ class MetricWriter:
     self._path = workdir / "metrics.jsonl"
     if enabled:
       try:
-        from tensorboardX import SummaryWriter  # pylint: disable=import-outside-toplevel
-        self._tb = SummaryWriter(os.fspath(workdir / "tb"))
+        self._tb = _summary_writer_class()(os.fspath(workdir / "tb"))
       except ImportError:  # pragma: no cover - tensorboardX is in requirements.txt
         log.warning("tensorboardX is not installed; no TensorBoard files.")
 
