@@ -578,6 +578,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
     log.info("Resumed from %s at step %d.", ckpts.directory / str(start), start)
   else:
     start = 0
+    log.info("No checkpoint in %s: starting at step 0.", ckpts.directory)
     init = None
     if stage == 2:
       init = ckpt_lib.stage2_init_params(config)
