@@ -323,16 +323,18 @@ def _finished(workdir: str, total: int) -> bool:
     ck.close()
 
 
-def _run_stage(config, workdir: str, title: str, log: _Log) -> None:
+def _run_stage(config, workdir: str, title: str, log: _Log) -> bool:
+  """Trains one stage through ``train(config, workdir)``; False if it was already done."""
   from proclip_jax.train.loop import train  # pylint: disable=import-outside-toplevel
   total = int(config.total_steps)
   if _finished(workdir, total):
     log(f"reusing {title}: {workdir} is at step {total}")
-    return
+    return False
   with log.step(f"{title}: {total} steps at batch {int(config.data.batch_size)} -> {workdir}"):
     result = train(config, workdir)
   keys = [k for k in ("loss", "clip", "distill", "steps_per_s") if k in result]
   log(f"{title}: " + ", ".join(f"{k} {result[k]:.4g}" for k in keys))
+  return True
 
 
 def _model_dict(cfg: Any, clip_path: str, embedder_dim: int, with_vision: bool) -> dict:
@@ -431,10 +433,19 @@ def evaluate_model(model, world: World, llm_cache: str | None, log: _Log) -> dic
 
 
 def evaluate_all(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
-                 runs: dict, log: _Log) -> dict:
+                 runs: dict, fresh: set, workdir: str, log: _Log) -> dict:
+  """Evaluates the four models; a model not retrained in this run keeps its saved results."""
   from proclip_jax.inference import CLIPModelAdapter, ProCLIP  # pylint: disable=import-outside-toplevel
+  del cfg
   out = {}
+  os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
   for key, label in ROWS:
+    saved = os.path.join(workdir, "evals", f"{key}.json")
+    if key not in fresh and os.path.exists(saved):
+      with open(saved) as f:
+        out[key] = json.load(f)
+      log(f"reusing the evaluation of {label} ({saved})")
+      continue
     with log.step(f"evaluating {label}"):
       if key == "clip":
         model = CLIPModelAdapter.load(clip_path)
@@ -442,6 +453,7 @@ def evaluate_all(cfg: Any, world: World, clip_path: str, embedder_path: str, cac
       else:
         model = ProCLIP.load(runs[key][1], embedder=embedder_path)
         res = evaluate_model(model, world, caches["llm_retrieval_test"], log)
+    _write_json(saved, res)
     out[key] = res
     log("  " + ", ".join(f"{c} {res['table'][k]:.1f}" for k, c in COLUMNS))
   return out
@@ -546,22 +558,26 @@ def run_demo(config: Any, workdir: str | None = None) -> dict:
   with log.step("step 1/6: demo world"):
     world = make_world(config, workdir, log)
   with log.step("step 2/6: the demo's small pretrained CLIP"):
+    clip_trained = not os.path.exists(os.path.join(workdir, "clip", "model.json"))
     clip_path = pretrain_clip(config, world, workdir, log)
   with log.step("step 3/6: the LLM stand-in (all-MiniLM-L6-v2)"):
     embedder_path = convert_embedder(config, workdir, log)
   with log.step("step 4/6: embedding caches"):
     caches = make_caches(config, world, clip_path, embedder_path, workdir, log)
   runs = stage_configs(config, world, clip_path, embedder_path, caches, workdir)
+  titles = {
+      "stage1": "stage 1 (adapter distillation from the CLIP text tower)",
+      "stage1_random_adapter": "random adapter for the baseline (1 step at lr 0)",
+      "proclip": "stage 2, ProCLIP (stage-1 adapter, self-distillation)",
+      "proclip_no_sd": "stage 2, ProCLIP without self-distillation",
+      "llm2clip": "stage 2, direct alignment (random adapter, no self-distillation)"}
   with log.step("step 5/6: stage 1 and stage 2"):
-    _run_stage(*runs["stage1"], "stage 1 (adapter distillation from the CLIP text tower)", log)
-    _run_stage(*runs["stage1_random_adapter"], "random adapter for the baseline", log)
-    _run_stage(*runs["proclip"], "stage 2, ProCLIP (stage-1 adapter, self-distillation)",
-               log)
-    _run_stage(*runs["proclip_no_sd"], "stage 2, ProCLIP without self-distillation", log)
-    _run_stage(*runs["llm2clip"], "stage 2, direct alignment (random adapter, no "
-               "self-distillation)", log)
+    trained = {name: _run_stage(*runs[name], titles[name], log) for name in titles}
+  fresh = {"clip"} if clip_trained else set()
+  fresh |= {k for k in STAGE2_RUNS if trained[k]}
   with log.step("step 6/6: evaluation on the held-out splits"):
-    evals = evaluate_all(config, world, clip_path, embedder_path, caches, runs, log)
+    evals = evaluate_all(config, world, clip_path, embedder_path, caches, runs, fresh,
+                         workdir, log)
   table = {k: v["table"] for k, v in evals.items()}
   text = format_table(table)
   results = {
