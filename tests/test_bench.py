@@ -126,7 +126,7 @@ def test_torch_reference_matches_jax():
   np.testing.assert_allclose(out_t, out_j, atol=1e-5)
 
   f = [l2_normalize(rng.standard_normal((8, 16)).astype(np.float32)) for _ in range(4)]
-  ft = [torch.from_numpy(np.asarray(a)) for a in f]
+  ft = [torch.from_numpy(np.array(a)) for a in f]
   want = losses.stage1_distill_terms(*f, chunk=4)
   got = common.torch_distill_terms(*ft, chunk=4)
   for k in ("loss", "ins", "struct"):
