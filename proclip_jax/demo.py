@@ -522,6 +522,8 @@ def plot_losses(workdir: str, out: str) -> None:
       if rows:
         ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=label)
     ax.set_title(title, fontsize=9)
+    if title.startswith("stage 1"):
+      ax.set_yscale("log")  # L_ins + L_struct are sums over the chunk: a wide range
     ax.set_xlabel("step")
     ax.grid(alpha=0.3)
     if len(series) > 1:
