@@ -173,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(config_to_dict(config), indent=1))
       return 0
     import logging  # pylint: disable=import-outside-toplevel
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Our own progress at INFO; libraries (Orbax, absl, grain) only at WARNING and above.
+    logging.basicConfig(level=logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("proclip_jax").setLevel(logging.INFO)
     from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
     stage = config.get("stage") if hasattr(config, "get") else None
     if stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
