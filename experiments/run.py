@@ -25,7 +25,6 @@ checkpoint and exits 0.
 from __future__ import annotations
 
 import argparse
-import ast
 import importlib.util
 import json
 import os
@@ -69,42 +68,16 @@ def load_config(spec: str):
 
 def _parse_value(text: str, current, field: str):
   import ml_collections  # pylint: disable=import-outside-toplevel
-  kind = type(current).__name__
+  from experiments.configs.common import parse_value  # pylint: disable=import-outside-toplevel
+  if isinstance(current, ml_collections.ConfigDict):
+    raise ProclipError(f"--config.{field} is a group of fields "
+                       f"({', '.join(sorted(current.keys())) or 'empty'}); set its fields "
+                       f"one by one (--config.{field}.NAME=VALUE).")
   try:
-    if isinstance(current, bool):
-      low = text.strip().lower()
-      if low in ("1", "true", "yes", "on"):
-        return True
-      if low in ("0", "false", "no", "off"):
-        return False
-      raise ValueError(text)
-    if isinstance(current, int):
-      return int(text)
-    if isinstance(current, float):
-      return float(text)
-    if isinstance(current, str):
-      return text
-    if isinstance(current, (tuple, list)):
-      if text.strip().startswith(("(", "[")):
-        value = ast.literal_eval(text)
-        if not isinstance(value, (tuple, list)):
-          raise ValueError(text)
-      else:
-        value = [v for v in text.split(";") if v != ""]
-        if len(value) == 1 and "," in value[0]:
-          value = value[0].split(",")
-      return type(current)(value)
-    if isinstance(current, ml_collections.ConfigDict):
-      raise ProclipError(f"--config.{field} is a group of fields "
-                         f"({', '.join(sorted(current.keys())) or 'empty'}); set its fields "
-                         f"one by one (--config.{field}.NAME=VALUE).")
-    try:  # a None / placeholder field: a Python literal, else the text itself
-      return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      return text
+    return parse_value(text, current)
   except (ValueError, SyntaxError):
-    raise ProclipError(f"--config.{field}={text!r}: expected a value of type {kind} (now "
-                       f"{current!r}).") from None
+    raise ProclipError(f"--config.{field}={text!r}: expected a value of type "
+                       f"{type(current).__name__} (now {current!r}).") from None
 
 
 def apply_override(config, field: str, text: str) -> None:

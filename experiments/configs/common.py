@@ -33,33 +33,45 @@ EMBEDDERS = {
 }
 
 
-def _parse_value(text: str, default, name: str):
-  """``text`` as the type of ``default`` (bool, int, float, str, tuple, None = literal)."""
+def parse_value(text: str, current):
+  """``text`` read as the type of ``current`` (bool, int, float, str, tuple/list; for None
+  or anything else a Python literal, else the text itself).
+
+  Lists are ``a;b;c`` or a Python literal. Raises ValueError / SyntaxError when ``text``
+  does not fit the type; the callers (config args, ``--config.*`` overrides) say where.
+  """
+  if isinstance(current, bool):
+    low = text.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+      return True
+    if low in ("0", "false", "no", "off"):
+      return False
+    raise ValueError(text)
+  if isinstance(current, int):
+    return int(text)
+  if isinstance(current, float):
+    return float(text)
+  if isinstance(current, str):
+    return text
+  if isinstance(current, (tuple, list)):
+    if text.strip().startswith(("(", "[")):
+      value = ast.literal_eval(text)
+      if not isinstance(value, (tuple, list)):
+        raise ValueError(text)
+    else:
+      value = [v for v in text.split(";") if v != ""]
+      if len(value) == 1 and "," in value[0]:
+        value = value[0].split(",")
+    return type(current)(value)
   try:
-    if isinstance(default, bool):
-      low = text.strip().lower()
-      if low in ("1", "true", "yes", "on"):
-        return True
-      if low in ("0", "false", "no", "off"):
-        return False
-      raise ValueError(text)
-    if isinstance(default, int):
-      return int(text)
-    if isinstance(default, float):
-      return float(text)
-    if isinstance(default, str):
-      return text
-    if isinstance(default, (tuple, list)):
-      # "a;b;c" (commas separate args) or a Python literal.
-      if text.strip().startswith(("(", "[")):
-        value = ast.literal_eval(text)
-      else:
-        value = [v for v in text.split(";") if v]
-      return type(default)(value)
-    try:
-      return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      return text
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def _parse_value(text: str, default, name: str):
+  try:
+    return parse_value(text, default)
   except (ValueError, SyntaxError) as e:
     raise ProclipError(
         f"Config arg {name}={text!r}: expected a value of type {type(default).__name__} "
