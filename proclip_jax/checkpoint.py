@@ -12,9 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 from typing import Any, Mapping
 
@@ -52,6 +54,42 @@ def first_line(e: BaseException) -> str:
   """``"Type: first line of the message"`` (TensorStore messages run over many lines)."""
   lines = str(e).strip().splitlines()
   return f"{type(e).__name__}: {lines[0] if lines else ''}".strip()
+
+
+_QUIET_DIRS: set[str] = set()
+
+
+def _echo_of_failed_read(exc: BaseException | None, text: str = "") -> bool:
+  """True for the late errors of a restore that already failed on a damaged checkpoint.
+
+  When one array of a checkpoint cannot be read, Orbax's restore raises at once while
+  TensorStore's other reads are still in flight; they finish later on its threads and report
+  "Event loop is closed" or their own read errors, as unraisable exceptions or as asyncio's
+  "Task exception was never retrieved". The failure was already raised (and acted on) as a
+  ProclipError, so these echoes are dropped instead of printed as tracebacks.
+  """
+  msg = f"{text} {exc!r}" if exc is not None else text
+  if isinstance(exc, RuntimeError) and "Event loop is closed" in str(exc):
+    return True
+  return any(d in msg for d in _QUIET_DIRS)
+
+
+def quiet_echoes_of(directory: str) -> None:
+  """Installs (once) the filters of :func:`_echo_of_failed_read` for a damaged ``directory``."""
+  if not _QUIET_DIRS:
+    previous = sys.unraisablehook
+
+    def hook(unraisable):
+      if not _echo_of_failed_read(unraisable.exc_value, str(unraisable.err_msg or "")):
+        previous(unraisable)
+    sys.unraisablehook = hook
+
+    class _Filter(logging.Filter):
+      def filter(self, record):
+        exc = record.exc_info[1] if record.exc_info else None
+        return not _echo_of_failed_read(exc, record.getMessage())
+    logging.getLogger("asyncio").addFilter(_Filter())
+  _QUIET_DIRS.add(str(directory))
 
 
 def params_fingerprint(params: Any) -> str:
@@ -144,6 +182,7 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
     # a TensorStore status ("OUT_OF_RANGE: ...") or an I/O error is a damaged folder.
     if given_target and not is_read_error(e):
       raise
+    quiet_echoes_of(os.path.join(path, PARAMS_DIR))
     raise ProclipError(f"{path}: its parameters cannot be read ({first_line(e)}); the folder "
                        "is damaged: convert it again with tools/convert.py.") from e
   finally:

@@ -28,7 +28,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from proclip_jax.checkpoint import first_line, is_read_error
+from proclip_jax.checkpoint import first_line, is_read_error, quiet_echoes_of
 from proclip_jax.errors import ProclipError
 
 log = logging.getLogger(__name__)
@@ -133,6 +133,7 @@ class Checkpoints:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
       if is_read_error(e):
+        quiet_echoes_of(str(self.directory / str(step)))
         raise CorruptCheckpoint(
             f"Checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); its "
             "files are damaged (a disk fault or a copy cut short).") from e
@@ -228,6 +229,7 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
   except ProclipError:
     raise
   except Exception as e:  # pylint: disable=broad-except
+    quiet_echoes_of(str(step_dir))
     raise CorruptCheckpoint(
         f"{step_dir}: its adapter parameters cannot be read ({first_line(e)}); the stage-1 "
         "checkpoint is damaged: set config.init.stage1_workdir to a run with a readable "
