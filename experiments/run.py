@@ -150,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proclip_jax").setLevel(logging.INFO)
+    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-manager notes
     from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
     stage = config.get("stage") if hasattr(config, "get") else None
     if stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
