@@ -190,6 +190,30 @@ def compile_seconds(jitted, *args, **kwargs) -> tuple[Any, float]:
   return compiled, time.perf_counter() - t0
 
 
+def jax_step_runner(jitted, mesh, state, batch) -> tuple[Callable[[], Any], dict]:
+  """Compiles a donated train step once and returns ``(run, info)``.
+
+  ``run()`` applies the step to the current state (carried between calls, as donation
+  requires) and blocks on its metrics; it has already run once. ``info`` holds the compile
+  seconds, XLA's FLOP and temp-buffer counts, the first step's loss and the state's bytes.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  with jax.set_mesh(mesh):
+    compiled, compile_s = compile_seconds(jitted, state, batch)
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+    return metrics
+
+  metrics = run()
+  info = {"compile_s": compile_s, "xla_flops_per_step": xla_flops(compiled),
+          "temp_bytes": compiled_temp_bytes(compiled), "first_loss": float(metrics["loss"]),
+          "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(holder["state"])))}
+  return run, info
+
+
 # ------------------------------------------------------------------ alternating A/B runs
 
 

@@ -86,21 +86,8 @@ def jax_side(args, batch_np: dict):
   step = make_stage1_step(config, mesh, shardings)
   batch_sh = mesh_lib.batch_sharding(mesh)
   batch = {k: jax.device_put(v, batch_sh) for k, v in batch_np.items()}
-  with jax.set_mesh(mesh):
-    compiled, compile_s = common.compile_seconds(step.jitted, state, batch)
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
-    return metrics
-
-  metrics = run()
-  info = {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
-          "temp_bytes": common.compiled_temp_bytes(compiled),
-          "model_flops_per_step": common.stage1_step_flops(adapter, args.batch),
-          "first_loss": float(metrics["loss"]),
-          "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(holder["state"])))}
+  run, info = common.jax_step_runner(step.jitted, mesh, state, batch)
+  info["model_flops_per_step"] = common.stage1_step_flops(adapter, args.batch)
   return run, info
 
 

@@ -119,23 +119,10 @@ def jax_side(args, batch_np: dict):
   if args.no_donate:
     jitted = jax.jit(step.__wrapped__, in_shardings=(shardings, batch_sh),
                      out_shardings=(shardings, mesh_lib.replicated(mesh)))
-  with jax.set_mesh(mesh):
-    compiled, compile_s = common.compile_seconds(jitted, state, batch)
-  holder = {"state": state}
-
-  def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
-    jax.block_until_ready(metrics)
-    return metrics
-
-  metrics = run()
+  run, info = common.jax_step_runner(jitted, mesh, state, batch)
   flops = common.stage2_step_flops(vis, adapter, args.batch)
-  info = {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
-          "temp_bytes": common.compiled_temp_bytes(compiled),
-          "model_flops_per_step": flops["total"], "flops_breakdown": flops,
-          "first_loss": float(metrics["loss"]), "scan": args.scan, "remat": args.remat,
-          "donate": not args.no_donate,
-          "state_bytes": int(sum(x.nbytes for x in jax.tree.leaves(holder["state"])))}
+  info.update({"model_flops_per_step": flops["total"], "flops_breakdown": flops,
+               "scan": args.scan, "remat": args.remat, "donate": not args.no_donate})
   return run, info
 
 
