@@ -237,6 +237,19 @@ class _Schema:
   image_key: str | None = None
 
 
+
+def _other_columns(kinds, reserved, texts=()) -> tuple[list[str], list[str]]:
+  """Splits the non-reserved columns into kept text fields (always with ``lang``) and
+  ignored non-text ones; ``kinds`` maps a column to the set of value kinds seen in it."""
+  texts, ignored = list(texts), []
+  for k, ks in kinds.items():
+    if k not in reserved:
+      (texts if ks <= {"str", "none"} else ignored).append(k)
+  if "lang" not in texts:
+    texts.append("lang")
+  return texts, ignored
+
+
 def _scan_manifest(path: str, fields, int_fields, split) -> _Schema:
   kinds = {}  # column -> set of value kinds
   splits = []
@@ -270,14 +283,7 @@ def _scan_manifest(path: str, fields, int_fields, split) -> _Schema:
     raise ProclipError(f"The manifest {path} has no column {missing} (asked for by --fields); "
                        f"its columns are {sorted(kinds)}.")
   ints = [k for k in int_fields if k in kinds and k not in captions]
-  reserved = {image_key, "id", "split", "image", *captions, *ints}
-  texts, ignored = [], []
-  for k, ks in kinds.items():
-    if k in reserved:
-      continue
-    (texts if ks <= {"str", "none"} else ignored).append(k)
-  if "lang" not in texts:
-    texts.append("lang")
+  texts, ignored = _other_columns(kinds, {image_key, "id", "split", "image", *captions, *ints})
   return _Schema(captions, ints, texts, ignored, [split] if split else splits, image_key)
 
 
@@ -403,14 +409,8 @@ def _scan_tars(paths, fields, split) -> _Schema:
   if not has_txt and not any(c in kinds for c in captions):
     raise ProclipError(f"The shards {paths[0]}... have no captions: no .txt members and no "
                        f"json key {captions}. Give the caption field names with --fields.")
-  reserved = {"id", "split", "image", "key", *captions}
-  texts, ignored = ["key"], []
-  for k, ks in kinds.items():
-    if k in reserved:
-      continue
-    (texts if ks <= {"str", "none"} else ignored).append(k)
-  if "lang" not in texts:
-    texts.append("lang")
+  texts, ignored = _other_columns(kinds, {"id", "split", "image", "key", *captions},
+                                  texts=["key"])
   return _Schema(captions, [], texts, ignored, [split or "train"])
 
 
