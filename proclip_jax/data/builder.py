@@ -237,7 +237,6 @@ class _Schema:
   image_key: str | None = None
 
 
-
 def _other_columns(kinds, reserved, texts=()) -> tuple[list[str], list[str]]:
   """Splits the non-reserved columns into kept text fields (always with ``lang``) and
   ignored non-text ones; ``kinds`` maps a column to the set of value kinds seen in it."""
