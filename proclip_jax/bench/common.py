@@ -58,17 +58,43 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, *, warmup: int = 2,
           "xla_flags": os.environ.get("XLA_FLAGS", ""), **stats}
 
 
+def torch_device() -> str:
+  """Where the PyTorch side runs: "cuda" when JAX runs on a GPU and torch sees one, else "cpu".
+
+  Both frameworks then share the accelerator (JAX preallocates only part of it, see
+  ``tools/benchmark.py``), so the A/B runs compare like with like.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  if jax.default_backend() == "gpu" and torch.cuda.is_available():
+    return "cuda"
+  return "cpu"
+
+
+def torch_sync(device: str) -> None:
+  """Waits for queued PyTorch work on ``device`` (a no-op on the CPU)."""
+  if device == "cuda":
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.cuda.synchronize()
+
+
 def torch_matmul_peak(dtype: str = "float32", n: int = 2048, *, warmup: int = 2,
                       runs: int = 5) -> dict:
-  """The same product in PyTorch on the CPU (``torch.mm``), for reference."""
+  """The same product in PyTorch (``torch.mm``) on :func:`torch_device`, for reference."""
   import torch  # pylint: disable=g-import-not-at-top
   dt = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+  dev = torch_device()
   g = torch.Generator().manual_seed(0)
-  a = torch.randn(n, n, generator=g).to(dt)
-  b = torch.randn(n, n, generator=g).to(dt)
+  a = torch.randn(n, n, generator=g).to(device=dev, dtype=dt)
+  b = torch.randn(n, n, generator=g).to(device=dev, dtype=dt)
+
+  def one():
+    torch.mm(a, b)
+    torch_sync(dev)
+
   with torch.no_grad():
-    stats = timeit(lambda: torch.mm(a, b), warmup=warmup, runs=runs)
-  return {"framework": "torch", "dtype": dtype, "n": n,
+    stats = timeit(one, warmup=warmup, runs=runs)
+  return {"framework": "torch", "dtype": dtype, "n": n, "device": dev,
           "flops_per_s": 2.0 * n ** 3 / stats["median_s"],
           "torch_threads": torch.get_num_threads(), **stats}
 
@@ -321,7 +347,7 @@ def _torch_structure(s, t):
     return _torch_safe_sqrt(torch.clamp(sq[:, :, None] + sq[:, None, :] - 2 * gram, min=0))
 
   c = s.shape[1]
-  upper = torch.triu(torch.ones(c, c, dtype=torch.bool), diagonal=1)
+  upper = torch.triu(torch.ones(c, c, dtype=torch.bool, device=s.device), diagonal=1)
   diff = torch.nn.functional.smooth_l1_loss(dist(s), dist(t), reduction="none", beta=1.0)
   return torch.where(upper, diff, torch.zeros_like(diff)).sum(dim=(1, 2))
 
@@ -344,7 +370,7 @@ def torch_clip_loss(img, txt, logit_scale):
   """PyTorch transcription of ``losses.clip_loss`` (dense symmetric InfoNCE)."""
   import torch  # pylint: disable=g-import-not-at-top
   logits = logit_scale.exp() * img.float() @ txt.float().t()
-  labels = torch.arange(img.shape[0])
+  labels = torch.arange(img.shape[0], device=img.device)
   return 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
                 + torch.nn.functional.cross_entropy(logits.t(), labels))
 
@@ -358,12 +384,12 @@ def torch_adamw(param_groups, *, lr: float, weight_decay: float, kind: str = "fo
                            foreach=kind == "foreach", fused=kind == "fused")
 
 
-def torch_autocast(dtype: str):
-  """A context: bf16 autocast on the CPU for "bfloat16", nothing for "float32"."""
+def torch_autocast(dtype: str, device: str = "cpu"):
+  """A context: bf16 autocast on ``device`` for "bfloat16", nothing for "float32"."""
   import contextlib  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   if dtype == "bfloat16":
-    return torch.autocast("cpu", dtype=torch.bfloat16)
+    return torch.autocast(device, dtype=torch.bfloat16)
   return contextlib.nullcontext()
 
 

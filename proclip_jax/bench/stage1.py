@@ -101,18 +101,19 @@ def torch_side(args, batch_np: dict):
   from proclip_jax.models.adapter import AdapterConfig  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
+  dev = common.torch_device()
   t = _tower(args)
   text_cfg = CLIPTextConfig(vocab_size=49408, hidden_size=t["width"],
                             intermediate_size=4 * t["width"],
                             num_hidden_layers=t["layers"], num_attention_heads=t["heads"],
                             max_position_embeddings=t["context"], projection_dim=t["embed_dim"],
                             hidden_act="quick_gelu", eos_token_id=49407)
-  teacher = CLIPTextModelWithProjection(text_cfg).eval()
+  teacher = CLIPTextModelWithProjection(text_cfg).to(dev).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
   adapter_cfg = AdapterConfig(in_dim=args.llm_dim, out_dim=t["embed_dim"],
                               expansion=args.expansion)
-  adapter = common.torch_adapter(adapter_cfg)
+  adapter = common.torch_adapter(adapter_cfg).to(dev)
   opt = common.torch_adamw(adapter.parameters(), lr=1e-4, weight_decay=0.05,
                            kind=args.torch_adamw)
   rng = np.random.default_rng(1)
@@ -120,12 +121,12 @@ def torch_side(args, batch_np: dict):
   for f in FIELDS:
     x = rng.integers(1, 49406, size=(args.batch, t["context"]))
     x[np.arange(args.batch), rng.integers(2, t["context"], size=args.batch)] = 49407  # EOT
-    ids[f] = torch.from_numpy(x)
-  llm = {f: torch.from_numpy(batch_np[f"llm_{f}"]) for f in FIELDS}
+    ids[f] = torch.from_numpy(x).to(dev)
+  llm = {f: torch.from_numpy(batch_np[f"llm_{f}"]).to(dev) for f in FIELDS}
   chunk = min(args.chunk, args.batch)
 
   def run():
-    with common.torch_autocast(args.dtype):
+    with common.torch_autocast(args.dtype, dev):
       with torch.no_grad():
         targets = {f: torch.nn.functional.normalize(
             teacher(input_ids=ids[f]).text_embeds.float(), dim=-1) for f in FIELDS}
@@ -138,6 +139,7 @@ def torch_side(args, batch_np: dict):
     loss.backward()
     torch.nn.utils.clip_grad_norm_(adapter.parameters(), 1.0)
     opt.step()
+    common.torch_sync(dev)
     return loss
 
   loss = run()
@@ -146,7 +148,8 @@ def torch_side(args, batch_np: dict):
       embed_dim=t["embed_dim"], batch=args.batch)
   info = {"model_flops_per_step": text_flops + common.stage1_step_flops(adapter_cfg, args.batch),
           "teacher_flops_per_step": text_flops, "first_loss": float(loss.detach()),
-          "torch_threads": torch.get_num_threads(), "torch_adamw": args.torch_adamw}
+          "torch_threads": torch.get_num_threads(), "torch_adamw": args.torch_adamw,
+          "torch_device": dev}
   return run, info
 
 

@@ -60,6 +60,9 @@ def add_args(parser):
   parser.add_argument("--torch-adamw", default="fused", choices=("foreach", "fused"))
   parser.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
   parser.add_argument("--no-torch", action="store_true")
+  parser.add_argument("--nominal-peak-tflops", type=float, default=None,
+                      help="the accelerator's datasheet matmul rate for --dtype (e.g. 989 for "
+                           "an H100/H200 SXM in bf16): adds model-FLOPs utilisation against it")
 
 
 def _remat(value: str):
@@ -160,34 +163,36 @@ def torch_side(args, batch_np: dict):
   from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
+  dev = common.torch_device()
   vis = vision_config(args)
   cfg = CLIPVisionConfig(hidden_size=vis.width, intermediate_size=vis.mlp_width,
                          num_hidden_layers=vis.layers, num_attention_heads=vis.heads,
                          image_size=vis.image_size, patch_size=vis.patch_size,
                          projection_dim=vis.embed_dim, hidden_act="quick_gelu",
                          layer_norm_eps=1e-5)
-  student = CLIPVisionModelWithProjection(cfg).train()
+  student = CLIPVisionModelWithProjection(cfg).to(dev).train()
   teacher = copy.deepcopy(student).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
   adapter_cfg = adapter_config(args, vis, "float32")
-  adapter = common.torch_adapter(adapter_cfg)
-  logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0)))
+  adapter = common.torch_adapter(adapter_cfg).to(dev)
+  logit_scale = torch.nn.Parameter(torch.tensor(math.log(100.0), device=dev))
   params = list(student.parameters()) + list(adapter.parameters()) + [logit_scale]
   opt = common.torch_adamw(_torch_groups(student, adapter, logit_scale, vis.layers),
                            lr=LR, weight_decay=WD, kind=args.torch_adamw)
-  pixels = torch.from_numpy(np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2)))
+  pixels = torch.from_numpy(
+      np.ascontiguousarray(batch_np["image"].transpose(0, 3, 1, 2))).to(dev)
   rng = np.random.default_rng(2)
   choice = torch.from_numpy(rng.integers(0, len(FIELDS), size=args.batch))
   llm = torch.where(choice[:, None] == 0, torch.from_numpy(batch_np["llm_short"]),
-                    torch.from_numpy(batch_np["llm_long"]))
+                    torch.from_numpy(batch_np["llm_long"])).to(dev)
   s_params = list(student.parameters())
   t_params = list(teacher.parameters())
 
   def make_run(dtype):
 
     def run():
-      with common.torch_autocast(dtype):
+      with common.torch_autocast(dtype, dev):
         with torch.no_grad():
           t_img = torch.nn.functional.normalize(
               teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
@@ -204,6 +209,7 @@ def torch_side(args, batch_np: dict):
       with torch.no_grad():
         logit_scale.clamp_(0.0, math.log(100.0))
         torch._foreach_lerp_(t_params, s_params, 1.0 - EMA_MOMENTUM)  # pylint: disable=protected-access
+      common.torch_sync(dev)
       return loss
 
     return run
@@ -213,6 +219,7 @@ def torch_side(args, batch_np: dict):
   first = {d: float(r().detach()) for d, r in runs.items()}
   info = {"model_flops_per_step": common.stage2_step_flops(vis, adapter_cfg, args.batch)["total"],
           "torch_threads": torch.get_num_threads(), "torch_adamw": args.torch_adamw,
+          "torch_device": dev,
           "first_loss": first}
   return runs, info
 
@@ -250,6 +257,9 @@ def run(args):
       rec["fraction_of_torch_peak"] = rec["achieved_flops_per_s"] / peaks[("torch", dtype)]
     first = info["first_loss"]
     rec["first_loss"] = first[dtype] if isinstance(first, dict) else first
+    if args.nominal_peak_tflops and dtype == args.dtype:
+      rec["nominal_peak_flops_per_s"] = args.nominal_peak_tflops * 1e12
+      rec["mfu_of_nominal_peak"] = rec["achieved_flops_per_s"] / rec["nominal_peak_flops_per_s"]
     emit({**base, "side": name.split("_")[0], "dtype": dtype, **rec})
 
   record("jax", args.dtype, jax_info)
