@@ -62,17 +62,23 @@ def _apply_update(s: Setup, state: TrainState, grads, loss, ema_fn=None):
   """Optimizer update, logit-scale clamp, EMA; all undone if loss/grads are not finite."""
   grad_norm = optax.global_norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
-  params = optim_lib.clamp_logit_scale(optax.apply_updates(state.params, updates))
-  ema = state.ema if ema_fn is None else ema_fn(params)
-  keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa
+
+  def apply(_):
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    params = optim_lib.clamp_logit_scale(optax.apply_updates(state.params, updates))
+    return params, opt_state, (state.ema if ema_fn is None else ema_fn(params))
+
+  # A branch, not a select over the whole state: the skipped update costs nothing and the
+  # taken one no extra pass over params, moments and teacher.
+  params, opt_state, ema = jax.lax.cond(
+      finite, apply, lambda _: (state.params, state.opt_state, state.ema), None)
   lr = s.schedule(state.step - state.nonfinite_steps)
   new_state = TrainState(
       step=state.step + 1,
-      params=keep(params, state.params),
+      params=params,
       frozen=state.frozen,
-      opt_state=keep(opt_state, state.opt_state),
-      ema=keep(ema, state.ema),
+      opt_state=opt_state,
+      ema=ema,
       nonfinite_steps=state.nonfinite_steps + jnp.where(finite, 0, 1).astype(jnp.int32))
   metrics = {"grad_norm": grad_norm, "lr": lr, "finite": finite.astype(jnp.float32),
              "nonfinite_steps": new_state.nonfinite_steps.astype(jnp.float32)}
