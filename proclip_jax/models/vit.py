@@ -175,12 +175,19 @@ class Attention(nn.Module):
     q = proj(name="query")(x)
     k = proj(name="key")(x)
     v = proj(name="value")(x)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
-    logits = logits * head_dim ** -0.5
+    # Heads-major [batch * heads, tokens, head_dim] operands make both products plain batched
+    # matmuls; on the CPU this runs the attention forward 4x and forward+backward 2x faster
+    # than contracting [batch, tokens, heads, head_dim] directly (docs/performance.md).
+    n, t = q.shape[0], q.shape[1]
+    heads_major = lambda a: jnp.transpose(a, (0, 2, 1, 3)).reshape(n * self.heads, -1, head_dim)  # noqa: E731
+    logits = jnp.matmul(heads_major(q), jnp.swapaxes(heads_major(k), 1, 2),
+                        preferred_element_type=jnp.float32)
+    logits = logits.reshape(n, self.heads, t, -1) * head_dim ** -0.5
     if mask is not None:
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+    out = jnp.matmul(probs.reshape(n * self.heads, t, -1), heads_major(v))
+    out = jnp.transpose(out.reshape(n, self.heads, t, head_dim), (0, 2, 1, 3))
     out_std = std * (2 * self.depth) ** -0.5
     return nn.DenseGeneral(
         features=self.width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
