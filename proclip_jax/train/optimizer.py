@@ -206,6 +206,25 @@ def scale_by_multipliers(mults: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(init_fn, update_fn)
 
 
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """``optax.clip_by_global_norm`` as one scalar multiply: ``g · min(1, max_norm / ‖g‖)``.
+
+  Same values to float32 rounding. A multiply by a scalar is cheap enough for XLA to fuse into
+  each consumer (Adam's two moment updates), where optax's ``g / ‖g‖ · max_norm`` (a divide)
+  is materialised first: one full read and write of the gradients less per step.
+  """
+  def init_fn(params):
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates, state, params=None):
+    del params
+    norm = optax.global_norm(updates)
+    scale = jnp.minimum(1.0, max_norm / norm)  # norm 0 -> inf -> 1
+    return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
 # --------------------------------------------------------------- the optimizer
 
 def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
@@ -241,7 +260,7 @@ def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
   clip = _get(optim, "grad_clip_norm", None)
   parts = []
   if clip:
-    parts.append(optax.clip_by_global_norm(float(clip)))
+    parts.append(clip_by_global_norm(float(clip)))
   parts.append(optax.scale_by_adam(b1=float(_get(optim, "b1", 0.9)),
                                    b2=float(_get(optim, "b2", 0.999)),
                                    eps=float(_get(optim, "eps", 1e-8))))
