@@ -124,7 +124,12 @@ def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
 
   def loss_fn(params, frozen, batch):
     full = optim_lib.merge(params, frozen)
-    student = [s.model.text_features(full["adapter"], batch[f"llm_{f}"]) for f in fields]
+    # Both caption fields through the adapter in one pass on [B, 2, D] (stacked on a new axis,
+    # so the batch sharding is kept): every weight is read once per product, not once per
+    # field, and the products are twice as tall.
+    both = s.model.text_features(
+        full["adapter"], jnp.stack([batch[f"llm_{f}"] for f in fields], axis=1))
+    student = [both[:, 0], both[:, 1]]
     teacher = [l2_normalize(batch[f"clip_{f}"]) for f in fields]
     terms = losses.stage1_distill_terms(student[0], teacher[0], student[1], teacher[1],
                                         chunk)
