@@ -8,8 +8,10 @@ minor page faults here.
 The glibc tunable ``glibc.malloc.hugetlb=1`` makes malloc ask the kernel for transparent
 huge pages (2 MiB) when the system's THP mode is ``madvise``. The same run then takes
 0.54 million faults, and its step is 12 % faster (docs/performance.md). glibc reads tunables
-only when a process starts, so the entry points (``tools/benchmark.py``,
-``experiments/run.py``) restart themselves once with the tunable set.
+only when a process starts, so the training entry point ``experiments/run.py`` restarts
+itself once with the tunable set. ``tools/benchmark.py`` does not: with huge pages, the JAX
+step that follows each PyTorch step in its alternating runs slows down (docs/performance.md).
+To benchmark with huge pages, set ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1`` yourself.
 
 Nothing happens when any of these holds:
 

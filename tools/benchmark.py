@@ -28,6 +28,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from proclip_jax.hostmem import restart_with_huge_pages  # noqa: E402
-  restart_with_huge_pages()  # both frameworks' host allocations on 2 MiB pages (docs)
   sys.exit(main())
