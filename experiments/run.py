@@ -171,6 +171,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from proclip_jax.hostmem import restart_with_huge_pages  # noqa: E402  pylint: disable=wrong-import-position
-  restart_with_huge_pages()  # XLA:CPU's per-step temporaries on 2 MiB pages (proclip_jax/hostmem.py)
+  from proclip_jax.hostmem import restart_with_tunables  # noqa: E402  pylint: disable=wrong-import-position
+  restart_with_tunables()  # XLA:CPU's per-step temporaries kept in the heap (proclip_jax/hostmem.py)
   sys.exit(main())

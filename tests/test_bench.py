@@ -180,6 +180,13 @@ def test_stage1_benchmark_with_torch(capsys):
   recs = {r["side"]: r for r in _records(capsys)}
   assert set(recs) == {"jax", "torch", "ratio"}
   assert STEP_KEYS <= set(recs["torch"])
+  # The PyTorch side ran in its worker process: its first step equals the same side built
+  # here, in this process, and the worker reported its own memory and matmul rate.
+  assert recs["torch"]["torch_process"] == "worker"
+  _, here = stage1.torch_side(_args(stage1, TINY1), stage1.make_batch(_args(stage1, TINY1)))
+  assert recs["torch"]["first_loss"] == pytest.approx(here["first_loss"], rel=1e-6)
+  assert recs["torch"]["peak_source"] == "maxrss_torch_process"
+  assert recs["torch"]["peak_bytes"] > 0 and recs["torch"]["torch_matmul_peak_flops_per_s"] > 0
   assert recs["torch"]["model_flops_per_step"] > recs["jax"]["model_flops_per_step"]
   ratio = recs["ratio"]
   assert ratio["ratio_median"] == pytest.approx(
@@ -198,3 +205,16 @@ def test_stage2_benchmark_jax_only(capsys):
   vis = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
   ad = AdapterConfig(in_dim=32, out_dim=16, expansion=2)
   assert r["model_flops_per_step"] == common.stage2_step_flops(vis, ad, 4)["total"]
+
+
+def test_torch_worker_runs_steps_and_reports_errors():
+  pytest.importorskip("torch")
+  args = _args(stage1, TINY1)
+  with common.TorchWorker(stage1.__name__, args, stage1.make_batch(args)) as worker:
+    assert worker.names == [""] and worker.peaks == {}
+    worker.step("")
+    worker.step("")
+  assert worker.peak_rss_bytes > 0
+  # A module without a PyTorch side: the child's traceback comes back in the error.
+  with pytest.raises(RuntimeError, match="torch_side"):
+    common.TorchWorker("proclip_jax.bench.input", args, {})

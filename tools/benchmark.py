@@ -28,4 +28,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+  from proclip_jax.hostmem import restart_with_tunables  # noqa: E402
+  restart_with_tunables()  # the JAX process with the heap settings training uses (hostmem.py)
   sys.exit(main())

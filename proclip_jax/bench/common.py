@@ -9,11 +9,13 @@
   "a trained part costs 3× its forward (forward + two backward products), a frozen one or
   the EMA teacher 1×".
 * :func:`peak_memory`: the device's ``peak_bytes_in_use`` where the runtime reports it
-  (GPU, TPU), else the process's maximum resident set size (``getrusage``, the CPU case:
-  it covers JAX and torch together, and it never goes down).
+  (GPU, TPU), else the process's maximum resident set size (``getrusage``, the CPU case;
+  it never goes down).
 * :func:`compile_seconds`: ``jit(...).lower(...).compile()`` timed on its own.
 * :func:`alternate`: runs two (or more) callables in turn, A B A B ..., so that a shared,
   noisy machine slows both alike, and :func:`ratio` of their medians.
+* :class:`TorchWorker` / :func:`torch_sides`: a benchmark's PyTorch side in a child process
+  that the alternation drives one step at a time (the default), or in this process.
 
 ``python -m proclip_jax.bench.common [--n 2048 --dtypes float32,bfloat16 --no-torch]``
 prints one JSON line per (framework, dtype) matmul rate: the AMX investigation in
@@ -31,6 +33,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from proclip_jax import hostmem
 from proclip_jax.bench import emit, timeit
 
 # ------------------------------------------------------------------------ matmul peak
@@ -58,17 +61,26 @@ def matmul_peak(dtype: str = "float32", n: int = 2048, *, warmup: int = 2,
           "xla_flags": os.environ.get("XLA_FLAGS", ""), **stats}
 
 
+TORCH_DEVICE_ENV = "PROCLIP_BENCH_TORCH_DEVICE"
+
+
 def torch_device() -> str:
   """Where the PyTorch side runs: "cuda" when JAX runs on a GPU and torch sees one, else "cpu".
 
   Both frameworks then share the accelerator (JAX preallocates only part of it, see
-  ``tools/benchmark.py``), so the A/B runs compare like with like.
+  ``tools/benchmark.py``), so the A/B runs compare like with like. A :class:`TorchWorker`
+  is told the answer through ``PROCLIP_BENCH_TORCH_DEVICE``, so that it never starts a JAX
+  backend of its own.
   """
-  import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  if jax.default_backend() == "gpu" and torch.cuda.is_available():
-    return "cuda"
-  return "cpu"
+  wanted = os.environ.get(TORCH_DEVICE_ENV) or _jax_accelerator()
+  return "cuda" if wanted == "cuda" and torch.cuda.is_available() else "cpu"
+
+
+def _jax_accelerator() -> str:
+  """"cuda" when JAX's default backend is a GPU, else "cpu"."""
+  import jax  # pylint: disable=g-import-not-at-top
+  return "cuda" if jax.default_backend() == "gpu" else "cpu"
 
 
 def torch_sync(device: str) -> None:
@@ -204,9 +216,7 @@ def peak_memory(device=None) -> dict:
     stats = None
   if stats and "peak_bytes_in_use" in stats:
     return {"peak_bytes": int(stats["peak_bytes_in_use"]), "peak_source": "device"}
-  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-  return {"peak_bytes": int(rss if sys.platform == "darwin" else rss * 1024),
-          "peak_source": "maxrss"}
+  return {"peak_bytes": _max_rss_bytes(), "peak_source": "maxrss"}
 
 
 def compile_seconds(jitted, *args, **kwargs) -> tuple[Any, float]:
@@ -275,6 +285,142 @@ def ratio(slow: Mapping[str, Any], fast: Mapping[str, Any]) -> dict:
     out["ratio_paired_median"] = statistics.median(
         s / f for s, f in zip(slow["times_s"], fast["times_s"]))
   return out
+
+
+# ------------------------------------------------------------ PyTorch in its own process
+
+
+class TorchWorker:
+  """A benchmark's PyTorch side in a child process, driven one step at a time.
+
+  ``TorchWorker("proclip_jax.bench.stage2", args, batch_np, peak_dtypes=("float32",))``
+  spawns a fresh interpreter that imports the module and calls its
+  ``torch_side(args, batch_np)`` (which returns ``(run, info)`` or ``({name: run}, info)``)
+  and, for each of ``peak_dtypes``, :func:`torch_matmul_peak`. ``worker.step(name)`` runs one
+  step there and returns when it is done, so :func:`alternate` times it like a local
+  callable; ``worker.runs()`` gives those callables. ``info``, ``peaks`` (``{dtype: FLOP/s}``)
+  come from the child, and :meth:`close` adds the child's ``peak_rss_bytes``.
+
+  Why a process: a user runs one framework per process, with its own heap and allocator
+  settings. In one process, PyTorch's large frees change glibc's adaptive mmap threshold
+  for XLA's allocations too, and the JAX step that follows ran about 3 s slower in stage 2
+  (docs/performance.md). The child starts with the environment the user gave, without the
+  glibc tunables that :mod:`proclip_jax.hostmem` set for the JAX process.
+  ``--torch-process same`` keeps both sides in this process.
+  """
+
+  def __init__(self, module: str, args, batch_np: Mapping[str, np.ndarray], *,
+               peak_dtypes=(), peak_n: int = 2048):
+    import multiprocessing  # pylint: disable=g-import-not-at-top
+    ctx = multiprocessing.get_context("spawn")
+    self._conn, child = ctx.Pipe()
+    self._proc = ctx.Process(
+        target=_torch_worker_main, name="proclip-torch-bench", daemon=True,
+        args=(child, module, args, dict(batch_np), tuple(peak_dtypes), peak_n,
+              _jax_accelerator()))
+    # The child starts with the environment the user gave: without the glibc tunables
+    # that proclip_jax.hostmem set for this (JAX) process.
+    removed = {k: os.environ[k] for k in set(os.environ) - set(hostmem.original_environ())}
+    for k in removed:
+      del os.environ[k]
+    try:
+      self._proc.start()
+    finally:
+      os.environ.update(removed)
+    child.close()
+    self.names, self.info, self.peaks = self._receive("starting")
+    self.peak_rss_bytes = None
+
+  def _receive(self, what: str):
+    try:
+      kind, payload = self._conn.recv()
+    except EOFError:
+      self._proc.join(5)
+      raise RuntimeError(
+          f"The PyTorch benchmark process died while {what} (exit code "
+          f"{self._proc.exitcode}); rerun with --torch-process same to see its error "
+          f"in this process.") from None
+    if kind == "error":
+      raise RuntimeError(f"The PyTorch benchmark process failed while {what}:\n{payload}")
+    return payload
+
+  def step(self, name: str = "") -> None:
+    """Runs one PyTorch step named ``name`` in the child and waits for it."""
+    self._conn.send(("step", name))
+    self._receive(f"running step {name!r}")
+
+  def runs(self) -> dict[str, Callable[[], None]]:
+    """``{name: callable}``, one blocking step per call (the names ``torch_side`` gave)."""
+    return {n: (lambda n=n: self.step(n)) for n in self.names}
+
+  def close(self) -> None:
+    """Stops the child; records its maximum resident set size in ``peak_rss_bytes``."""
+    if self._proc.is_alive():
+      self._conn.send(("stop", None))
+      self.peak_rss_bytes = self._receive("stopping")
+      self._proc.join(30)
+    self._conn.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    if exc[0] is None:
+      self.close()
+    else:
+      self._proc.kill()
+      self._proc.join(5)
+
+
+def _max_rss_bytes() -> int:
+  rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+  return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def _torch_worker_main(conn, module, args, batch_np, peak_dtypes, peak_n, accelerator):
+  """The child side of :class:`TorchWorker`."""
+  import importlib  # pylint: disable=g-import-not-at-top
+  import traceback  # pylint: disable=g-import-not-at-top
+  os.environ[TORCH_DEVICE_ENV] = accelerator
+  try:
+    peaks_ = {d: torch_matmul_peak(d, peak_n)["flops_per_s"] for d in peak_dtypes}
+    runs, info = importlib.import_module(module).torch_side(args, batch_np)
+    if callable(runs):
+      runs = {"": runs}
+    conn.send(("ok", (list(runs), info, peaks_)))
+    while True:
+      kind, name = conn.recv()
+      if kind == "stop":
+        conn.send(("ok", _max_rss_bytes()))
+        return
+      runs[name]()
+      conn.send(("ok", None))
+  except BaseException:  # pylint: disable=broad-except
+    conn.send(("error", traceback.format_exc()))
+
+
+def torch_sides(module: str, args, batch_np, *, peak_dtypes, peak_n: int):
+  """The PyTorch side as ``(runs, info, peaks, worker)``, where ``--torch-process`` says.
+
+  ``worker`` (the default): a :class:`TorchWorker`; ``same``: ``module.torch_side`` in this
+  process, with ``worker`` None. ``runs`` is ``{name: blocking callable}``, ``peaks``
+  ``{dtype: torch matmul FLOP/s}``.
+  """
+  if getattr(args, "torch_process", "worker") == "worker":
+    worker = TorchWorker(module, args, batch_np, peak_dtypes=peak_dtypes, peak_n=peak_n)
+    return worker.runs(), worker.info, worker.peaks, worker
+  import importlib  # pylint: disable=g-import-not-at-top
+  peaks_ = {d: torch_matmul_peak(d, peak_n)["flops_per_s"] for d in peak_dtypes}
+  runs, info = importlib.import_module(module).torch_side(args, batch_np)
+  return (runs if isinstance(runs, dict) else {"": runs}), info, peaks_, None
+
+
+def add_torch_process_arg(parser) -> None:
+  parser.add_argument(
+      "--torch-process", default="worker", choices=("worker", "same"),
+      help="where the PyTorch side runs: 'worker', a child process driven step by step "
+           "(default: each framework has its own heap, as in real use), or 'same', this "
+           "process (glibc's heap is then shared, which slows the JAX step)")
 
 
 def step_record(stats: Mapping[str, Any], *, items: int, flops: float | None,
@@ -393,14 +539,13 @@ def torch_autocast(dtype: str, device: str = "cpu"):
   return contextlib.nullcontext()
 
 
-def peaks(dtypes, *, n: int, torch_too: bool, runs: int = 5) -> dict:
-  """``{(framework, dtype): flops_per_s}`` matmul peaks for the benchmark records."""
-  out = {}
-  for dt in dict.fromkeys(dtypes):
-    out[("jax", dt)] = matmul_peak(dt, n, runs=runs)["flops_per_s"]
-    if torch_too:
-      out[("torch", dt)] = torch_matmul_peak(dt, n, runs=runs)["flops_per_s"]
-  return out
+def peaks(dtypes, *, n: int, runs: int = 5) -> dict:
+  """``{("jax", dtype): flops_per_s}`` matmul peaks for the benchmark records.
+
+  PyTorch's come from :func:`torch_sides`, measured where the PyTorch side runs.
+  """
+  return {("jax", dt): matmul_peak(dt, n, runs=runs)["flops_per_s"]
+          for dt in dict.fromkeys(dtypes)}
 
 
 def machine() -> dict:

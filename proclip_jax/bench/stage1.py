@@ -1,7 +1,8 @@
 """Benchmark ``stage1``: the JAX stage-1 step against the PyTorch reference step, per example.
 
   python tools/benchmark.py stage1 [--batch 64 --steps 3 --warmup 1 --dtype float32
-      --llm-dim 4096 --embed-dim 512 --vision B/16 --torch-adamw foreach --no-torch]
+      --llm-dim 4096 --embed-dim 512 --vision B/16 --torch-adamw foreach --no-torch
+      --torch-process worker]
 
 JAX: ``train/steps.py``'s ``make_stage1_step`` on a one-device mesh: the adapter only, on
 cached features (``llm_short``/``llm_raw`` [B, D] and the CLIP text targets
@@ -11,7 +12,9 @@ PyTorch (the reference recipe, which has no caches): every step runs the CLIP te
 (``transformers.CLIPTextModelWithProjection`` at the text dimensions of ``--vision``'s CLIP,
 random weights, ``no_grad``, 77 tokens) on both caption fields, then the same adapter (a
 transcription of TextProj), the same distillation losses and ``torch.optim.AdamW``
-(``--torch-adamw foreach`` or ``fused``), under bf16 autocast when ``--dtype bfloat16``.
+(``--torch-adamw foreach`` or ``fused``), under bf16 autocast when ``--dtype bfloat16``. It
+runs in a child process driven one step at a time (``common.TorchWorker``), or in this
+process with ``--torch-process same``.
 
 Runs alternate (JAX, PyTorch, JAX, ...) after warm-up. One JSON line per side and one
 ``"side": "ratio"`` line: ``ratio_median`` = PyTorch s/step ÷ JAX s/step at the same batch,
@@ -51,6 +54,7 @@ def add_args(parser):
   parser.add_argument("--torch-adamw", default="foreach", choices=("foreach", "fused"))
   parser.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
   parser.add_argument("--no-torch", action="store_true")
+  common.add_torch_process_arg(parser)
 
 
 def _tower(args) -> dict:
@@ -168,21 +172,32 @@ def make_batch(args) -> dict:
 
 def run(args):
   torch_on = not args.no_torch
-  peaks = common.peaks([args.dtype], n=args.peak_n, torch_too=torch_on)
+  peaks = common.peaks([args.dtype], n=args.peak_n)
   batch_np = make_batch(args)
   sides = {"jax": jax_side(args, batch_np)}
+  worker = None
   if torch_on:
-    sides["torch"] = torch_side(args, batch_np)
-  stats = common.alternate({k: v[0] for k, v in sides.items()}, warmup=args.warmup,
-                           runs=args.steps)
+    runs, info, torch_peaks, worker = common.torch_sides(
+        __name__, args, batch_np, peak_dtypes=[args.dtype], peak_n=args.peak_n)
+    sides["torch"] = (runs[""], info)
+    peaks[("torch", args.dtype)] = torch_peaks[args.dtype]
+  try:
+    stats = common.alternate({k: v[0] for k, v in sides.items()}, warmup=args.warmup,
+                             runs=args.steps)
+  finally:
+    if worker is not None:
+      worker.close()
   base = {"benchmark": "stage1", "batch": args.batch, "dtype": args.dtype,
           "llm_dim": args.llm_dim, "embed_dim": _tower(args)["embed_dim"],
-          "vision": args.vision, **common.machine(), **common.peak_memory()}
+          "vision": args.vision, "torch_process": args.torch_process if torch_on else None,
+          **common.machine(), **common.peak_memory()}
   for name, (_, info) in sides.items():
     rec = common.step_record(stats[name], items=args.batch,
                              flops=info["model_flops_per_step"],
                              peak_flops=peaks[("jax", args.dtype)])
     rec.update({k: v for k, v in info.items() if k != "model_flops_per_step"})
+    if name == "torch" and worker is not None:
+      rec.update(peak_bytes=worker.peak_rss_bytes, peak_source="maxrss_torch_process")
     rec["matmul_peak_flops_per_s"] = peaks[("jax", args.dtype)]
     if ("torch", args.dtype) in peaks:
       rec["torch_matmul_peak_flops_per_s"] = peaks[("torch", args.dtype)]

@@ -2,7 +2,7 @@
 
   python tools/benchmark.py stage2 [--vision B/16 --batch 8 --steps 3 --warmup 1
       --dtype float32 --llm-dim 4096 --torch-dtypes float32,bfloat16 --torch-adamw fused
-      --scan --remat POLICY --no-donate --no-torch]
+      --scan --remat POLICY --no-donate --no-torch --torch-process worker]
 
 JAX: ``train/steps.py``'s ``make_stage2_step`` on a one-device mesh: the image tower
 (``--vision``, 224 px by default), the adapter (D = ``--llm-dim`` → E), the logit scale,
@@ -14,7 +14,10 @@ PyTorch: ``transformers.CLIPVisionModelWithProjection`` (random weights, same si
 attention) as the student and a deep copy as the EMA teacher (``no_grad``), a transcription
 of TextProj, the same losses, ``torch.optim.AdamW`` (``fused`` by default: PyTorch at its
 best) with the same layer-decay groups, gradient clipping, logit-scale clamp, EMA. Each
-dtype of ``--torch-dtypes`` (float32, bf16 autocast) is its own side.
+dtype of ``--torch-dtypes`` (float32, bf16 autocast) is its own side. By default the PyTorch
+side lives in a child process that the benchmark drives one step at a time
+(``common.TorchWorker``), so neither framework's allocator state slows the other;
+``--torch-process same`` runs it in this process instead.
 
 Sides alternate (JAX, PyTorch f32, PyTorch bf16, JAX, ...) after warm-up. One JSON line per
 side (median/min/max s/step, images/s, model FLOPs per step, achieved FLOP/s and its fraction
@@ -60,6 +63,7 @@ def add_args(parser):
   parser.add_argument("--torch-adamw", default="fused", choices=("foreach", "fused"))
   parser.add_argument("--peak-n", type=int, default=2048, help="matmul size for the peak")
   parser.add_argument("--no-torch", action="store_true")
+  common.add_torch_process_arg(parser)
   parser.add_argument("--nominal-peak-tflops", type=float, default=None,
                       help="the accelerator's datasheet matmul rate for --dtype (e.g. 989 for "
                            "an H100/H200 SXM in bf16): adds model-FLOPs utilisation against it")
@@ -230,20 +234,27 @@ def torch_side(args, batch_np: dict):
 def run(args):
   torch_on = not args.no_torch
   torch_dtypes = [d for d in args.torch_dtypes.split(",") if d] if torch_on else []
-  peaks = common.peaks([args.dtype] + torch_dtypes, n=args.peak_n, torch_too=torch_on)
+  peaks = common.peaks([args.dtype] + torch_dtypes, n=args.peak_n)
   vis = vision_config(args)
   batch_np = make_batch(args, vis)
   fns = {}
   jax_run, jax_info = jax_side(args, batch_np)
   fns["jax"] = jax_run
-  torch_info = None
+  torch_info, worker = None, None
   if torch_on:
-    torch_runs, torch_info = torch_side(args, batch_np)
+    torch_runs, torch_info, torch_peaks, worker = common.torch_sides(
+        __name__, args, batch_np, peak_dtypes=torch_dtypes, peak_n=args.peak_n)
     fns.update({f"torch_{d}": r for d, r in torch_runs.items()})
-  stats = common.alternate(fns, warmup=args.warmup, runs=args.steps)
+    peaks.update({("torch", d): v for d, v in torch_peaks.items()})
+  try:
+    stats = common.alternate(fns, warmup=args.warmup, runs=args.steps)
+  finally:
+    if worker is not None:
+      worker.close()
   base = {"benchmark": "stage2", "vision": args.vision, "batch": args.batch,
           "llm_dim": args.llm_dim, "image_size": vis.image_size, "layers": vis.layers,
-          "width": vis.width, **common.machine(), **common.peak_memory()}
+          "width": vis.width, "torch_process": args.torch_process if torch_on else None,
+          **common.machine(), **common.peak_memory()}
 
   def record(name, dtype, info):
     rec = common.step_record(stats[name], items=args.batch,
@@ -251,6 +262,8 @@ def run(args):
                              peak_flops=peaks[("jax", dtype)])
     rec.update({k: v for k, v in info.items() if k not in ("model_flops_per_step",
                                                            "first_loss")})
+    if name != "jax" and worker is not None:
+      rec.update(peak_bytes=worker.peak_rss_bytes, peak_source="maxrss_torch_process")
     rec["matmul_peak_flops_per_s"] = peaks[("jax", dtype)]
     if ("torch", dtype) in peaks:
       rec["torch_matmul_peak_flops_per_s"] = peaks[("torch", dtype)]
