@@ -202,3 +202,11 @@ def test_clip_by_global_norm_equals_optax():
   zeros = jax.tree.map(np.zeros_like, g)
   out, _ = opt.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())
   assert all(np.all(np.asarray(x) == 0) for x in jax.tree.leaves(out))
+  # A norm passed in (as the train step passes its own) is the one used, also through the
+  # whole optimizer chain.
+  half, _ = opt.clip_by_global_norm(norm).update(g, optax.EmptyState(), grad_norm=2.0 * norm)
+  for k, v in flatten(g).items():
+    np.testing.assert_allclose(np.asarray(flatten(half)[k]), 0.5 * v, rtol=1e-6)
+  tx = optax.chain(opt.clip_by_global_norm(norm), optax.scale(-1.0))
+  out, _ = tx.update(g, tx.init(g), grad_norm=2.0 * norm)
+  np.testing.assert_allclose(np.asarray(out["a"]), -0.5 * g["a"], rtol=1e-6)

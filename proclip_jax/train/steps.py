@@ -64,7 +64,8 @@ def _apply_update(s: Setup, state: TrainState, grads, loss, ema_fn=None):
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(_):
-    updates, opt_state = s.tx.update(grads, state.opt_state, state.params)
+    updates, opt_state = s.tx.update(grads, state.opt_state, state.params,
+                                     grad_norm=grad_norm)
     params = optim_lib.clamp_logit_scale(optax.apply_updates(state.params, updates))
     return params, opt_state, (state.ema if ema_fn is None else ema_fn(params))
 
