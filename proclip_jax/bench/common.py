@@ -302,11 +302,10 @@ class TorchWorker:
   come from the child, and :meth:`close` adds the child's ``peak_rss_bytes``.
 
   Why a process: a user runs one framework per process, with its own heap and allocator
-  settings. In one process, PyTorch's large frees change glibc's adaptive mmap threshold
-  for XLA's allocations too, and the JAX step that follows ran about 3 s slower in stage 2
-  (docs/performance.md). The child starts with the environment the user gave, without the
-  glibc tunables that :mod:`proclip_jax.hostmem` set for the JAX process.
-  ``--torch-process same`` keeps both sides in this process.
+  settings, and so does the benchmark: neither side's allocations change how glibc serves
+  the other's (docs/performance.md, "Host memory"). The child starts with the environment
+  the user gave, without the glibc tunables that :mod:`proclip_jax.hostmem` set for the JAX
+  process. ``--torch-process same`` keeps both sides in this process.
   """
 
   def __init__(self, module: str, args, batch_np: Mapping[str, np.ndarray], *,
@@ -419,8 +418,9 @@ def add_torch_process_arg(parser) -> None:
   parser.add_argument(
       "--torch-process", default="worker", choices=("worker", "same"),
       help="where the PyTorch side runs: 'worker', a child process driven step by step "
-           "(default: each framework has its own heap, as in real use), or 'same', this "
-           "process (glibc's heap is then shared, which slows the JAX step)")
+           "(default: each framework has its own heap and the user's environment, as in "
+           "real use), or 'same', this process (one heap, with the JAX side's glibc "
+           "settings)")
 
 
 def step_record(stats: Mapping[str, Any], *, items: int, flops: float | None,
