@@ -74,21 +74,35 @@ def _echo_of_failed_read(exc: BaseException | None, text: str = "") -> bool:
   return any(d in msg for d in _QUIET_DIRS)
 
 
+_FILTERS: list[bool] = []
+
+
+def install_echo_filters() -> None:
+  """Installs (once) the filters of :func:`_echo_of_failed_read`.
+
+  Called before every restore, not only after one failed: the echoes of a failed read can
+  arrive from TensorStore's threads before the failure has reached the caller.
+  """
+  if _FILTERS:
+    return
+  _FILTERS.append(True)
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _echo_of_failed_read(unraisable.exc_value, str(unraisable.err_msg or "")):
+      previous(unraisable)
+  sys.unraisablehook = hook
+
+  class _Filter(logging.Filter):
+    def filter(self, record):
+      exc = record.exc_info[1] if record.exc_info else None
+      return not _echo_of_failed_read(exc, record.getMessage())
+  logging.getLogger("asyncio").addFilter(_Filter())
+
+
 def quiet_echoes_of(directory: str) -> None:
-  """Installs (once) the filters of :func:`_echo_of_failed_read` for a damaged ``directory``."""
-  if not _QUIET_DIRS:
-    previous = sys.unraisablehook
-
-    def hook(unraisable):
-      if not _echo_of_failed_read(unraisable.exc_value, str(unraisable.err_msg or "")):
-        previous(unraisable)
-    sys.unraisablehook = hook
-
-    class _Filter(logging.Filter):
-      def filter(self, record):
-        exc = record.exc_info[1] if record.exc_info else None
-        return not _echo_of_failed_read(exc, record.getMessage())
-    logging.getLogger("asyncio").addFilter(_Filter())
+  """Also drops the late errors that name the damaged ``directory`` (see above)."""
+  install_echo_filters()
   _QUIET_DIRS.add(str(directory))
 
 
@@ -174,6 +188,7 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
       target = jax.tree.map(
           lambda m: np.zeros(m.shape, m.dtype), tree,
           is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
+    install_echo_filters()
     params = ckptr.restore(os.path.join(path, PARAMS_DIR), target)
   except FileNotFoundError as e:
     raise ProclipError(f"{path!r} lacks its parameters ({PARAMS_DIR}/); convert it again.") from e

@@ -28,7 +28,8 @@ import jax
 import numpy as np
 from etils import epath
 
-from proclip_jax.checkpoint import first_line, is_read_error, quiet_echoes_of
+from proclip_jax.checkpoint import (first_line, install_echo_filters, is_read_error,
+                                    quiet_echoes_of)
 from proclip_jax.errors import ProclipError
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,7 @@ class Checkpoints:
         items["data"] = _grain_ckpt().CheckpointRestore(data_iter)
       else:
         log.warning("Checkpoint %s has no data-iterator state; the data starts over.", step)
+    install_echo_filters()
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
@@ -224,6 +226,7 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
                                                                   for k, v in parts.items()},
                           is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
+    install_echo_filters()
     out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=True))
   except ProclipError:
