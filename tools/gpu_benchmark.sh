@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU figures of docs/performance.md: the stage-2 step with the ViT-L/14 image tower in
 # bfloat16 (float32 parameters and AdamW state) on one GPU, JAX against PyTorch (transformers'
-# CLIPVisionModelWithProjection with SDPA attention, bf16 autocast, fused AdamW) in the same
-# process.
+# CLIPVisionModelWithProjection with SDPA attention, bf16 autocast, fused AdamW) on the same
+# GPU, in its own process, alternating step by step.
 #
 #   bash tools/gpu_benchmark.sh [OUT_DIR] [CONFIG ...]
 #
