@@ -378,14 +378,10 @@ def _max_rss_bytes() -> int:
 
 def _torch_worker_main(conn, module, args, batch_np, peak_dtypes, peak_n, accelerator):
   """The child side of :class:`TorchWorker`."""
-  import importlib  # pylint: disable=g-import-not-at-top
   import traceback  # pylint: disable=g-import-not-at-top
   os.environ[TORCH_DEVICE_ENV] = accelerator
   try:
-    peaks_ = {d: torch_matmul_peak(d, peak_n)["flops_per_s"] for d in peak_dtypes}
-    runs, info = importlib.import_module(module).torch_side(args, batch_np)
-    if callable(runs):
-      runs = {"": runs}
+    runs, info, peaks_ = _build_torch_side(module, args, batch_np, peak_dtypes, peak_n)
     conn.send(("ok", (list(runs), info, peaks_)))
     while True:
       kind, name = conn.recv()
@@ -408,10 +404,18 @@ def torch_sides(module: str, args, batch_np, *, peak_dtypes, peak_n: int):
   if getattr(args, "torch_process", "worker") == "worker":
     worker = TorchWorker(module, args, batch_np, peak_dtypes=peak_dtypes, peak_n=peak_n)
     return worker.runs(), worker.info, worker.peaks, worker
+  return (*_build_torch_side(module, args, batch_np, peak_dtypes, peak_n), None)
+
+
+def _build_torch_side(module, args, batch_np, peak_dtypes, peak_n):
+  """``(runs, info, peaks)``: torch's matmul rate per dtype, then ``module.torch_side``.
+
+  ``runs`` is always ``{name: callable}`` (a single callable becomes ``{"": run}``).
+  """
   import importlib  # pylint: disable=g-import-not-at-top
   peaks_ = {d: torch_matmul_peak(d, peak_n)["flops_per_s"] for d in peak_dtypes}
   runs, info = importlib.import_module(module).torch_side(args, batch_np)
-  return (runs if isinstance(runs, dict) else {"": runs}), info, peaks_, None
+  return (runs if isinstance(runs, dict) else {"": runs}), info, peaks_
 
 
 def add_torch_process_arg(parser) -> None:
