@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from proclip_jax import losses
-from proclip_jax.bench import common, stage1, stage2
+from proclip_jax.bench import common, precompute, stage1, stage2
 from proclip_jax.models.adapter import AdapterConfig, TextProj, l2_normalize
 from proclip_jax.models.vit import VisionConfig, VisionTransformer
 
@@ -205,6 +205,27 @@ def test_stage2_benchmark_jax_only(capsys):
   vis = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
   ad = AdapterConfig(in_dim=32, out_dim=16, expansion=2)
   assert r["model_flops_per_step"] == common.stage2_step_flops(vis, ad, 4)["total"]
+
+
+TINYP = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64",
+         "--batch-size", "8", "--length", "8", "--batches", "2", "--runs", "1"]
+
+
+@pytest.mark.parametrize("dtypes,tol", [((), 1e-5), (("--compute-dtype", "bfloat16"), 0.1)])
+def test_precompute_benchmark_both_sides_compute_the_same_embeddings(capsys, dtypes, tol):
+  pytest.importorskip("torch")
+  assert precompute.run(_args(precompute, TINYP + list(dtypes))) is None
+  recs = {r["impl"]: r for r in _records(capsys)}
+  assert set(recs) == {"jax", "torch", "ratio"}
+  dtype = dtypes[1] if dtypes else "float32"
+  assert recs["jax"]["compute_dtype"] == recs["torch"]["torch_dtype"] == dtype
+  ratio = recs["ratio"]
+  assert ratio["jax_dtype"] == ratio["torch_dtype"] == dtype
+  assert ratio["jax_over_torch"] == pytest.approx(
+      recs["jax"]["captions_per_s"] / recs["torch"]["captions_per_s"])
+  # The pooled embeddings are O(1): float32 agrees to rounding, bfloat16 to its precision.
+  assert 0 <= ratio["max_abs_diff_first_batch"] < tol
+  assert recs["jax"]["captions_per_s"] == pytest.approx(16 / recs["jax"]["median_s"])
 
 
 def test_torch_worker_runs_steps_and_reports_errors():

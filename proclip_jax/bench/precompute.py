@@ -2,15 +2,18 @@
 
   python tools/benchmark.py precompute [--arch bert|llama --hidden 384 --layers 6 --heads 12
       --intermediate 1536 --batch-size 64 --length 32 --batches 4 --runs 5
-      --compute-dtype float32 --e2e 2048 --no-torch]
+      --compute-dtype float32 --torch-dtype float32 --e2e 2048 --no-torch]
 
 A model of the given architecture and size with random weights is built with transformers
 (``BertModel`` from ``BertConfig``, or ``LlamaModel`` from ``LlamaConfig``), saved, and
 converted with the production converter; both sides then embed the same token batches
 (``--batches`` batches of ``--batch-size`` rows, lengths drawn in ``[length/2, length]``, mean
 pooling). The JAX side is the precompute driver's own forward (jit, batch sharded over the
-local devices); the PyTorch side runs ``torch.inference_mode`` on the CPU. Runs alternate
-(JAX, PyTorch, JAX, ...) after warm-up; one JSON line per side and one with the ratio.
+local devices) with ``--compute-dtype`` matmuls; the PyTorch side runs ``torch.inference_mode``
+on the CPU with the model's weights in ``--torch-dtype`` (default: the same dtype; bfloat16 is
+``model.to(torch.bfloat16)``, the fastest way transformers runs a model in bfloat16 on a CPU).
+Runs alternate (JAX, PyTorch, JAX, ...) after warm-up; one JSON line per side and one with
+the ratio and the largest difference between the two sides' embeddings of the first batch.
 ``--e2e N`` also times the whole driver (tokenise, forward, write parts, merge) on N demo
 captions.
 """
@@ -37,6 +40,8 @@ def add_args(parser):
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--torch-dtype", default=None, choices=("float32", "bfloat16"),
+                      help="dtype of the PyTorch model's weights (default: --compute-dtype)")
   parser.add_argument("--e2e", type=int, default=0, help="also time the driver on N captions")
   parser.add_argument("--no-torch", action="store_true")
 
@@ -112,19 +117,23 @@ def run(args):
 
     def run_jax():
       outs = [fn(params, *a) for a in placed]
-      jax.block_until_ready(outs)
+      return jax.block_until_ready(outs)
 
+    torch_dtype = args.torch_dtype or args.compute_dtype
+    hf = hf.to(getattr(torch, torch_dtype))
     torch_batches = [(torch.tensor(ids, dtype=torch.long), torch.tensor(attn))
                      for ids, attn in batches]
 
     def run_torch():
+      outs = []
       with torch.inference_mode():
         for ids, attn in torch_batches:
-          h = hf(input_ids=ids, attention_mask=attn).last_hidden_state
-          (h * attn[..., None]).sum(1) / attn.sum(1, keepdim=True)
+          h = hf(input_ids=ids, attention_mask=attn).last_hidden_state.float()
+          outs.append((h * attn[..., None]).sum(1) / attn.sum(1, keepdim=True))
+      return outs
 
     t0 = time.perf_counter()
-    run_jax()
+    first = np.asarray(run_jax()[0])
     compile_s = time.perf_counter() - t0
     sides = [("jax", run_jax)] + ([] if args.no_torch else [("torch", run_torch)])
     for _ in range(args.warmup):
@@ -150,10 +159,13 @@ def run(args):
       if name == "jax":
         rec.update(compute_dtype=args.compute_dtype, compile_s=compile_s)
       else:
-        rec.update(torch_threads=torch.get_num_threads())
+        rec.update(torch_dtype=torch_dtype, torch_threads=torch.get_num_threads())
       emit(rec)
     if "torch" in rates:
-      emit({**common, "impl": "ratio", "jax_over_torch": rates["jax"] / rates["torch"]})
+      diff = float(np.abs(first - run_torch()[0].numpy()).max())
+      emit({**common, "impl": "ratio", "jax_over_torch": rates["jax"] / rates["torch"],
+            "jax_dtype": args.compute_dtype, "torch_dtype": torch_dtype,
+            "max_abs_diff_first_batch": diff})
     if args.e2e:
       from proclip_jax.data import demo_world  # pylint: disable=g-import-not-at-top
       rng = np.random.default_rng(0)
