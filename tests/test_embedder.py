@@ -11,6 +11,8 @@ import dataclasses
 import json
 import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -174,3 +176,16 @@ def test_end_to_end_tiny_qwen3_full_vocab(tmp_path, qwen_dir, qwen_ref):
     meta = json.load(f)
   assert meta["kind"] == "embedder" and meta["preset"]["name"] == "qwen3-embedding"
   assert meta["config"]["family"] == "qwen3"
+  # A bfloat16 load stores the kernels in bfloat16 once; the products cast them to bfloat16
+  # on every call otherwise, so the output is bit-identical to the float32-stored weights.
+  low = E.load_embedder(out, dtype="bfloat16")
+  dtypes = {jax.tree_util.keystr(p): x.dtype for p, x in
+            jax.tree_util.tree_leaves_with_path(low.params)}
+  kernels = {k for k in dtypes if k.endswith("['kernel']")}
+  assert kernels and all(dtypes[k] == jnp.bfloat16 for k in kernels)
+  assert all(dtypes[k] == np.float32 for k in set(dtypes) - kernels)
+  ids, attn, pool = low.tokenizer(TEXTS)
+  fn = jax.jit(low.embed_tokens)
+  assert np.array_equal(np.asarray(fn(low.params, ids, attn, pool)),
+                        np.asarray(fn(emb.params, ids, attn, pool)))
+  assert np.abs(low.embed(TEXTS) - got).max() <= 0.05 * np.abs(got).max()
