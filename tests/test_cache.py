@@ -5,6 +5,7 @@ converted with the production converter (MiniLM's real tokenizer) and a text-onl
 saved as a converted folder. The data is a small demo world built with the dataset builder.
 """
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -12,6 +13,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -269,3 +271,22 @@ def test_cli_errors_without_traceback(tmp_path):
                      timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 2, r.stderr
   assert "No tfds dataset" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_bfloat16_model_fingerprint_is_of_the_saved_weights(bert_dir, tmp_path):
+  # A model folder without a stored params_sha256 is fingerprinted from its weights as saved
+  # (float32), not from the bfloat16 kernels a bfloat16 precompute runs with; otherwise a
+  # training run's cache check (model_fingerprint) would refuse a bfloat16-made cache.
+  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "bert"
+  shutil.copytree(bert_dir, folder)
+  with open(folder / "model.json") as f:
+    meta = json.load(f)
+  del meta["params_sha256"]
+  with open(folder / "model.json", "w") as f:
+    json.dump(meta, f)
+  model = P.load_precompute_model(str(folder), compute_dtype="bfloat16")
+  assert {np.asarray(x).dtype for x in jax.tree.leaves(model.params)} == {
+      np.dtype(np.float32), np.dtype(jnp.bfloat16)}
+  want = C.params_fingerprint(load_model(str(folder))[1])
+  assert model.info["model"]["fingerprint"] == C.model_fingerprint(str(folder)) == want

@@ -176,7 +176,8 @@ def load_precompute_model(path: str, *, max_length: int | None = None,
   kind = meta.get("kind")
   if kind == "embedder":
     m = _embedder_model(path, meta, max_length, compute_dtype)
-    m.info["model"]["fingerprint"] = meta.get("params_sha256") or C.params_fingerprint(m.params)
+    # Of the weights as saved, not of m.params (kernels in the compute dtype).
+    m.info["model"]["fingerprint"] = C.model_fingerprint(path)
   elif kind == "clip":
     _, params = load_model(path, kind="clip")
     m = _clip_model(path, meta, params, max_length, compute_dtype)
