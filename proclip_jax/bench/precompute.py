@@ -2,7 +2,7 @@
 
   python tools/benchmark.py precompute [--arch bert|llama --hidden 384 --layers 6 --heads 12
       --intermediate 1536 --batch-size 64 --length 32 --batches 4 --runs 5
-      --compute-dtype float32 --torch-dtype float32 --e2e 2048 --no-torch]
+      --compute-dtype float32 --torch-dtypes float32,bfloat16,autocast --e2e 2048 --no-torch]
 
 A model of the given architecture and size with random weights is built with transformers
 (``BertModel`` from ``BertConfig``, or ``LlamaModel`` from ``LlamaConfig``), saved, and
@@ -10,13 +10,15 @@ converted with the production converter; both sides then embed the same token ba
 (``--batches`` batches of ``--batch-size`` rows, lengths drawn in ``[length/2, length]``, mean
 pooling). The JAX side is the precompute driver's own forward (jit, batch sharded over the
 local devices) with ``--compute-dtype`` matmuls; the PyTorch side runs ``torch.inference_mode``
-on the CPU with the model's weights in ``--torch-dtype`` (default: the same dtype; bfloat16 is
-``model.to(torch.bfloat16)``, the fastest way transformers runs a model in bfloat16 on a CPU).
-Runs alternate (JAX, PyTorch, JAX, ...) after warm-up; one JSON line per side and one with
-the ratio and the largest difference between the two sides' embeddings of the first batch.
+on the CPU in each of ``--torch-dtypes``: ``float32``, ``bfloat16`` (the weights cast with
+``model.to(torch.bfloat16)``, what ``torch_dtype=torch.bfloat16`` loads) and ``autocast``
+(float32 weights under ``torch.autocast("cpu", bfloat16)``). Runs alternate (JAX, then each
+PyTorch variant) after warm-up; one JSON line per side, and one per PyTorch variant with the
+ratio and the largest difference between the two sides' embeddings of the first batch.
 ``--e2e N`` also times the whole driver (tokenise, forward, write parts, merge) on N demo
 captions.
 """
+import copy
 import os
 import shutil
 import statistics
@@ -26,6 +28,10 @@ import time
 import numpy as np
 
 from proclip_jax.bench import emit
+
+
+TORCH_MODES = ("float32", "bfloat16", "autocast")
+TARGET = 1.2  # JAX over PyTorch captions/s at the same compute dtype (docs/performance.md)
 
 
 def add_args(parser):
@@ -40,8 +46,9 @@ def add_args(parser):
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--torch-dtype", default=None, choices=("float32", "bfloat16"),
-                      help="dtype of the PyTorch model's weights (default: --compute-dtype)")
+  parser.add_argument("--torch-dtypes", default=",".join(TORCH_MODES),
+                      help="PyTorch variants to run, comma-separated, from "
+                           f"{','.join(TORCH_MODES)}")
   parser.add_argument("--e2e", type=int, default=0, help="also time the driver on N captions")
   parser.add_argument("--no-torch", action="store_true")
 
@@ -94,6 +101,10 @@ def run(args):
   from proclip_jax.convert.llm import convert_embedder  # pylint: disable=g-import-not-at-top
   from proclip_jax.data import precompute as P  # pylint: disable=g-import-not-at-top
 
+  torch_modes = [] if args.no_torch else [m for m in args.torch_dtypes.split(",") if m]
+  bad = sorted(set(torch_modes) - set(TORCH_MODES))
+  if bad:
+    raise SystemExit(f"--torch-dtypes: unknown {bad}; choose from {','.join(TORCH_MODES)}")
   hf, preset = _hf_model(args)
   tmp = tempfile.mkdtemp(prefix="bench_precompute_")
   try:
@@ -119,23 +130,27 @@ def run(args):
       outs = [fn(params, *a) for a in placed]
       return jax.block_until_ready(outs)
 
-    torch_dtype = args.torch_dtype or args.compute_dtype
-    hf = hf.to(getattr(torch, torch_dtype))
     torch_batches = [(torch.tensor(ids, dtype=torch.long), torch.tensor(attn))
                      for ids, attn in batches]
 
-    def run_torch():
-      outs = []
-      with torch.inference_mode():
-        for ids, attn in torch_batches:
-          h = hf(input_ids=ids, attention_mask=attn).last_hidden_state.float()
-          outs.append((h * attn[..., None]).sum(1) / attn.sum(1, keepdim=True))
-      return outs
+    def torch_side(mode):
+      """The PyTorch forward: float32, bfloat16 weights, or float32 weights under autocast."""
+      model = hf if mode != "bfloat16" else copy.deepcopy(hf).to(torch.bfloat16)
+
+      def run_torch():
+        outs = []
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16,
+                                                    enabled=mode == "autocast"):
+          for ids, attn in torch_batches:
+            h = model(input_ids=ids, attention_mask=attn).last_hidden_state.float()
+            outs.append((h * attn[..., None]).sum(1) / attn.sum(1, keepdim=True))
+        return outs
+      return run_torch
 
     t0 = time.perf_counter()
     first = np.asarray(run_jax()[0])
     compile_s = time.perf_counter() - t0
-    sides = [("jax", run_jax)] + ([] if args.no_torch else [("torch", run_torch)])
+    sides = [("jax", run_jax)] + [(f"torch_{m}", torch_side(m)) for m in torch_modes]
     for _ in range(args.warmup):
       for _, f in sides:
         f()
@@ -153,19 +168,23 @@ def run(args):
     for name in times:
       med = statistics.median(times[name])
       rates[name] = captions / med
-      rec = {**common, "impl": name, "median_s": med, "min_s": min(times[name]),
-             "max_s": max(times[name]), "runs": args.runs, "captions_per_s": rates[name],
-             "model_flops_per_caption": flops, "achieved_flops_per_s": flops * rates[name]}
+      rec = {**common, "impl": "jax" if name == "jax" else "torch", "median_s": med,
+             "min_s": min(times[name]), "max_s": max(times[name]), "runs": args.runs,
+             "captions_per_s": rates[name], "model_flops_per_caption": flops,
+             "achieved_flops_per_s": flops * rates[name]}
       if name == "jax":
         rec.update(compute_dtype=args.compute_dtype, compile_s=compile_s)
       else:
-        rec.update(torch_dtype=torch_dtype, torch_threads=torch.get_num_threads())
+        rec.update(torch_dtype=name[len("torch_"):], torch_threads=torch.get_num_threads())
       emit(rec)
-    if "torch" in rates:
-      diff = float(np.abs(first - run_torch()[0].numpy()).max())
-      emit({**common, "impl": "ratio", "jax_over_torch": rates["jax"] / rates["torch"],
-            "jax_dtype": args.compute_dtype, "torch_dtype": torch_dtype,
-            "max_abs_diff_first_batch": diff})
+    for (name, f) in sides[1:]:
+      mode = name[len("torch_"):]
+      ratio = rates["jax"] / rates[name]
+      same = (mode == "float32") == (args.compute_dtype == "float32")
+      diff = float(np.abs(first - f()[0].numpy()).max())
+      emit({**common, "impl": "ratio", "jax_over_torch": ratio, "jax_dtype": args.compute_dtype,
+            "torch_dtype": mode, "same_dtype": same, "max_abs_diff_first_batch": diff,
+            **({"target": TARGET, "target_met": ratio >= TARGET} if same else {})})
     if args.e2e:
       from proclip_jax.data import demo_world  # pylint: disable=g-import-not-at-top
       rng = np.random.default_rng(0)
