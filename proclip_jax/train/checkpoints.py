@@ -134,8 +134,10 @@ class Checkpoints:
     try:
       out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      # Whatever failed (damaged files, another architecture), TensorStore's reads still in
+      # flight report it again later; the error below says it once.
+      quiet_echoes_of(str(self.directory / str(step)))
       if is_read_error(e):
-        quiet_echoes_of(str(self.directory / str(step)))
         raise CorruptCheckpoint(
             f"Checkpoint {self.directory / str(step)} cannot be read ({first_line(e)}); its "
             "files are damaged (a disk fault or a copy cut short).") from e
