@@ -190,14 +190,14 @@ def test_clip_by_global_norm_equals_optax():
   rng = np.random.default_rng(3)
   g = {"a": rng.normal(size=(5, 7)).astype(np.float32),
        "b": {"c": rng.normal(size=(11,)).astype(np.float32)}}
-  norm = float(optax.global_norm(g))
+  norm = float(optax.tree.norm(g))
   for max_norm in (0.25 * norm, norm, 4.0 * norm):
     ours, _ = opt.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
     ref, _ = optax.clip_by_global_norm(max_norm).update(g, optax.EmptyState())
     for k, v in flatten(ref).items():
       np.testing.assert_allclose(np.asarray(flatten(ours)[k]), np.asarray(v), rtol=1e-6,
                                  atol=0, err_msg=f"{k} at max_norm {max_norm}")
-  assert float(optax.global_norm(opt.clip_by_global_norm(0.25 * norm).update(
+  assert float(optax.tree.norm(opt.clip_by_global_norm(0.25 * norm).update(
       g, optax.EmptyState())[0])) == pytest.approx(0.25 * norm, rel=1e-6)
   zeros = jax.tree.map(np.zeros_like, g)
   out, _ = opt.clip_by_global_norm(1.0).update(zeros, optax.EmptyState())

@@ -223,7 +223,7 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformationExtraArg
 
   def update_fn(updates, state, params=None, *, grad_norm=None, **extra_args):
     del params, extra_args
-    norm = optax.global_norm(updates) if grad_norm is None else grad_norm
+    norm = optax.tree.norm(updates) if grad_norm is None else grad_norm
     scale = jnp.minimum(1.0, max_norm / norm)  # norm 0 -> inf -> 1
     return jax.tree.map(lambda u: u * scale.astype(u.dtype), updates), state
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

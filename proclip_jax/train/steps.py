@@ -60,7 +60,7 @@ StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
 
 def _apply_update(s: Setup, state: TrainState, grads, loss, ema_fn=None):
   """Optimizer update, logit-scale clamp, EMA; all undone if loss/grads are not finite."""
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
   def apply(_):
