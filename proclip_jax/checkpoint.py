@@ -18,6 +18,7 @@ import re
 import shutil
 import sys
 import tempfile
+import warnings
 from typing import Any, Mapping
 
 import jax
@@ -77,12 +78,20 @@ def _echo_of_failed_read(exc: BaseException | None, text: str = "") -> bool:
 _FILTERS: list[bool] = []
 
 
+# Orbax's per-array read coroutines that an aborted restore never started; Python warns
+# when they are garbage-collected, long after the restore's error was raised.
+_UNAWAITED_READ = r"coroutine '_read_array_index_and_device_put' was never awaited"
+
+
 def install_echo_filters() -> None:
-  """Installs (once) the filters of :func:`_echo_of_failed_read`.
+  """Installs the filters of :func:`_echo_of_failed_read` (once) and of unawaited reads.
 
   Called before every restore, not only after one failed: the echoes of a failed read can
   arrive from TensorStore's threads before the failure has reached the caller.
   """
+  if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _UNAWAITED_READ
+             for f in warnings.filters):
+    warnings.filterwarnings("ignore", message=_UNAWAITED_READ, category=RuntimeWarning)
   if _FILTERS:
     return
   _FILTERS.append(True)

@@ -115,6 +115,17 @@ def test_resume_with_another_architecture(stage1_workdir, tmp_path):
           f"'path': '{wd / 'checkpoints' / '1' / 'state'}/'")
   assert checkpoint._echo_of_failed_read(Exception("Encountered error"), late)  # pylint: disable=protected-access
   assert not checkpoint._echo_of_failed_read(Exception("Encountered error"), "elsewhere")  # pylint: disable=protected-access
+  # Its read coroutines that never started warn when garbage-collected; that is dropped too,
+  # and nothing else is.
+  import warnings  # pylint: disable=import-outside-toplevel
+  with warnings.catch_warnings(record=True) as seen:
+    warnings.resetwarnings()
+    warnings.simplefilter("always")
+    checkpoint.install_echo_filters()
+    warnings.warn("coroutine '_read_array_index_and_device_put' was never awaited",
+                  RuntimeWarning)
+    warnings.warn("coroutine 'something_else' was never awaited", RuntimeWarning)
+  assert [str(w.message) for w in seen] == ["coroutine 'something_else' was never awaited"]
 
 
 def test_stage2_starting_points_missing_or_mismatched(stage1_workdir, tmp_path):
