@@ -89,9 +89,9 @@ def install_echo_filters() -> None:
   Called before every restore, not only after one failed: the echoes of a failed read can
   arrive from TensorStore's threads before the failure has reached the caller.
   """
-  if not any(f[0] == "ignore" and f[1] is not None and f[1].pattern == _UNAWAITED_READ
-             for f in warnings.filters):
-    warnings.filterwarnings("ignore", message=_UNAWAITED_READ, category=RuntimeWarning)
+  # Re-adding an identical filter replaces it (no duplicates); it is re-added on every call
+  # because warning filters can be reset in between (warnings.catch_warnings, pytest).
+  warnings.filterwarnings("ignore", message=_UNAWAITED_READ, category=RuntimeWarning)
   if _FILTERS:
     return
   _FILTERS.append(True)

@@ -176,16 +176,16 @@ def load_precompute_model(path: str, *, max_length: int | None = None,
   kind = meta.get("kind")
   if kind == "embedder":
     m = _embedder_model(path, meta, max_length, compute_dtype)
-    # Of the weights as saved, not of m.params (kernels in the compute dtype).
-    m.info["model"]["fingerprint"] = C.model_fingerprint(path)
   elif kind == "clip":
     _, params = load_model(path, kind="clip")
     m = _clip_model(path, meta, params, max_length, compute_dtype)
-    m.info["model"]["fingerprint"] = meta.get("params_sha256") or C.params_fingerprint(params)
   else:
     raise ProclipError(f"{path} holds a {kind!r} model; precompute needs a converted text "
                        "embedder (kind 'embedder') or CLIP (kind 'clip'). Convert one with "
                        "`python tools/convert.py SRC OUT`.")
+  # Of the weights as saved (what training's cache check compares), not of m.params, whose
+  # kernels may be in the compute dtype.
+  m.info["model"]["fingerprint"] = C.model_fingerprint(path)
   m.info["model"]["path"] = path
   m.info["compute_dtype"] = compute_dtype
   return m
