@@ -33,6 +33,7 @@ parameters are placed by the logical-axis rules.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable, Mapping, Sequence
 
@@ -171,6 +172,9 @@ class ProCLIP:
   def __init__(self, config, params: Mapping, embedder=None, *, embedder_path: str | None = None,
                batch_size: int = 64, mesh=None, meta: Mapping | None = None):
     from proclip_jax.models.proclip import ProCLIPModel  # pylint: disable=import-outside-toplevel
+    from proclip_jax.models.vit import runnable_here  # pylint: disable=import-outside-toplevel
+    if config.vision is not None:
+      config = dataclasses.replace(config, vision=runnable_here(config.vision))
     self.config = config
     self.params = jax.tree.map(np.asarray, dict(params))
     self.embedder = embedder

@@ -205,6 +205,13 @@ def test_stage2_benchmark_jax_only(capsys):
   vis = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
   ad = AdapterConfig(in_dim=32, out_dim=16, expansion=2)
   assert r["model_flops_per_step"] == common.stage2_step_flops(vis, ad, 4)["total"]
+  assert r["attention"] == "dense"
+  # The same step with the tower's fused-attention path (jax.nn.dot_product_attention on
+  # padded tokens): the same first loss.
+  assert stage2.run(_args(stage2, TINY2 + ["--no-torch", "--scan", "--attention", "xla"])) == 0
+  fused = _records(capsys)[0]
+  assert fused["attention"] == "xla"
+  assert fused["first_loss"] == pytest.approx(r["first_loss"], abs=1e-5)
 
 
 TINYP = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64",

@@ -15,8 +15,8 @@ import torch
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIP, CLIPConfig, init_clip
 from proclip_jax.models.clip_text import TextConfig
-from proclip_jax.models.vit import (VisionConfig, VisionTransformer, resample_posemb,
-                                    stack_layers, unstack_layers)
+from proclip_jax.models.vit import (VisionConfig, VisionTransformer, fused_attention,
+                                    resample_posemb, stack_layers, unstack_layers)
 
 VISION = VisionConfig(image_size=24, patch_size=8, width=32, layers=2, heads=4, mlp_dim=40,
                       embed_dim=16)
@@ -74,6 +74,48 @@ def test_remat_same_values_and_grads(setup, remat, scan):
   assert max(diffs) <= 1e-5 * scale  # relative to the largest gradient
 
 
+@pytest.mark.parametrize("scan", [False, True])
+def test_fused_attention_same_values_and_grads(setup, scan):
+  """attention="xla" (jax.nn.dot_product_attention on 10 tokens padded to 16, the padding keys
+  masked) against the dense reference path, values and gradients."""
+  params, images, _ = setup
+  base = stack_layers(params["visual"]) if scan else params["visual"]
+
+  def value_and_grad(config):
+    def f(p):
+      return jnp.sum(jnp.sin(VisionTransformer(config).apply({"params": p}, images)))
+    return jax.jit(jax.value_and_grad(f))(base)
+
+  v0, g0 = value_and_grad(dataclasses.replace(VISION, scan_layers=scan))
+  v1, g1 = value_and_grad(dataclasses.replace(VISION, scan_layers=scan, attention="xla"))
+  assert abs(float(v0) - float(v1)) <= 1e-5
+  scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g0))
+  diffs = jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), g0, g1))
+  assert max(diffs) <= 1e-5 * scale
+
+
+@pytest.mark.parametrize("tokens", [10, 16])
+def test_fused_attention_matches_numpy(tokens):
+  rng = np.random.default_rng(3)
+  q, k, v = (rng.normal(size=(2, tokens, 3, 8)).astype(np.float32) for _ in range(3))
+  out = np.asarray(jax.jit(lambda *a: fused_attention(*a, "xla"))(q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q.astype(np.float64), k) / np.sqrt(8)
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  ref = np.einsum("bhqk,bkhd->bqhd", p / p.sum(-1, keepdims=True), v)
+  assert out.shape == (2, tokens, 3, 8)
+  assert np.abs(out - ref).max() <= 1e-5
+
+
+def test_cudnn_attention_is_refused_where_it_cannot_run(setup):
+  params, images, _ = setup
+  with pytest.raises(ProclipError, match="bfloat16"):
+    dataclasses.replace(VISION, attention="cudnn")
+  config = dataclasses.replace(VISION, attention="cudnn", dtype="bfloat16")
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ProclipError, match="needs an NVIDIA GPU"):
+      VisionTransformer(config).apply({"params": params["visual"]}, images)
+
+
 def test_bf16_compute_close(setup):
   params, images, ids = setup
   img, txt, _ = _run(CONFIG, params, images, ids)
@@ -119,7 +161,8 @@ def test_configs():
   cfg = CLIPConfig.named("L/14")
   assert CLIPConfig.from_dict(cfg.to_dict()) == cfg
   assert CLIPConfig.from_dict(CONFIG.to_dict()) == CONFIG
-  for bad in (dict(heads=5), dict(act="relu"), dict(dtype="int8"), dict(remat="no_such")):
+  for bad in (dict(heads=5), dict(act="relu"), dict(dtype="int8"), dict(remat="no_such"),
+              dict(attention="flash")):
     with pytest.raises(ProclipError):
       dataclasses.replace(VISION, **bad)
   with pytest.raises(ProclipError):

@@ -6,6 +6,7 @@ PIL / uint8 / pre-normalised inputs agree, ``encode_texts`` equals the adapter a
 workdir written through train/checkpoints.py), a converted CLIP runs behind the same
 interface, and the CLIs work end to end.
 """
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,6 +102,19 @@ def test_mesh_encoding_equals_single_device(setup):
   assert np.abs(model.encode_images(setup["imgs"], mesh=mesh)
                 - model.encode_images(setup["imgs"])).max() < TOL
   assert np.abs(model.encode_texts(TEXTS, mesh=mesh) - model.encode_texts(TEXTS)).max() < TOL
+
+
+def test_model_trained_with_cudnn_attention_runs_without_a_gpu(setup):
+  """A config with attention="cudnn" (GPU training) encodes here with the dense attention."""
+  model, imgs = setup["model"], setup["imgs"]
+  vision = dataclasses.replace(model.config.vision, dtype="bfloat16", attention="cudnn")
+  moved = ProCLIP(dataclasses.replace(model.config, vision=vision), model.params, model.embedder)
+  assert moved.config.vision.attention == ("cudnn" if jax.default_backend() == "gpu" else "dense")
+  bf16 = dataclasses.replace(vision, attention="dense")
+  ref = ProCLIP(dataclasses.replace(model.config, vision=bf16), model.params, model.embedder)
+  out = moved.encode_images(imgs)
+  assert np.abs(out - ref.encode_images(imgs)).max() <= TOL
+  assert 0 < np.abs(out - model.encode_images(imgs)).max() < 3e-2  # bf16 against float32
 
 
 def test_save_load_round_trip_and_errors(setup):

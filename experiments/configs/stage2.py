@@ -11,6 +11,9 @@ Args (``stage2.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336, ``embedder
 (llm2clip_llama3_8b, D = 4096), ``root``, ``dataset``, ``stage1`` (the stage-1 workdir;
 default ROOT/runs/stage1-SIZE-EMBEDDER), ``steps``, ``batch``, ``bf16``, ``impl``
 (contrastive loss: dense | blockwise | sharded), ``scan`` (scan the ViT blocks).
+On NVIDIA GPUs in bf16, ``--config.model.vision.attention=cudnn`` runs the image tower's
+attention through cuDNN's fused kernel (``VisionConfig.attention``); a model trained so still
+loads and runs on a CPU (``ProCLIP.load`` falls back to the dense path).
 
 What it needs under ROOT (a missing one is reported with the command that makes it)::
 

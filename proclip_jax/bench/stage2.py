@@ -2,13 +2,16 @@
 
   python tools/benchmark.py stage2 [--vision B/16 --batch 8 --steps 3 --warmup 1
       --dtype float32 --llm-dim 4096 --torch-dtypes float32,bfloat16 --torch-adamw fused
-      --scan --remat POLICY --no-donate --no-torch --torch-process worker]
+      --scan --remat POLICY --attention dense|xla|cudnn --no-donate --no-torch
+      --torch-process worker]
 
 JAX: ``train/steps.py``'s ``make_stage2_step`` on a one-device mesh: the image tower
 (``--vision``, 224 px by default), the adapter (D = ``--llm-dim`` → E), the logit scale,
 the EMA teacher's forward, contrastive + λ·image self-distillation, AdamW with layer decay,
 EMA update; state donated (``--no-donate`` re-jits the same step function without it).
-``--scan`` / ``--remat`` select the tower's scanned layers and rematerialisation policy.
+``--scan`` / ``--remat`` select the tower's scanned layers and rematerialisation policy;
+``--attention`` its attention path (``VisionConfig.attention``: "cudnn" is cuDNN's fused
+kernel, bf16 on an NVIDIA GPU).
 
 PyTorch: ``transformers.CLIPVisionModelWithProjection`` (random weights, same size, SDPA
 attention) as the student and a deep copy as the EMA teacher (``no_grad``), a transcription
@@ -57,6 +60,8 @@ def add_args(parser):
   parser.add_argument("--scan", action="store_true", help="scan over layers")
   parser.add_argument("--remat", default="false",
                       help="false, true, or a jax.checkpoint_policies name")
+  parser.add_argument("--attention", default="dense", choices=("dense", "xla", "cudnn"),
+                      help="VisionConfig.attention of the JAX image tower")
   parser.add_argument("--no-donate", action="store_true")
   parser.add_argument("--contrastive", default="dense", help="stage2.contrastive_impl")
   parser.add_argument("--torch-dtypes", default="float32,bfloat16")
@@ -80,7 +85,7 @@ def vision_config(args):
                             "image_size": args.image_size, "patch_size": args.patch_size,
                             "embed_dim": args.embed_dim}.items() if v is not None}
   return VisionConfig.named(args.vision, dtype=args.dtype, scan_layers=args.scan,
-                            remat=_remat(args.remat), **over)
+                            remat=_remat(args.remat), attention=args.attention, **over)
 
 
 def adapter_config(args, vis, dtype):
@@ -253,7 +258,8 @@ def run(args):
       worker.close()
   base = {"benchmark": "stage2", "vision": args.vision, "batch": args.batch,
           "llm_dim": args.llm_dim, "image_size": vis.image_size, "layers": vis.layers,
-          "width": vis.width, "torch_process": args.torch_process if torch_on else None,
+          "width": vis.width, "attention": vis.attention,
+          "torch_process": args.torch_process if torch_on else None,
           **common.machine(), **common.peak_memory()}
 
   def record(name, dtype, info):

@@ -42,6 +42,12 @@ from proclip_jax.errors import ProclipError
 
 ACTIVATIONS = ("quick_gelu", "gelu", "gelu_tanh")
 DTYPES = ("float32", "bfloat16", "float16")
+# "dense": explicit heads-major matmuls and a float32 softmax (the reference path, fastest on
+# the CPU). "xla" / "cudnn": ``jax.nn.dot_product_attention`` with that ``implementation`` on
+# tokens padded to a multiple of FUSED_TOKEN_MULTIPLE; "cudnn" is cuDNN's fused (flash)
+# kernel, for bfloat16 / float16 on an NVIDIA GPU.
+ATTENTIONS = ("dense", "xla", "cudnn")
+FUSED_TOKEN_MULTIPLE = 8
 
 _VISION_VARIANTS = {
     "B/32": dict(image_size=224, patch_size=32, width=768, layers=12, heads=12, embed_dim=512),
@@ -82,6 +88,9 @@ class VisionConfig:
     dtype: compute dtype of matmuls ("float32" / "bfloat16"); parameters stay float32.
     remat: False, True (recompute everything) or a ``jax.checkpoint_policies`` name.
     scan_layers: run the blocks with ``nn.scan`` (parameters stacked on a "layers" axis).
+    attention: how self-attention is computed, one of ``ATTENTIONS`` (same parameters and,
+      to rounding, the same result): "dense" by default, "cudnn" for cuDNN's fused kernel on
+      a GPU in bfloat16 / float16.
   """
   image_size: int = 224
   patch_size: int = 16
@@ -95,9 +104,11 @@ class VisionConfig:
   dtype: str = "float32"
   remat: bool | str = False
   scan_layers: bool = False
+  attention: str = "dense"
 
   def __post_init__(self):
     check_options("VisionConfig", self.width, self.heads, self.act, self.dtype, self.remat)
+    check_attention("VisionConfig", self.attention, self.dtype)
     if self.image_size % self.patch_size:
       raise ProclipError(
           f"VisionConfig: image_size {self.image_size} is not a multiple of patch_size "
@@ -130,6 +141,26 @@ class VisionConfig:
     return cls(**d)
 
 
+def check_attention(name: str, attention: str, dtype: str) -> None:
+  if attention not in ATTENTIONS:
+    raise ProclipError(f"{name}: unknown attention {attention!r}; use one of {ATTENTIONS}.")
+  if attention == "cudnn" and dtype == "float32":
+    raise ProclipError(
+        f"{name}: attention='cudnn' runs cuDNN's fused kernel, which takes bfloat16 or float16; "
+        "set dtype='bfloat16', or use attention='dense' for float32.")
+
+
+def runnable_here(config: VisionConfig) -> VisionConfig:
+  """``config``, with ``attention="dense"`` if it asks for cuDNN and JAX has no GPU.
+
+  For models trained with ``attention="cudnn"`` and used elsewhere (inference on a CPU): the
+  parameters are the same and the outputs equal to rounding.
+  """
+  if config.attention == "cudnn" and jax.default_backend() != "gpu":
+    return dataclasses.replace(config, attention="dense")
+  return config
+
+
 # --------------------------------------------------------------------------- building blocks
 
 def quick_gelu(x):
@@ -154,15 +185,35 @@ def layer_norm(eps: float, name: str) -> nn.LayerNorm:
                       bias_init=partitioned(nn.initializers.zeros, ("embed",)), name=name)
 
 
+def fused_attention(q, k, v, implementation: str):
+  """``jax.nn.dot_product_attention`` over ``[batch, tokens, heads, head_dim]`` q/k/v.
+
+  The tokens are zero-padded to a multiple of ``FUSED_TOKEN_MULTIPLE`` and the padding keys
+  are masked with ``key_value_seq_lengths``; the padding queries' rows are dropped. cuDNN's
+  fused kernels refuse odd lengths in training (a ViT has ``1 + grid**2`` tokens, 257 for
+  L/14 at 224 px). Returns ``[batch, tokens, heads, head_dim]`` in q's dtype.
+  """
+  n, t = q.shape[0], q.shape[1]
+  pad = -t % FUSED_TOKEN_MULTIPLE
+  if pad:
+    q, k, v = (jnp.pad(a, ((0, 0), (0, pad), (0, 0), (0, 0))) for a in (q, k, v))
+  out = jax.nn.dot_product_attention(
+      q, k, v, key_value_seq_lengths=jnp.full((n,), t, jnp.int32) if pad else None,
+      implementation=implementation)
+  return out[:, :t]
+
+
 class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v kernels ``[width, heads, head_dim]``.
 
-  Logits, mask and softmax are float32; matmuls run in ``dtype``.
+  With ``attention="dense"`` logits, mask and softmax are float32 and the matmuls run in
+  ``dtype``; "xla" and "cudnn" use :func:`fused_attention` (no mask).
   """
   width: int
   heads: int
   dtype: Any = jnp.float32
   depth: int = 12  # number of blocks, for the output-projection init scale
+  attention: str = "dense"
 
   @nn.compact
   def __call__(self, x, mask=None):
@@ -175,6 +226,25 @@ class Attention(nn.Module):
     q = proj(name="query")(x)
     k = proj(name="key")(x)
     v = proj(name="value")(x)
+    if self.attention == "dense":
+      out = self._dense(q, k, v, mask)
+    else:
+      if mask is not None:
+        raise ProclipError(f"Attention: attention={self.attention!r} takes no mask; the "
+                           "masked (text) towers use attention='dense'.")
+      if self.attention == "cudnn" and jax.default_backend() != "gpu":
+        raise ProclipError(
+            "Attention: attention='cudnn' needs an NVIDIA GPU (cuDNN), but JAX's backend is "
+            f"{jax.default_backend()!r}; use attention='dense' here.")
+      out = fused_attention(q, k, v, self.attention)
+    out_std = std * (2 * self.depth) ** -0.5
+    return nn.DenseGeneral(
+        features=self.width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
+        kernel_init=partitioned(nn.initializers.normal(out_std), ("heads", "kv", "embed")),
+        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="out")(out)
+
+  def _dense(self, q, k, v, mask):
+    head_dim = self.width // self.heads
     # Heads-major [batch * heads, tokens, head_dim] operands make both products plain batched
     # matmuls; on the CPU this runs the attention forward 4x and forward+backward 2x faster
     # than contracting [batch, tokens, heads, head_dim] directly (docs/performance.md).
@@ -187,12 +257,7 @@ class Attention(nn.Module):
       logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.matmul(probs.reshape(n * self.heads, t, -1), heads_major(v))
-    out = jnp.transpose(out.reshape(n, self.heads, t, head_dim), (0, 2, 1, 3))
-    out_std = std * (2 * self.depth) ** -0.5
-    return nn.DenseGeneral(
-        features=self.width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(nn.initializers.normal(out_std), ("heads", "kv", "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)), name="out")(out)
+    return jnp.transpose(out.reshape(n, self.heads, t, head_dim), (0, 2, 1, 3))
 
 
 class Mlp(nn.Module):
@@ -229,10 +294,12 @@ class ResidualBlock(nn.Module):
   ln_eps: float = 1e-5
   dtype: Any = jnp.float32
   depth: int = 12
+  attention: str = "dense"
 
   @nn.compact
   def __call__(self, x, mask=None):
-    x = x + Attention(self.width, self.heads, self.dtype, self.depth, name="attn")(
+    x = x + Attention(self.width, self.heads, self.dtype, self.depth, self.attention,
+                      name="attn")(
         layer_norm(self.ln_eps, "ln_1")(x), mask)
     x = x + Mlp(self.width, self.mlp_dim, self.act, self.dtype, self.depth, name="mlp")(
         layer_norm(self.ln_eps, "ln_2")(x))
@@ -261,11 +328,12 @@ class Transformer(nn.Module):
   dtype: Any = jnp.float32
   remat: bool | str = False
   scan_layers: bool = False
+  attention: str = "dense"
 
   @nn.compact
   def __call__(self, x, mask=None):
     kw = dict(width=self.width, heads=self.heads, mlp_dim=self.mlp_dim, act=self.act,
-              ln_eps=self.ln_eps, dtype=self.dtype, depth=self.layers)
+              ln_eps=self.ln_eps, dtype=self.dtype, depth=self.layers, attention=self.attention)
     if self.scan_layers:
       block = _ScanBlock
       if self.remat is not False:
@@ -319,7 +387,7 @@ class VisionTransformer(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (n, 1, cfg.width)), x], axis=1) + pos[None]
     x = layer_norm(cfg.ln_eps, "ln_pre")(x)
     x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, cfg.act, cfg.ln_eps,
-                    dtype, cfg.remat, cfg.scan_layers, name="transformer")(x)
+                    dtype, cfg.remat, cfg.scan_layers, cfg.attention, name="transformer")(x)
     pooled = layer_norm(cfg.ln_eps, "ln_post")(x[:, 0])
     if cfg.embed_dim is None:
       return pooled
