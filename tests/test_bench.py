@@ -214,6 +214,25 @@ def test_stage2_benchmark_jax_only(capsys):
   assert fused["first_loss"] == pytest.approx(r["first_loss"], abs=1e-5)
 
 
+def test_stage2_benchmark_tower_part(capsys):
+  """``--part tower``: the image tower's share of the step on both sides, with its FLOPs."""
+  pytest.importorskip("torch")
+  assert stage2.run(_args(stage2, TINY2 + ["--part", "tower", "--torch-dtypes", "float32"])) == 0
+  recs = _records(capsys)
+  assert [r["side"] for r in recs] == ["jax", "torch", "ratio"]
+  assert all(r["part"] == "tower" for r in recs)
+  vis = VisionConfig(image_size=16, patch_size=8, width=32, layers=1, heads=2, embed_dim=16)
+  ad = AdapterConfig(in_dim=32, out_dim=16, expansion=2)
+  full = common.stage2_step_flops(vis, ad, 4)
+  for r in recs[:2]:
+    assert r["model_flops_per_step"] == full["vision"] + full["teacher"] < full["total"]
+    # The teacher is not the student's copy, so the distillation loss is a real, positive one.
+    assert math.isfinite(r["first_loss"]) and r["first_loss"] > 1e-3
+  assert recs[0]["flops_breakdown"] == {"total": full["vision"] + full["teacher"],
+                                        "vision": full["vision"], "teacher": full["teacher"]}
+  assert recs[2]["ratio_median"] == pytest.approx(recs[1]["median_s"] / recs[0]["median_s"])
+
+
 TINYP = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64",
          "--batch-size", "8", "--length", "8", "--batches", "2", "--runs", "1"]
 

@@ -3,7 +3,7 @@
   python tools/benchmark.py stage2 [--vision B/16 --batch 8 --steps 3 --warmup 1
       --dtype float32 --llm-dim 4096 --torch-dtypes float32,bfloat16 --torch-adamw fused
       --scan --remat POLICY --attention dense|xla|cudnn --no-donate --no-torch
-      --torch-process worker]
+      --torch-process worker --part step|tower]
 
 JAX: ``train/steps.py``'s ``make_stage2_step`` on a one-device mesh: the image tower
 (``--vision``, 224 px by default), the adapter (D = ``--llm-dim`` → E), the logit scale,
@@ -12,6 +12,11 @@ EMA update; state donated (``--no-donate`` re-jits the same step function withou
 ``--scan`` / ``--remat`` select the tower's scanned layers and rematerialisation policy;
 ``--attention`` its attention path (``VisionConfig.attention``: "cudnn" is cuDNN's fused
 kernel, bf16 on an NVIDIA GPU).
+
+``--part tower`` times the image tower's share of the step alone, on both sides: the
+student's forward and backward through the image self-distillation loss against the
+teacher's forward (no adapter, no contrastive loss, no optimizer; the gradients are
+returned). Comparing it with ``--part step`` says which part of the step a gap is in.
 
 PyTorch: ``transformers.CLIPVisionModelWithProjection`` (random weights, same size, SDPA
 attention) as the student and a deep copy as the EMA teacher (``no_grad``), a transcription
@@ -63,6 +68,10 @@ def add_args(parser):
   parser.add_argument("--attention", default="dense", choices=("dense", "xla", "cudnn"),
                       help="VisionConfig.attention of the JAX image tower")
   parser.add_argument("--no-donate", action="store_true")
+  parser.add_argument("--part", default="step", choices=("step", "tower"),
+                      help="the whole stage-2 step, or the image tower's share of it alone "
+                           "(student forward+backward through the image distillation loss, "
+                           "teacher forward)")
   parser.add_argument("--contrastive", default="dense", help="stage2.contrastive_impl")
   parser.add_argument("--torch-dtypes", default="float32,bfloat16")
   parser.add_argument("--torch-adamw", default="fused", choices=("foreach", "fused"))
@@ -106,6 +115,45 @@ def make_batch(args, vis) -> dict:
 # ---------------------------------------------------------------------------- JAX side
 
 
+def _part_flops(args, vis, adapter) -> dict:
+  """The model FLOPs of what ``--part`` times: the whole step, or the tower's share."""
+  flops = common.stage2_step_flops(vis, adapter, args.batch)
+  if args.part == "tower":
+    flops = {"total": flops["vision"] + flops["teacher"], "vision": flops["vision"],
+             "teacher": flops["teacher"]}
+  return flops
+
+
+def _jax_tower(args, vis, batch_np: dict):
+  """``--part tower``: the student's gradient through the image distillation loss."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from proclip_jax import losses  # pylint: disable=g-import-not-at-top
+  from proclip_jax.models.adapter import l2_normalize  # pylint: disable=g-import-not-at-top
+  from proclip_jax.models.vit import VisionTransformer  # pylint: disable=g-import-not-at-top
+
+  model = VisionTransformer(vis)
+  image = jax.device_put(batch_np["image"])
+  student = model.init(jax.random.key(0), image)
+  teacher = model.init(jax.random.key(1), image)  # not the student's copy: a non-zero loss
+
+  def loss_fn(params, teacher_params, image):
+    t_img = jax.lax.stop_gradient(l2_normalize(model.apply(teacher_params, image)))
+    img = l2_normalize(model.apply(params, image))
+    return losses.image_distill_loss(img, t_img, args.batch)
+
+  compiled, compile_s = common.compile_seconds(jax.jit(jax.value_and_grad(loss_fn)), student,
+                                               teacher, image)
+
+  def run():
+    out = compiled(student, teacher, image)
+    jax.block_until_ready(out)
+    return out
+
+  loss, _ = run()
+  return run, {"compile_s": compile_s, "xla_flops_per_step": common.xla_flops(compiled),
+               "temp_bytes": common.compiled_temp_bytes(compiled), "first_loss": float(loss)}
+
+
 def jax_side(args, batch_np: dict):
   """``(run_one_step, info)``: one blocking JAX step; compile seconds and FLOP counts."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -116,6 +164,12 @@ def jax_side(args, batch_np: dict):
 
   vis = vision_config(args)
   adapter = adapter_config(args, vis, args.dtype)
+  if args.part == "tower":
+    run, info = _jax_tower(args, vis, batch_np)
+    flops = _part_flops(args, vis, adapter)
+    info.update({"model_flops_per_step": flops["total"], "flops_breakdown": flops,
+                 "scan": args.scan, "remat": args.remat, "donate": False})
+    return run, info
   config = {"stage": 2, "model": ProCLIPConfig(vision=vis, adapter=adapter),
             "total_steps": 1000, "distill_chunk": args.batch, "seed": 0,
             "optim": {"lr": LR, "weight_decay": WD, "grad_clip_norm": 1.0, "warmup_steps": 10,
@@ -180,7 +234,11 @@ def torch_side(args, batch_np: dict):
                          projection_dim=vis.embed_dim, hidden_act="quick_gelu",
                          layer_norm_eps=1e-5)
   student = CLIPVisionModelWithProjection(cfg).to(dev).train()
-  teacher = copy.deepcopy(student).eval()
+  if args.part == "tower":  # a teacher unlike the student, so the loss is not zero
+    torch.manual_seed(1)
+    teacher = CLIPVisionModelWithProjection(cfg).to(dev).eval()
+  else:
+    teacher = copy.deepcopy(student).eval()
   for p in teacher.parameters():
     p.requires_grad_(False)
   adapter_cfg = adapter_config(args, vis, "float32")
@@ -198,7 +256,26 @@ def torch_side(args, batch_np: dict):
   s_params = list(student.parameters())
   t_params = list(teacher.parameters())
 
+  def make_tower_run(dtype):
+
+    def run():
+      with common.torch_autocast(dtype, dev):
+        with torch.no_grad():
+          t_img = torch.nn.functional.normalize(
+              teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
+        img = torch.nn.functional.normalize(
+            student(pixel_values=pixels).image_embeds.float(), dim=-1)
+      loss = common.torch_distill_terms(img, t_img, chunk=args.batch)["loss"]
+      student.zero_grad(set_to_none=True)
+      loss.backward()
+      common.torch_sync(dev)
+      return loss
+
+    return run
+
   def make_run(dtype):
+    if args.part == "tower":
+      return make_tower_run(dtype)
 
     def run():
       with common.torch_autocast(dtype, dev):
@@ -226,7 +303,7 @@ def torch_side(args, batch_np: dict):
   dtypes = [d for d in args.torch_dtypes.split(",") if d]
   runs = {d: make_run(d) for d in dtypes}
   first = {d: float(r().detach()) for d, r in runs.items()}
-  info = {"model_flops_per_step": common.stage2_step_flops(vis, adapter_cfg, args.batch)["total"],
+  info = {"model_flops_per_step": _part_flops(args, vis, adapter_cfg)["total"],
           "torch_threads": torch.get_num_threads(), "torch_adamw": args.torch_adamw,
           "torch_device": dev,
           "first_loss": first}
@@ -258,7 +335,7 @@ def run(args):
       worker.close()
   base = {"benchmark": "stage2", "vision": args.vision, "batch": args.batch,
           "llm_dim": args.llm_dim, "image_size": vis.image_size, "layers": vis.layers,
-          "width": vis.width, "attention": vis.attention,
+          "width": vis.width, "attention": vis.attention, "part": args.part,
           "torch_process": args.torch_process if torch_on else None,
           **common.machine(), **common.peak_memory()}
 
