@@ -14,6 +14,8 @@
 #   b256_no_triton          b256_unrolled with XLA's Triton GEMMs off (cuBLAS everywhere)
 #   b256_cudnn              b256_unrolled with cuDNN's fused attention (--attention cudnn)
 #   b128_cudnn_vs_torch     b128_unrolled_vs_torch with cuDNN's fused attention
+#   b128_cudnn_tower_vs_torch  b128_cudnn_vs_torch timing only the image tower's share of the
+#                           step (--part tower): whether the gap is in the tower or the rest
 # Writes env.txt (GPU, driver, package versions), one CONFIG.jsonl of
 # `python tools/benchmark.py stage2` records per configuration (median s/step after warm-up,
 # images/s, model FLOPs, fraction of the measured 8192³ bf16 matmul rate, MFU against the
@@ -70,7 +72,8 @@ run() {  # NAME [VAR=VALUE ...] -- benchmark options
 big=XLA_PYTHON_CLIENT_MEM_FRACTION=0.9  # JAX alone: most of the device for the batch of 256
 configs=("$@")
 [[ ${#configs[@]} -gt 0 ]] || configs=(b128_scan_vs_torch b256_scan b256_unrolled
-    b128_unrolled_vs_torch b256_no_triton b256_cudnn b128_cudnn_vs_torch)
+    b128_unrolled_vs_torch b256_no_triton b256_cudnn b128_cudnn_vs_torch
+    b128_cudnn_tower_vs_torch)
 for c in "${configs[@]}"; do
   case $c in
     b128_scan_vs_torch) run "$c" -- --batch 128 --scan --torch-dtypes bfloat16 ;;
@@ -82,6 +85,8 @@ for c in "${configs[@]}"; do
           --batch 256 --no-torch ;;
     b256_cudnn) run "$c" "$big" -- --batch 256 --attention cudnn --no-torch ;;
     b128_cudnn_vs_torch) run "$c" -- --batch 128 --attention cudnn --torch-dtypes bfloat16 ;;
+    b128_cudnn_tower_vs_torch)
+      run "$c" -- --batch 128 --attention cudnn --part tower --torch-dtypes bfloat16 ;;
     *) echo "unknown configuration $c" >&2; exit 2 ;;
   esac
 done
