@@ -256,15 +256,20 @@ def torch_side(args, batch_np: dict):
   s_params = list(student.parameters())
   t_params = list(teacher.parameters())
 
+  def image_features():
+    """The student's and the teacher's L2-normalised image features (under autocast)."""
+    with torch.no_grad():
+      t_img = torch.nn.functional.normalize(
+          teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
+    img = torch.nn.functional.normalize(
+        student(pixel_values=pixels).image_embeds.float(), dim=-1)
+    return img, t_img
+
   def make_tower_run(dtype):
 
     def run():
       with common.torch_autocast(dtype, dev):
-        with torch.no_grad():
-          t_img = torch.nn.functional.normalize(
-              teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
-        img = torch.nn.functional.normalize(
-            student(pixel_values=pixels).image_embeds.float(), dim=-1)
+        img, t_img = image_features()
       loss = common.torch_distill_terms(img, t_img, chunk=args.batch)["loss"]
       student.zero_grad(set_to_none=True)
       loss.backward()
@@ -279,11 +284,7 @@ def torch_side(args, batch_np: dict):
 
     def run():
       with common.torch_autocast(dtype, dev):
-        with torch.no_grad():
-          t_img = torch.nn.functional.normalize(
-              teacher(pixel_values=pixels).image_embeds.float(), dim=-1)
-        img = torch.nn.functional.normalize(
-            student(pixel_values=pixels).image_embeds.float(), dim=-1)
+        img, t_img = image_features()
         txt = torch.nn.functional.normalize(adapter(llm).float(), dim=-1)
       # Losses in float32, outside autocast (as the JAX step).
       loss = (common.torch_clip_loss(img, txt, logit_scale)
