@@ -214,7 +214,7 @@ def test_stage2_benchmark_jax_only(capsys):
   assert fused["first_loss"] == pytest.approx(r["first_loss"], abs=1e-5)
 
 
-def test_stage2_benchmark_tower_part(capsys):
+def test_stage2_benchmark_tower_and_step_beside_torch(capsys):
   """``--part tower``: the image tower's share of the step on both sides, with its FLOPs."""
   pytest.importorskip("torch")
   assert stage2.run(_args(stage2, TINY2 + ["--part", "tower", "--torch-dtypes", "float32"])) == 0
@@ -231,6 +231,14 @@ def test_stage2_benchmark_tower_part(capsys):
   assert recs[0]["flops_breakdown"] == {"total": full["vision"] + full["teacher"],
                                         "vision": full["vision"], "teacher": full["teacher"]}
   assert recs[2]["ratio_median"] == pytest.approx(recs[1]["median_s"] / recs[0]["median_s"])
+  # The whole step on both sides (the default part), for comparison: the same FLOP count on
+  # both, which includes the adapter.
+  assert stage2.run(_args(stage2, TINY2 + ["--torch-dtypes", "float32"])) == 0
+  step = _records(capsys)
+  assert [r["side"] for r in step] == ["jax", "torch", "ratio"]
+  assert all(r["part"] == "step" for r in step)
+  assert step[0]["model_flops_per_step"] == step[1]["model_flops_per_step"] == full["total"]
+  assert all(math.isfinite(r["first_loss"]) for r in step[:2])
 
 
 TINYP = ["--hidden", "32", "--layers", "2", "--heads", "2", "--intermediate", "64",
