@@ -65,7 +65,8 @@ def add_args(parser):
   parser.add_argument("--scan", action="store_true", help="scan over layers")
   parser.add_argument("--remat", default="false",
                       help="false, true, or a jax.checkpoint_policies name")
-  parser.add_argument("--attention", default="dense", choices=("dense", "xla", "cudnn"),
+  from proclip_jax.models.vit import ATTENTIONS  # pylint: disable=g-import-not-at-top
+  parser.add_argument("--attention", default="dense", choices=ATTENTIONS,
                       help="VisionConfig.attention of the JAX image tower")
   parser.add_argument("--no-donate", action="store_true")
   parser.add_argument("--part", default="step", choices=("step", "tower"),

@@ -150,13 +150,18 @@ def check_attention(name: str, attention: str, dtype: str) -> None:
         "set dtype='bfloat16', or use attention='dense' for float32.")
 
 
+def _cudnn_unavailable(attention: str) -> bool:
+  """Whether ``attention`` is "cudnn" and JAX's backend has no NVIDIA GPU to run it."""
+  return attention == "cudnn" and jax.default_backend() != "gpu"
+
+
 def runnable_here(config: VisionConfig) -> VisionConfig:
   """``config``, with ``attention="dense"`` if it asks for cuDNN and JAX has no GPU.
 
   For models trained with ``attention="cudnn"`` and used elsewhere (inference on a CPU): the
   parameters are the same and the outputs equal to rounding.
   """
-  if config.attention == "cudnn" and jax.default_backend() != "gpu":
+  if _cudnn_unavailable(config.attention):
     return dataclasses.replace(config, attention="dense")
   return config
 
@@ -232,7 +237,7 @@ class Attention(nn.Module):
       if mask is not None:
         raise ProclipError(f"Attention: attention={self.attention!r} takes no mask; the "
                            "masked (text) towers use attention='dense'.")
-      if self.attention == "cudnn" and jax.default_backend() != "gpu":
+      if _cudnn_unavailable(self.attention):
         raise ProclipError(
             "Attention: attention='cudnn' needs an NVIDIA GPU (cuDNN), but JAX's backend is "
             f"{jax.default_backend()!r}; use attention='dense' here.")
