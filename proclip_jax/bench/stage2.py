@@ -16,7 +16,9 @@ kernel, bf16 on an NVIDIA GPU).
 ``--part tower`` times the image tower's share of the step alone, on both sides: the
 student's forward and backward through the image self-distillation loss against the
 teacher's forward (no adapter, no contrastive loss, no optimizer; the gradients are
-returned). Comparing it with ``--part step`` says which part of the step a gap is in.
+returned). There the teacher is initialised on its own, not copied from the student, so that
+the loss is not zero. Comparing it with ``--part step`` says which part of the step a gap is
+in.
 
 PyTorch: ``transformers.CLIPVisionModelWithProjection`` (random weights, same size, SDPA
 attention) as the student and a deep copy as the EMA teacher (``no_grad``), a transcription
