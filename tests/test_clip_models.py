@@ -16,7 +16,8 @@ from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIP, CLIPConfig, init_clip
 from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.vit import (VisionConfig, VisionTransformer, fused_attention,
-                                    resample_posemb, stack_layers, unstack_layers)
+                                    resample_posemb, softmax_attention, stack_layers,
+                                    unstack_layers)
 
 VISION = VisionConfig(image_size=24, patch_size=8, width=32, layers=2, heads=4, mlp_dim=40,
                       embed_dim=16)
@@ -106,6 +107,39 @@ def test_fused_attention_matches_numpy(tokens):
   assert np.abs(out - ref).max() <= 1e-5
 
 
+def test_softmax_attention_values_and_gradients():
+  """The written-out attention backward against JAX differentiating the plain formula, with a
+  mask that leaves one query no key at all; the values against NumPy in float64."""
+  rng = np.random.default_rng(4)
+  q, k, v, d_out = (jnp.asarray(rng.normal(size=(2, 3, 7, 8)), jnp.float32) for _ in range(4))
+  mask = rng.random((2, 1, 7, 7)) > 0.4
+  mask[1, 0, 3, :] = False
+  mask = jnp.asarray(mask)
+
+  def plain(q, k, v):
+    logits = jnp.einsum("nhqd,nhkd->nhqk", q, k) * 8 ** -0.5
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+    return jnp.einsum("nhqk,nhkd->nhqd", jax.nn.softmax(logits, axis=-1), v)
+
+  out, vjp = jax.vjp(lambda *a: softmax_attention(*a, mask, 8 ** -0.5), q, k, v)
+  want_out, want_vjp = jax.vjp(plain, q, k, v)
+  logits = np.einsum("nhqd,nhkd->nhqk", np.float64(q), np.float64(k)) / np.sqrt(8)
+  logits = np.where(np.asarray(mask), logits, -np.inf)
+  logits[1, :, 3, :] = 0.0  # no allowed key: jnp.finfo.min everywhere, a uniform softmax
+  p = np.exp(logits - logits.max(-1, keepdims=True))
+  ref = np.einsum("nhqk,nhkd->nhqd", p / p.sum(-1, keepdims=True), np.float64(v))
+  assert np.abs(np.asarray(out) - ref).max() <= 1e-5
+  assert np.abs(np.asarray(out) - np.asarray(want_out)).max() <= 1e-6
+  for got, want in zip(vjp(d_out), want_vjp(d_out)):
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+  # Without a mask, through jax.grad.
+  f = lambda *a: jnp.sum(jnp.sin(softmax_attention(*a, None, 0.3)))  # noqa: E731
+  g = lambda q, k, v: jnp.sum(jnp.sin(jnp.einsum(  # noqa: E731
+      "nhqk,nhkd->nhqd", jax.nn.softmax(jnp.einsum("nhqd,nhkd->nhqk", q, k) * 0.3, -1), v)))
+  for got, want in zip(jax.grad(f, (0, 1, 2))(q, k, v), jax.grad(g, (0, 1, 2))(q, k, v)):
+    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-5
+
+
 def test_cudnn_attention_is_refused_where_it_cannot_run(setup):
   params, images, _ = setup
   with pytest.raises(ProclipError, match="bfloat16"):
@@ -124,6 +158,26 @@ def test_bf16_compute_close(setup):
   err = max(np.abs(np.asarray(img) - np.asarray(img_b)).max(),
             np.abs(np.asarray(txt) - np.asarray(txt_b)).max())
   assert 0 < err < 3e-2  # bf16 changes the numbers a little, not the result
+
+
+def test_bf16_gradients_close(setup):
+  """The attention backward in bfloat16 (products in bf16, softmax gradient in float32): both
+  towers' float32 parameter gradients within bf16 rounding of the float32 run's."""
+  params, images, ids = setup
+
+  def grads(config):
+    def f(p):
+      img, txt, _ = CLIP(config).apply({"params": p}, images, ids)
+      return jnp.sum(jnp.sin(3 * img)) + jnp.sum(jnp.cos(3 * txt))
+    return jax.jit(jax.grad(f))(params)
+
+  g32, g16 = grads(CONFIG), grads(CONFIG.replace(dtype="bfloat16"))
+  assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(g16))
+  for tower in ("visual", "text"):
+    scale = max(float(jnp.abs(a).max()) for a in jax.tree.leaves(g32[tower]))
+    err = max(jax.tree.leaves(jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()),
+                                           g32[tower], g16[tower])))
+    assert 0 < err < 3e-2 * scale, (tower, err, scale)
 
 
 def test_projection_optional_and_pooled(setup):
