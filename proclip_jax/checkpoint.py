@@ -78,9 +78,10 @@ def _echo_of_failed_read(exc: BaseException | None, text: str = "") -> bool:
 _FILTERS: list[bool] = []
 
 
-# Orbax's per-array read coroutines that an aborted restore never started; Python warns
-# when they are garbage-collected, long after the restore's error was raised.
-_UNAWAITED_READ = r"coroutine '_read_array_index_and_device_put' was never awaited"
+# Orbax's per-array read and metadata coroutines that an aborted restore never started;
+# Python warns when they are garbage-collected, long after the restore's error was raised.
+_UNAWAITED_READ = (r"coroutine '(_read_array_index_and_device_put|Store\._get_array_metadatas)' "
+                   r"was never awaited")
 
 
 def install_echo_filters() -> None:
