@@ -271,6 +271,67 @@ def test_cli_errors_without_traceback(tmp_path):
                      timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
   assert r.returncode == 2, r.stderr
   assert "No tfds dataset" in r.stderr and "Traceback" not in r.stderr
+  r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "precompute.py"), "--data",
+                      str(tmp_path / "missing"), "--model", str(tmp_path), "--fields", "short",
+                      "--out", str(tmp_path / "out"), "--cpu-devices", "two"],
+                     capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr
+  assert "'two': give auto or a positive count" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_cpu_device_count_rule():
+  for batch in (1, 16, 31, 32, 63, 64, 100, 256, 4096):
+    for cores in (1, 2, 3, 4, 16, 64):
+      # Brute force: the most devices, up to one per core, that each get 32 rows or more.
+      want = max([1] + [n for n in range(1, cores + 1) if batch / n >= 32])
+      assert P.cpu_device_count(batch, cores=cores) == want, (batch, cores)
+
+
+def test_split_cpu_after_jax_started_and_bad_counts():
+  # This process runs JAX with 8 CPU devices (conftest): auto keeps them, the same count
+  # is accepted, another count is an error that says how to set it.
+  assert len(jax.devices("cpu")) == 8  # backends started
+  assert P.split_cpu("auto", 64) is None and P.split_cpu(None, 4096) is None
+  assert P.split_cpu(8, 64) == 8 and P.split_cpu("8", 64) == 8
+  with pytest.raises(ProclipError, match="JAX_NUM_CPU_DEVICES=3"):
+    P.split_cpu(3, 64)
+  for bad in ("two", 0, -1, [2]):
+    with pytest.raises(ProclipError, match="give auto or a positive count"):
+      P.split_cpu(bad, 64)
+  assert len(jax.devices("cpu")) == 8
+
+
+SPLIT_SCRIPT = """
+import json, os, sys
+import jax
+from proclip_jax.data import precompute as P
+out = {"set": P.split_cpu(sys.argv[1], 64)}
+out["cpu"] = len(jax.devices("cpu"))
+out["again"] = P.split_cpu("auto", 64)
+out["cores"] = len(os.sched_getaffinity(0))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.parametrize("env_count,arg", [(None, "auto"), (None, "3"), ("3", "auto")])
+def test_split_cpu_in_a_fresh_process(env_count, arg):
+  env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  if env_count:
+    env["JAX_NUM_CPU_DEVICES"] = env_count
+  r = subprocess.run([sys.executable, "-c", SPLIT_SCRIPT, arg], capture_output=True, text=True,
+                     timeout=120, env=env, cwd=ROOT)
+  assert r.returncode == 0, r.stderr
+  got = json.loads(r.stdout.strip().splitlines()[-1])
+  if env_count:  # the user's count is kept
+    assert got["set"] is None and got["cpu"] == 3
+  elif arg == "auto":  # one device per core, at least 32 of the 64 rows each
+    want = P.cpu_device_count(64, cores=got["cores"])
+    assert got["cpu"] == want and got["set"] == (want if want > 1 else None)
+  else:
+    assert got["set"] == 3 and got["cpu"] == 3
+  assert got["again"] is None  # started: auto changes nothing
 
 
 def test_bfloat16_model_fingerprint_is_of_the_saved_weights(bert_dir, tmp_path):

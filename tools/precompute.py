@@ -2,12 +2,17 @@
 
   python tools/precompute.py --data DATA [--split train] --model MODEL --fields short,long \\
       --out CACHE [--dtype float16] [--batch-size 64] [--max-length N] [--skip-empty]
-      [--unit-size 4096] [--compute-dtype bfloat16] [--mesh data=1,fsdp=-1] [--overwrite]
+      [--unit-size 4096] [--compute-dtype bfloat16] [--mesh data=1,fsdp=-1]
+      [--cpu-devices auto|N] [--overwrite]
 
 DATA comes from tools/build_dataset.py; MODEL is a folder from tools/convert.py (a text
 embedder gives LLM features, a CLIP gives the stage-1 teacher's text features). Killed and
 run again with the same arguments, it resumes where it stopped. On several hosts run the
 same command on every host (CACHE on a shared file system); each does its share.
+
+On a CPU, the forward runs data-parallel over one XLA device per core (``--cpu-devices
+auto``: as many as give each device at least 32 rows of a batch; ``--cpu-devices 1`` keeps
+the CPU one device). A count set with JAX_NUM_CPU_DEVICES is kept.
 """
 import argparse
 import json
@@ -47,11 +52,14 @@ def main(argv=None):
   p.add_argument("--unit-size", type=int, default=4096, help="ids per resumable work unit")
   p.add_argument("--compute-dtype", default="float32", choices=("float32", "bfloat16"))
   p.add_argument("--mesh", default=None, help="e.g. data=1,fsdp=-1 to shard the parameters")
+  p.add_argument("--cpu-devices", default="auto",
+                 help="XLA devices to split a CPU into: auto (one per core) or a count")
   p.add_argument("--overwrite", action="store_true")
   p.add_argument("--no-progress", action="store_true")
   args = p.parse_args(argv)
   try:
     from proclip_jax.data import cache, precompute  # pylint: disable=g-import-not-at-top
+    precompute.split_cpu(args.cpu_devices, args.batch_size)
     out = precompute.precompute(
         args.data, args.model, args.out, split=args.split,
         fields=[f for f in args.fields.split(",") if f], dtype=args.dtype,

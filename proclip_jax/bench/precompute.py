@@ -2,14 +2,17 @@
 
   python tools/benchmark.py precompute [--arch bert|llama --hidden 384 --layers 6 --heads 12
       --intermediate 1536 --batch-size 64 --length 32 --batches 4 --runs 5
-      --compute-dtype float32 --torch-dtypes float32,bfloat16,autocast --e2e 2048 --no-torch]
+      --compute-dtype float32 --torch-dtypes float32,bfloat16,autocast --e2e 2048
+      --cpu-devices auto|N --no-torch]
 
 A model of the given architecture and size with random weights is built with transformers
 (``BertModel`` from ``BertConfig``, or ``LlamaModel`` from ``LlamaConfig``), saved, and
 converted with the production converter; both sides then embed the same token batches
 (``--batches`` batches of ``--batch-size`` rows, lengths drawn in ``[length/2, length]``, mean
 pooling). The JAX side is the precompute driver's own forward (jit, batch sharded over the
-local devices) with ``--compute-dtype`` matmuls; the PyTorch side runs ``torch.inference_mode``
+local devices) with ``--compute-dtype`` matmuls; on a CPU, ``--cpu-devices`` splits it into
+devices as ``tools/precompute.py`` does (default ``auto``: one per core, at least 32 rows
+each; ``1`` keeps one device); the PyTorch side runs ``torch.inference_mode``
 on the CPU in each of ``--torch-dtypes``: ``float32``, ``bfloat16`` (the weights cast with
 ``model.to(torch.bfloat16)``, what ``torch_dtype=torch.bfloat16`` loads) and ``autocast``
 (float32 weights under ``torch.autocast("cpu", bfloat16)``). Runs alternate (JAX, then each
@@ -50,6 +53,8 @@ def add_args(parser):
                       help="PyTorch variants to run, comma-separated, from "
                            f"{','.join(TORCH_MODES)}")
   parser.add_argument("--e2e", type=int, default=0, help="also time the driver on N captions")
+  parser.add_argument("--cpu-devices", default="auto",
+                      help="XLA devices to split a CPU into: auto (one per core) or a count")
   parser.add_argument("--no-torch", action="store_true")
 
 
@@ -95,11 +100,12 @@ def _flops_per_caption(n_params_body: int, args) -> float:
 
 
 def run(args):
+  from proclip_jax.data import precompute as P  # pylint: disable=g-import-not-at-top
+  P.split_cpu(args.cpu_devices, args.batch_size)
   import jax  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   from safetensors.torch import save_file  # pylint: disable=g-import-not-at-top
   from proclip_jax.convert.llm import convert_embedder  # pylint: disable=g-import-not-at-top
-  from proclip_jax.data import precompute as P  # pylint: disable=g-import-not-at-top
 
   torch_modes = [] if args.no_torch else [m for m in args.torch_dtypes.split(",") if m]
   bad = sorted(set(torch_modes) - set(TORCH_MODES))
