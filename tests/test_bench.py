@@ -272,6 +272,17 @@ def test_precompute_benchmark_refuses_unknown_torch_dtype():
     precompute.run(_args(precompute, TINYP + ["--torch-dtypes", "float32,float16"]))
 
 
+def test_benchmark_cli_reports_a_bad_cpu_device_count():
+  import os, subprocess, sys  # pylint: disable=import-outside-toplevel,multiple-imports
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  r = subprocess.run([sys.executable, os.path.join(root, "tools", "benchmark.py"), "precompute",
+                      "--cpu-devices", "0"], capture_output=True, text=True, timeout=120,
+                     env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  assert r.returncode == 2, r.stderr
+  assert "CPU devices 0: give auto or a positive count" in r.stderr
+  assert "Traceback" not in r.stderr
+
+
 def test_torch_worker_runs_steps_and_reports_errors():
   pytest.importorskip("torch")
   args = _args(stage1, TINY1)

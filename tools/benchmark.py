@@ -14,6 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
 from proclip_jax.bench import NAMES  # noqa: E402
+from proclip_jax.errors import ProclipError  # noqa: E402
 
 
 def main(argv=None):
@@ -24,7 +25,11 @@ def main(argv=None):
   module = importlib.import_module(NAMES[argv[0]])
   parser = argparse.ArgumentParser(prog=f"benchmark.py {argv[0]}", description=module.__doc__)
   module.add_args(parser)
-  return module.run(parser.parse_args(argv[1:])) or 0
+  try:
+    return module.run(parser.parse_args(argv[1:])) or 0
+  except ProclipError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":
