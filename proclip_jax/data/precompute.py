@@ -264,8 +264,8 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
 
   XLA runs parts of one CPU device's program on one thread (the attention's batched
   products among them); with one device per core, the pieces of a batch run side by side.
-  On the 2-core machine this made the float32 MiniLM-size forward 12 % faster and the
-  bfloat16 one 25 % (``docs/performance.md``, "Precompute"). Training keeps one device:
+  On the 2-core machine this made the MiniLM-size forward 12–22 % faster in float32 and
+  19–25 % in bfloat16 (``docs/performance.md``, "Precompute"). Training keeps one device:
   there, two devices made the stage-2 step slower (7.9 s against 5.0 s).
 
   Args:
