@@ -372,9 +372,9 @@ def cast_kernels(params, dtype):
 
   The products cast their kernels to the compute dtype on every call (``Proj``); a frozen
   model does it once instead. The result is bit-identical (the same round-to-nearest cast),
-  the kernels take half the memory in bfloat16 (an 8B decoder's fit in 16 GB), and a single
-  bfloat16 MiniLM-size forward on the CPU takes 70-74 ms instead of 88-90 ms
-  (docs/performance.md, "Precompute"). Embedding tables, biases and norms stay float32.
+  the kernels take half the memory in bfloat16 (an 8B decoder's fit in 16 GB), and the
+  forward no longer spends time casting every kernel on every call (docs/performance.md,
+  "Precompute"). Embedding tables, biases and norms stay float32.
   """
   dtype = jnp.dtype(dtype)
   if dtype == jnp.float32:

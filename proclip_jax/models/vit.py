@@ -257,10 +257,11 @@ class Attention(nn.Module):
 
 
 # Heads-major operands, flattened to [batch * heads, tokens, head_dim], make every product a
-# plain batched matmul: on the CPU that runs the attention forward 4x and forward+backward 2x
-# faster than contracting [batch, tokens, heads, head_dim] directly, and the explicit backward
-# below takes the forward+backward from 53 to 38-45 ms per ViT-B/16 layer at batch 8 and the
-# stage-2 tower step 2 % faster than differentiating the forward (docs/performance.md).
+# plain batched matmul, which XLA:CPU runs much faster than a contraction over
+# [batch, tokens, heads, head_dim]. The backward is written out (a custom VJP) because JAX's
+# own derivative of the forward lets XLA fuse each batched product with the softmax or its
+# backward, and those fusions run slower than the same operations apart; here the forward
+# keeps the float32 probabilities and dq, dk, dv are one product each (docs/performance.md).
 
 def _flat(a):
   return a.reshape(-1, *a.shape[2:])

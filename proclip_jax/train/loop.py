@@ -326,7 +326,7 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
 def _summary_writer_class():
   """``tensorboardX.SummaryWriter``, imported without PyTorch when PyTorch is not loaded yet.
 
-  tensorboardX imports torch (2-3 s of a run's start) only so that it can also accept
+  tensorboardX imports torch (a slow import at a run's start) only so that it can also accept
   ``torch.Tensor`` values; this trainer logs Python floats. While tensorboardX is imported,
   ``import torch`` fails (the ImportError its ``try`` expects); torch stays importable after.
   """
