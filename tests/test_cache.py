@@ -137,16 +137,34 @@ def test_clip_cache_equals_encode_text(world, clip_dir, tmp_path):
   assert reader.manifest["truncated"]["long"] > 0
 
 
-def test_kill_and_resume_is_byte_identical(world, bert_dir, llm_cache, tmp_path):
+class Interrupted(Exception):
+  """Stands for a kill between two work units."""
+
+
+def _stop_after_units(monkeypatch, n):
+  """Makes the next precompute stop (Interrupted) once it has finished ``n`` units."""
+  finished = []
+
+  def unit_finished(start):
+    finished.append(start)
+    if len(finished) >= n:
+      raise Interrupted(f"stopped after {n} units")
+
+  monkeypatch.setattr(P, "_unit_finished", unit_finished)
+
+
+def test_kill_and_resume_is_byte_identical(world, bert_dir, llm_cache, tmp_path, monkeypatch):
   out = tmp_path / "resumed"
-  with pytest.raises(P.Interrupted):
-    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  with monkeypatch.context() as m, pytest.raises(Interrupted):
+    _stop_after_units(m, 1)
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
   assert not os.path.exists(out / "manifest.json")
   with pytest.raises(ProclipError, match="not a complete embedding cache"):
     C.CacheReader(out)
   # A second kill, plus a torn part file of an unfinished unit (no unit json).
-  with pytest.raises(P.Interrupted):
-    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  with monkeypatch.context() as m, pytest.raises(Interrupted):
+    _stop_after_units(m, 1)
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
   with open(out / "parts" / "short-000000032.npy", "wb") as f:
     f.write(b"torn")
   units = sorted(os.listdir(out / "parts"))
