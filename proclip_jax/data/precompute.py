@@ -249,7 +249,8 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
   XLA runs parts of one CPU device's program on one thread (the attention's batched
   products among them); with one device per core, the pieces of a batch run side by side,
   which makes the precompute forward faster in float32 and bfloat16 (``docs/performance.md``,
-  "Precompute"). Training keeps one device: there, more devices made the step slower.
+  "Why the code is shaped so"). Training keeps one device: there, more devices made the step
+  slower.
 
   Args:
     devices: the count (an int or its text, as a command line gives it), or None / "auto"
