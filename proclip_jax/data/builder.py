@@ -11,8 +11,8 @@ Output ``OUT`` is a tfds dataset folder (``dataset_info.json``, ``features.json`
   # {"id": int64, "image": bytes, "short": bytes (UTF-8), ..., "lang": bytes}
 
 plus ``OUT/ingest_report.json`` (counts per split and per reason, every skipped example
-with id, location and reason, ignored columns). Examples are stored in source order (ids
-increase within a source).
+with id, location and reason, ignored columns). Examples are stored in the order the
+sources give them (rows, shard members).
 
 Images are validated: PIL must identify them, ``verify()`` and fully ``load()`` them;
 width*height above ``max_pixels`` (and PIL's DecompressionBombError) is rejected. Storage
