@@ -344,7 +344,7 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
   if out.exists() and not overwrite:
     raise ProclipError(f"{out} already exists. Pass overwrite=True (--overwrite) to replace it "
                        f"or choose another output folder.")
-  plan = sources.plan(src, split=split, fields=fields, int_fields=int_fields)
+  plan = sources.plan_sources(src, split=split, fields=fields, int_fields=int_fields)
   schema = plan.schema
   tally = _Tally()
 

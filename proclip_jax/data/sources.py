@@ -470,7 +470,7 @@ def _merge_schemas(sources: Sequence[Source]) -> Schema:
   return Schema(captions, ints, [t for t in texts if t not in ints], ignored, [])
 
 
-def plan(src, *, split: str | None = None, fields: Sequence[str] | None = None,
+def plan_sources(src, *, split: str | None = None, fields: Sequence[str] | None = None,
          int_fields: Sequence[str] = ("label",)) -> Plan:
   """Scans every source of ``src`` (see :func:`resolve_sources`) and numbers its examples.
 
@@ -491,16 +491,16 @@ def plan(src, *, split: str | None = None, fields: Sequence[str] | None = None,
   return Plan(sources, _merge_schemas(sources), splits)
 
 
-def examples(p: Plan, split_name: str, default_lang: str) -> Iterator[RawExample]:
+def examples(plan: Plan, split_name: str, default_lang: str) -> Iterator[RawExample]:
   """Every example of ``split_name``, source by source, with the merged schema's fields."""
-  for source in p.sources:
+  for source in plan.sources:
     if source.kind == "tars":
       if source.split == split_name:
-        yield from tar_examples(tar_paths(source.path), p.schema, split_name, source.id_offset,
-                                default_lang)
+        yield from tar_examples(tar_paths(source.path), plan.schema, split_name,
+                                source.id_offset, default_lang)
     elif source.split == split_name or (source.split is None and
                                         split_name in source.schema.splits):
-      schema = dataclasses.replace(p.schema, image_key=source.schema.image_key,
+      schema = dataclasses.replace(plan.schema, image_key=source.schema.image_key,
                                    splits=source.schema.splits)
       yield from manifest_examples(source.path, schema, split_name, source.split is None,
                                    source.id_offset, default_lang)
