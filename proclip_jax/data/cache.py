@@ -34,8 +34,10 @@ cache that does not fit the run::
 
 Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what the run expects
 (``kind``, ``model`` / ``model_fingerprint``, ``preset``, ``dim``, ``fields``, ``dataset`` /
-``data`` + ``split``), memory-maps the arrays and answers ``lookup(ids, fields)`` with float32
+``data`` + ``split``), opens the arrays and answers ``lookup(ids, fields)`` with float32
 ``[B, D]`` rows (``ids`` int64 [B]; ``fields`` one field name or an array of B names).
+Paths go through ``etils.epath``: a local cache is memory-mapped, one elsewhere (``gs://``)
+is read into memory.
 Damage is refused with a ProclipError: a truncated or unreadable array file, a row count
 other than the manifest's, and non-finite rows (checked on every lookup; precompute never
 writes them).
@@ -47,9 +49,12 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+import ml_dtypes
 import numpy as np
+from etils import epath
 
-from proclip_jax.checkpoint import params_fingerprint  # noqa: F401  (re-exported)
+from proclip_jax.checkpoint import load_model, params_fingerprint, read_model_json
+from proclip_jax.data import paths
 from proclip_jax.errors import ProclipError
 
 FORMAT = "proclip-embedding-cache"
@@ -71,7 +76,6 @@ def model_fingerprint(path: str) -> str:
   Uses ``model.json``'s ``params_sha256`` when the converter stored one; otherwise loads the
   parameters and hashes them (:func:`params_fingerprint`).
   """
-  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
   meta = read_model_json(path)
   if isinstance(meta.get("params_sha256"), str):
     return meta["params_sha256"]
@@ -84,7 +88,6 @@ def dataset_fingerprint(path: str, split: str) -> str:
   Covers the dataset name and version, the split's name, byte count and shard lengths, the
   feature spec and the ingest report's counts; not the folder's location.
   """
-  from etils import epath  # pylint: disable=import-outside-toplevel
   root = epath.Path(path)
   info_path = root / "dataset_info.json"
   if not info_path.exists():
@@ -131,7 +134,6 @@ def encode_rows(x: np.ndarray, dtype: str) -> np.ndarray:
   """float32 rows -> the on-disk representation of ``dtype``."""
   x = np.asarray(x, np.float32)
   if dtype == "bfloat16":
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
     return x.astype(ml_dtypes.bfloat16).view(np.uint16)
   return x.astype(storage_dtype(dtype))
 
@@ -139,69 +141,85 @@ def encode_rows(x: np.ndarray, dtype: str) -> np.ndarray:
 def decode_rows(x: np.ndarray, dtype: str) -> np.ndarray:
   """On-disk rows of ``dtype`` -> float32."""
   if dtype == "bfloat16":
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
     return np.asarray(x).view(ml_dtypes.bfloat16).astype(np.float32)
   return np.asarray(x, np.float32)
 
 
 # ------------------------------------------------------------------------- writing helpers
 
+def _temporary(path: str) -> epath.Path:
+  """A per-process temporary name beside ``path``: renamed to ``path`` once written whole."""
+  return epath.Path(f"{path}.tmp-{os.getpid()}")
+
+
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
   """``np.save`` to ``path`` through a temporary name and a rename."""
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "wb") as f:
+  tmp = _temporary(path)
+  with tmp.open("wb") as f:
     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-  os.replace(tmp, path)
+  tmp.replace(path)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  tmp = f"{path}.tmp-{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=1, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  tmp = _temporary(path)
+  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+  tmp.replace(path)
 
 
 def read_json(path: str) -> Any:
   try:
-    with open(path) as f:
-      return json.load(f)
+    return json.loads(epath.Path(path).read_text())
   except json.JSONDecodeError as e:
     raise ProclipError(f"{path} is not valid JSON ({e}); the cache is damaged: remove it and "
                        "run tools/precompute.py again.") from e
 
 
 def merge_parts(parts: Sequence[str], out: str, rows: int, dim: int, dtype: np.dtype) -> None:
-  """Concatenates part ``.npy`` files (in the given order) into ``out`` atomically."""
-  tmp = f"{out}.tmp-{os.getpid()}"
-  arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(rows, dim))
-  pos = 0
-  for p in parts:
-    a = np.load(p, mmap_mode="r")
-    arr[pos:pos + a.shape[0]] = a
-    pos += a.shape[0]
-  if pos != rows:
-    del arr
-    os.remove(tmp)
-    raise ProclipError(f"The parts of {out} hold {pos} rows, expected {rows}; remove "
+  """Concatenates part ``.npy`` files (in the given order) into ``out`` atomically.
+
+  The ``.npy`` header goes first and the parts' rows are streamed after it, one part in
+  memory at a time, so the file is the one ``np.save`` writes for the whole array.
+  """
+  tmp = _temporary(out)
+  written = 0
+  with tmp.open("wb") as f:
+    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                             "fortran_order": False, "shape": (rows, dim)})
+    for p in parts:
+      with epath.Path(p).open("rb") as pf:
+        a = np.load(pf, allow_pickle=False)
+      if a.ndim != 2 or a.shape[1] != dim or written + a.shape[0] > rows:
+        written = -1  # never equal to rows: refused below
+        break
+      f.write(np.ascontiguousarray(a, dtype).tobytes())
+      written += a.shape[0]
+  if written != rows:
+    tmp.unlink()
+    raise ProclipError(f"The parts of {out} do not make {rows} rows of {dim} values; remove "
                        f"{os.path.dirname(parts[0]) if parts else out} and run again.")
-  arr.flush()
-  del arr
-  os.replace(tmp, out)
+  tmp.replace(out)
 
 
 # ------------------------------------------------------------------------- reading
 
+def _load_npy(path: str) -> np.ndarray:
+  """A local ``.npy`` memory-mapped (lookups touch only their rows); any other read whole."""
+  if paths.is_local(path):
+    return np.load(path, mmap_mode="r")
+  with epath.Path(path).open("rb") as f:
+    return np.load(f, allow_pickle=False)
+
+
 def read_manifest(path: str) -> dict:
   """The manifest of a complete cache (ProclipError for an incomplete or foreign folder)."""
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise ProclipError(f"No embedding cache at {path}. Write one with `python "
                        f"tools/precompute.py --data DATA --model MODEL --fields ... --out {path}`.")
   mpath = os.path.join(path, MANIFEST)
-  if not os.path.exists(mpath):
+  if not epath.Path(mpath).exists():
     extra = (" It has partial results (parts/): run the same tools/precompute.py command "
-             "again to finish it." if os.path.isdir(os.path.join(path, PARTS_DIR)) else "")
+             "again to finish it." if epath.Path(path, PARTS_DIR).is_dir() else "")
     raise ProclipError(f"{path} is not a complete embedding cache (no {MANIFEST}; the "
                        f"manifest is written last).{extra}")
   m = read_json(mpath)
@@ -285,12 +303,12 @@ class CacheReader:
   ``dtype`` (the stored dtype name), ``kind``.
 
   ``lookup(ids, fields)`` is the pipeline's side-data protocol (also ``reader(ids, fields)``).
-  Thread-safe for reads (memory-mapped arrays, no mutable state).
+  Thread-safe for reads (memory-mapped or in-memory arrays, no mutable state).
   """
 
   def __init__(self, path: str, expect: Mapping[str, Any] | None = None,
                fields: Sequence[str] | None = None):
-    self.path = os.path.abspath(os.fspath(path))
+    self.path = paths.absolute(path)
     m = read_manifest(self.path)
     check_manifest(m, expect, self.path)
     self.manifest = m
@@ -317,11 +335,11 @@ class CacheReader:
 
   def _open(self, name: str, dtype: np.dtype, shape: tuple) -> np.ndarray:
     p = os.path.join(self.path, name)
-    if not os.path.exists(p):
+    if not epath.Path(p).exists():
       raise ProclipError(f"The embedding cache {self.path} lacks {name} (its manifest lists "
                          "it); the cache is damaged: remove it and run tools/precompute.py again.")
     try:
-      a = np.load(p, mmap_mode="r")
+      a = _load_npy(p)
     except (ValueError, OSError, EOFError) as e:
       raise ProclipError(f"{p} cannot be read ({type(e).__name__}: {e}); the cache is damaged "
                          "(truncated?): remove it and run tools/precompute.py again.") from e

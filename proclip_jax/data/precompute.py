@@ -39,20 +39,27 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
+from jax.experimental import multihost_utils
+from tqdm import tqdm
 
+from proclip_jax.checkpoint import load_model, read_model_json
 from proclip_jax.data import cache as C
+from proclip_jax.data import paths
+from proclip_jax.data.pipeline import open_source
 from proclip_jax.errors import ProclipError
+from proclip_jax.models import embedder as E
+from proclip_jax.models.clip import CLIPConfig
+from proclip_jax.models.clip_text import TextTransformer
+from proclip_jax.text.clip_tokenizer import ClipTokenizer
+from proclip_jax.train import mesh as M
 
 DEFAULT_UNIT_SIZE = 4096
-
-
-class Interrupted(Exception):
-  """Raised by the ``stop_after_units`` test hook (simulates a killed run)."""
-
 
 # ------------------------------------------------------------------------- the two model kinds
 
@@ -84,9 +91,6 @@ class PrecomputeModel:
 
 def _embedder_model(path: str, meta: dict, max_length: int | None,
                     compute_dtype: str) -> PrecomputeModel:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models import embedder as E  # pylint: disable=import-outside-toplevel
   preset = E.get_preset(meta.get("preset", "minilm"))
   if max_length is not None:
     preset = dataclasses.replace(preset, max_length=int(max_length))
@@ -112,12 +116,6 @@ def _embedder_model(path: str, meta: dict, max_length: int | None,
 
 def _clip_model(path: str, meta: dict, params: Any, max_length: int | None,
                 compute_dtype: str) -> PrecomputeModel:
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.clip import CLIPConfig  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.clip_text import TextTransformer  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.embedder import bucket_lengths  # pylint: disable=import-outside-toplevel
-  from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
   config = CLIPConfig.from_dict(meta["config"])
   if config.text is None or "text" not in params:
     raise ProclipError(f"The CLIP at {path} has no text tower (converted from an image-only "
@@ -130,7 +128,7 @@ def _clip_model(path: str, meta: dict, params: Any, max_length: int | None,
                        f"[2, {context}] (its context length).")
   module = TextTransformer(tcfg)
   tok = ClipTokenizer()
-  buckets = bucket_lengths(length)
+  buckets = E.bucket_lengths(length)
 
   def fn(p, ids):
     x = module.apply({"params": p}, ids).astype(jnp.float32)
@@ -168,10 +166,9 @@ def load_precompute_model(path: str, *, max_length: int | None = None,
     max_length: tokens per caption (default: the preset's, or CLIP's context length).
     compute_dtype: "float32" or "bfloat16" matmuls (parameters stay float32).
   """
-  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
   if compute_dtype not in ("float32", "bfloat16"):
     raise ProclipError(f"compute_dtype={compute_dtype!r}: use float32 or bfloat16.")
-  path = os.path.abspath(os.fspath(path))
+  path = paths.absolute(path)
   meta = read_model_json(path)
   kind = meta.get("kind")
   if kind == "embedder":
@@ -204,8 +201,6 @@ def _text(v) -> str:
 def read_captions(data: str, split: str, fields: Sequence[str], *, chunk: int = 1024,
                   progress: bool = False) -> tuple[np.ndarray, dict[str, list[str]]]:
   """``(ids int64 [N], {field: [N captions]})`` of a built dataset split, in record order."""
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  from proclip_jax.data.pipeline import open_source  # pylint: disable=import-outside-toplevel
   source = open_source(data, split)
   n = len(source)
   if n == 0:
@@ -235,18 +230,7 @@ def _list_ids(ids, limit: int = 20) -> str:
   return f"{ids[:limit]}{' ...' if len(ids) > limit else ''}"
 
 
-# ------------------------------------------------------------------------- the driver
-
-def _unit_name(kind: str, start: int, field: str | None = None) -> str:
-  return f"unit-{start:09d}.json" if kind == "unit" else f"{field}-{start:09d}.npy"
-
-
-def _sync(name: str) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-    multihost_utils.sync_global_devices(name)
-
+# ------------------------------------------------------------------------- devices
 
 # Rows of a batch that each CPU device should get at least when the CPU is split ("auto").
 MIN_ROWS_PER_CPU_DEVICE = 32
@@ -263,10 +247,10 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
   """Makes JAX's CPU backend ``devices`` XLA devices, for the data-parallel forward.
 
   XLA runs parts of one CPU device's program on one thread (the attention's batched
-  products among them); with one device per core, the pieces of a batch run side by side.
-  On the 2-core machine this made the MiniLM-size forward 12–22 % faster in float32 and
-  19–25 % in bfloat16 (``docs/performance.md``, "Precompute"). Training keeps one device:
-  there, two devices made the stage-2 step slower (7.9 s against 5.0 s).
+  products among them); with one device per core, the pieces of a batch run side by side,
+  which makes the precompute forward faster in float32 and bfloat16 (``docs/performance.md``,
+  "Why the code is shaped so"). Training keeps one device: there, more devices made the step
+  slower.
 
   Args:
     devices: the count (an int or its text, as a command line gives it), or None / "auto"
@@ -279,7 +263,6 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
     or JAX's backends have started. Only the CPU backend is affected; on a GPU or TPU host
     the accelerator stays the default backend.
   """
-  import jax  # pylint: disable=import-outside-toplevel
   if devices is None or devices == "auto":
     chosen = (jax.config.jax_num_cpu_devices >= 0 or
               "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""))
@@ -310,8 +293,6 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
 
 def build_forward(model: PrecomputeModel, mesh_spec, devices):
   """(jitted fn, placed params, batch sharding, batch divisor) over this process's devices."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train import mesh as M  # pylint: disable=import-outside-toplevel
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = M.make_mesh(mesh_spec or {"data": -1}, devices)
   param_shardings = M.tree_shardings(model.abstract, mesh)
@@ -322,13 +303,275 @@ def build_forward(model: PrecomputeModel, mesh_spec, devices):
   return (jax.jit(model.fn), params, M.batch_sharding(mesh), M.batch_divisor(mesh))
 
 
+@dataclasses.dataclass
+class _Forward:
+  """The jitted model over this process's devices, fed batches of exactly ``rows`` rows."""
+  fn: Callable
+  params: Any
+  sharding: Any
+  rows: int
+
+  def submit(self, arrays: tuple) -> jax.Array:
+    """Starts the forward of tokenised ``arrays`` and returns without waiting for it.
+
+    Fewer than ``rows`` rows are padded by repeating the last (a valid input); the caller
+    drops the padding's outputs.
+    """
+    pad = self.rows - arrays[0].shape[0]
+    if pad:
+      arrays = tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in arrays)
+    return self.fn(self.params, *[jax.device_put(a, self.sharding) for a in arrays])
+
+
+def _forward(model: PrecomputeModel, batch_size: int, mesh_spec, devices) -> _Forward:
+  fn, params, sharding, shards = build_forward(model, mesh_spec, devices)
+  return _Forward(fn, params, sharding, -(-batch_size // shards) * shards)
+
+
+def _sync(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+# ------------------------------------------------------------------------- checking the inputs
+
+def _check_options(fields: Sequence[str], dtype: str, batch_size, unit_size) -> None:
+  C.storage_dtype(dtype)
+  if not isinstance(batch_size, int) or batch_size < 1:
+    raise ProclipError(f"batch_size must be a positive int, got {batch_size!r}.")
+  if not isinstance(unit_size, int) or unit_size < 1:
+    raise ProclipError(f"unit_size must be a positive int, got {unit_size!r}.")
+  if not fields:
+    raise ProclipError("No caption fields given; name them with --fields (e.g. short,long).")
+  bad = [f for f in fields if not f or "/" in f or f in ("ids", "manifest", C.PARTS_DIR)]
+  if bad:
+    raise ProclipError(f"Field names {bad} cannot name cache files; rename them.")
+
+
+def _in_id_order(ids, captions: Mapping[str, Sequence[str]],
+                 fields: Sequence[str]) -> tuple[np.ndarray, dict[str, list[str]]]:
+  """``(ids int64 sorted, {field: captions in that order})``; the ids must be unique."""
+  ids = np.asarray(ids).reshape(-1)
+  if ids.dtype.kind not in "iu":
+    raise ProclipError(f"Example ids must be integers, got {ids.dtype}.")
+  ids = ids.astype(np.int64)
+  n = ids.shape[0]
+  if n == 0:
+    raise ProclipError("No examples to precompute.")
+  for f in fields:
+    if len(captions[f]) != n:
+      raise ProclipError(f"Field {f!r} has {len(captions[f])} captions for {n} ids.")
+  order = np.argsort(ids, kind="stable")
+  ids = ids[order]
+  dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
+  if dup.size:
+    raise ProclipError(f"Duplicate example ids {_list_ids(dup.tolist())}; ids must be unique.")
+  return ids, {f: [str(captions[f][i]) for i in order] for f in fields}
+
+
+def _empty_captions(ids: np.ndarray, caps: Mapping[str, list[str]],
+                    skip_empty: bool) -> dict[str, list[int]]:
+  """``{field: ids whose caption is empty}`` (fields without any left out); an error listing
+  them unless ``skip_empty``."""
+  empty = {f: ids[[not t.strip() for t in texts]].tolist() for f, texts in caps.items()}
+  empty = {f: v for f, v in empty.items() if v}
+  if empty and not skip_empty:
+    listing = "; ".join(f"{f!r}: {len(v)} ids {_list_ids(v)}" for f, v in empty.items())
+    raise ProclipError(f"Empty captions ({listing}). Fix the data or pass --skip-empty "
+                       "(skipped ids are listed in the manifest and refused on lookup).")
+  return empty
+
+
+# ------------------------------------------------------------------------- the plan
+
+def _plan(model: PrecomputeModel, ids: np.ndarray, caps: Mapping[str, list[str]], *,
+          dataset: Mapping[str, Any], dtype: str, unit_size: int, batch_size: int,
+          skip_empty: bool, empty: Mapping[str, list[int]]) -> dict:
+  """Everything that decides the cache's bytes: the manifest less its ``truncated`` counts.
+
+  Stored as ``parts/plan.json`` so that a resume with other arguments is refused.
+  """
+  fields = list(caps)
+  plan = {
+      "format": C.FORMAT, "version": C.VERSION, "kind": model.kind, **model.info,
+      "dim": model.dim, "dtype": dtype, "fields": fields, "count": int(ids.shape[0]),
+      "unit_size": unit_size, "batch_size": batch_size,
+      "dataset": {k: dataset.get(k) for k in ("fingerprint", "split", "path")},
+      "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+      "captions_sha256": {f: C.texts_sha256(caps[f]) for f in fields},
+      "empty_policy": "skip" if skip_empty else "error",
+      "skipped": {f: empty.get(f, []) for f in fields},
+      "files": {"ids": C.IDS_FILE, **{f: f"{f}.npy" for f in fields}},
+  }
+  return json.loads(json.dumps(plan))  # exactly what a JSON round trip gives back
+
+
+def _unit_json(parts: str, start: int) -> str:
+  return os.path.join(parts, f"unit-{start:09d}.json")
+
+
+def _part_npy(parts: str, field: str, start: int) -> str:
+  return os.path.join(parts, f"{field}-{start:09d}.npy")
+
+
+def _is_complete(out: str, plan: dict) -> bool:
+  """Whether ``out`` holds the finished cache of exactly this plan."""
+  mpath = os.path.join(out, C.MANIFEST)
+  if not epath.Path(mpath).exists():
+    return False
+  done = C.read_json(mpath)
+  return {k: v for k, v in done.items() if k != "truncated"} == plan
+
+
+def _conflict(out: str, plan: dict) -> str | None:
+  """Why ``out`` cannot take this plan's results (None: absent, empty, or this plan's parts).
+
+  Called after :func:`_is_complete`, so a manifest found here is of other arguments.
+  """
+  root = epath.Path(out)
+  plan_path = root / C.PARTS_DIR / "plan.json"
+  if (root / C.MANIFEST).exists():
+    return (f"{out} already holds a complete cache made with other arguments (model, "
+            "dataset, fields, dtype or options)")
+  if plan_path.exists():
+    if C.read_json(os.fspath(plan_path)) != plan:
+      return (f"{out} holds partial results of a run with other arguments (model, dataset, "
+              "fields, dtype or options); run that command again to finish it")
+    return None
+  if root.is_dir() and any(root.iterdir()) and not (root / C.PARTS_DIR).is_dir():
+    return f"{out} exists and is not an embedding cache"
+  return None
+
+
+def _start_or_resume(out: str, plan: dict, overwrite: bool) -> str:
+  """Makes ``out/parts`` ready for this plan (clearing what ``overwrite`` allows) and
+  returns it; every process waits until process 0 has written ``parts/plan.json``."""
+  stale = _conflict(out, plan)
+  if stale is not None:
+    if not overwrite:
+      raise ProclipError(f"{stale}; pass --overwrite to replace it or choose another --out.")
+    if jax.process_index() == 0:
+      epath.Path(out).rmtree()
+  _sync("proclip_precompute_clean")
+  parts = os.path.join(out, C.PARTS_DIR)
+  epath.Path(parts).mkdir(parents=True, exist_ok=True)
+  plan_path = os.path.join(parts, "plan.json")
+  if jax.process_index() == 0 and not epath.Path(plan_path).exists():
+    C.atomic_write_json(plan_path, plan)
+  _sync("proclip_precompute_plan")
+  return parts
+
+
+# ------------------------------------------------------------------------- one work unit
+
+def _features(model: PrecomputeModel, forward: _Forward, texts: Sequence[str],
+              bar) -> tuple[np.ndarray, int]:
+  """float32 ``[len(texts), dim]`` features (empty captions: zero rows) and the number of
+  captions cut at ``max_length``.
+
+  Captions go through the model sorted by token length, so a batch pads to few tokens;
+  every batch is submitted before the first result is read, so tokenising the next batch
+  overlaps the device's work on this one.
+  """
+  keep = np.asarray([bool(t.strip()) for t in texts])
+  kept = np.flatnonzero(keep)
+  feats = np.zeros((len(texts), model.dim), np.float32)
+  lens = model.lengths([texts[i] for i in kept]) if kept.size else np.zeros(0, int)
+  by_len = kept[np.argsort(np.minimum(lens, model.max_length), kind="stable")]
+  pending = []
+  for b in range(0, by_len.size, forward.rows):
+    rows = by_len[b:b + forward.rows]
+    pending.append((rows, forward.submit(model.tokenize([texts[i] for i in rows]))))
+  for rows, y in pending:
+    feats[rows] = np.asarray(y)[:rows.size]
+    bar.update(rows.size)
+  bar.update(int((~keep).sum()))
+  return feats, int((lens > model.max_length).sum())
+
+
+def _encode_finite(feats: np.ndarray, ids: np.ndarray, field: str, dtype: str) -> np.ndarray:
+  """``feats`` in the storage ``dtype``; a ProclipError if a row is not finite there (a NaN
+  written to the cache would poison the loss)."""
+  encoded = C.encode_rows(feats, dtype)
+  finite = np.isfinite(C.decode_rows(encoded, dtype)).all(axis=1)
+  if finite.all():
+    return encoded
+  bad = ids[~finite].tolist()
+  overflow = np.isfinite(feats).all(axis=1) & ~finite
+  hint = (f" ({int(overflow.sum())} of them overflow {dtype}: use --dtype float32 "
+          "or bfloat16)" if overflow.any() else "")
+  raise ProclipError(
+      f"The model gave non-finite (NaN/inf) {field!r} features for {len(bad)} ids "
+      f"{_list_ids(bad)}{hint}; nothing of this unit was written. Check the model "
+      f"folder (convert it again) and its --compute-dtype, then rerun "
+      "tools/precompute.py (finished units are kept).")
+
+
+def _run_unit(model: PrecomputeModel, forward: _Forward, ids: np.ndarray,
+              caps: Mapping[str, list[str]], start: int, dtype: str, parts: str, bar) -> None:
+  """Writes the part files of the unit starting at row ``start``, then its json (the unit is
+  done once the json exists)."""
+  marker = {}
+  for f, texts in caps.items():
+    feats, truncated = _features(model, forward, texts, bar)
+    C.atomic_save_npy(_part_npy(parts, f, start), _encode_finite(feats, ids, f, dtype))
+    marker[f] = {"truncated": truncated}
+  C.atomic_write_json(_unit_json(parts, start), marker)
+
+
+def _unit_finished(start: int) -> None:
+  """Called after each unit is on disk. A seam for tests, which replace it to stop a run
+  between two units as a kill would."""
+  del start
+
+
+def _run_units(model: PrecomputeModel, forward: _Forward, ids: np.ndarray,
+               caps: Mapping[str, list[str]], starts: Sequence[int], *, unit_size: int,
+               dtype: str, parts: str, progress: bool) -> None:
+  n = ids.shape[0]
+  total = sum(min(s + unit_size, n) - s for s in starts) * len(caps)
+  bar = tqdm(total=total, desc=f"precompute {model.kind}", unit="cap", smoothing=0.05,
+             disable=not progress, dynamic_ncols=True)
+  try:
+    for s in starts:
+      e = min(s + unit_size, n)
+      _run_unit(model, forward, ids[s:e], {f: t[s:e] for f, t in caps.items()}, s, dtype,
+                parts, bar)
+      _unit_finished(s)
+  finally:
+    bar.close()
+
+
+# ------------------------------------------------------------------------- the merge
+
+def _merge(out: str, parts: str, plan: dict, ids: np.ndarray, starts: Sequence[int]) -> None:
+  """Joins the units' parts into the cache files, writes the manifest last, drops ``parts``."""
+  missing = [s for s in starts if not epath.Path(_unit_json(parts, s)).exists()]
+  if missing:
+    raise ProclipError(f"{len(missing)} work units of {out} are unfinished (e.g. ids from row "
+                       f"{missing[0]}); another process failed? Run the command again.")
+  fields = plan["fields"]
+  truncated = {f: 0 for f in fields}
+  for s in starts:
+    m = C.read_json(_unit_json(parts, s))
+    for f in fields:
+      truncated[f] += int(m[f]["truncated"])
+  C.atomic_save_npy(os.path.join(out, C.IDS_FILE), ids)
+  for f in fields:
+    C.merge_parts([_part_npy(parts, f, s) for s in starts], os.path.join(out, f"{f}.npy"),
+                  plan["count"], plan["dim"], C.storage_dtype(plan["dtype"]))
+  C.atomic_write_json(os.path.join(out, C.MANIFEST), {**plan, "truncated": truncated})
+  epath.Path(parts).rmtree(missing_ok=True)
+
+
+# ------------------------------------------------------------------------- the driver
+
 def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: str, *,
                         dataset: Mapping[str, Any], dtype: str = "float16",
                         batch_size: int = 64, max_length: int | None = None,
                         skip_empty: bool = False, unit_size: int = DEFAULT_UNIT_SIZE,
                         compute_dtype: str = "float32", mesh: Mapping[str, int] | None = None,
-                        devices=None, overwrite: bool = False, progress: bool = True,
-                        stop_after_units: int | None = None) -> str:
+                        devices=None, overwrite: bool = False, progress: bool = True) -> str:
   """Writes the cache ``out`` for given ids and captions (the core of :func:`precompute`).
 
   Args:
@@ -348,160 +591,33 @@ def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: 
     devices: the devices to use (default: ``jax.local_devices()``).
     overwrite: replace a complete cache, or partial results of different arguments.
     progress: tqdm bar (captions/s, ETA).
-    stop_after_units: test hook: raise :class:`Interrupted` after that many units.
 
   Returns:
     The absolute cache path.
   """
-  import jax  # pylint: disable=import-outside-toplevel
-  from tqdm import tqdm  # pylint: disable=import-outside-toplevel
-  out = os.path.abspath(os.fspath(out))
-  C.storage_dtype(dtype)
-  if not isinstance(batch_size, int) or batch_size < 1:
-    raise ProclipError(f"batch_size must be a positive int, got {batch_size!r}.")
-  if not isinstance(unit_size, int) or unit_size < 1:
-    raise ProclipError(f"unit_size must be a positive int, got {unit_size!r}.")
+  out = paths.absolute(out)
   fields = list(captions)
-  if not fields:
-    raise ProclipError("No caption fields given; name them with --fields (e.g. short,long).")
-  bad = [f for f in fields if not f or "/" in f or f in ("ids", "manifest", C.PARTS_DIR)]
-  if bad:
-    raise ProclipError(f"Field names {bad} cannot name cache files; rename them.")
-  ids = np.asarray(ids).reshape(-1)
-  if ids.dtype.kind not in "iu":
-    raise ProclipError(f"Example ids must be integers, got {ids.dtype}.")
-  ids = ids.astype(np.int64)
-  n = ids.shape[0]
-  if n == 0:
-    raise ProclipError("No examples to precompute.")
-  for f in fields:
-    if len(captions[f]) != n:
-      raise ProclipError(f"Field {f!r} has {len(captions[f])} captions for {n} ids.")
-  order = np.argsort(ids, kind="stable")
-  ids = ids[order]
-  dup = np.unique(ids[1:][ids[1:] == ids[:-1]])
-  if dup.size:
-    raise ProclipError(f"Duplicate example ids {_list_ids(dup.tolist())}; ids must be unique.")
-  caps = {f: [str(captions[f][i]) for i in order] for f in fields}
-  empty = {f: ids[[not t.strip() for t in caps[f]]].tolist() for f in fields}
-  empty = {f: v for f, v in empty.items() if v}
-  if empty and not skip_empty:
-    listing = "; ".join(f"{f!r}: {len(v)} ids {_list_ids(v)}" for f, v in empty.items())
-    raise ProclipError(f"Empty captions ({listing}). Fix the data or pass --skip-empty "
-                       "(skipped ids are listed in the manifest and refused on lookup).")
-
+  _check_options(fields, dtype, batch_size, unit_size)
+  ids, caps = _in_id_order(ids, captions, fields)
+  empty = _empty_captions(ids, caps, skip_empty)
   if not isinstance(model, PrecomputeModel):
     model = load_precompute_model(model, max_length=max_length, compute_dtype=compute_dtype)
-  plan = {
-      "format": C.FORMAT, "version": C.VERSION, "kind": model.kind, **model.info,
-      "dim": model.dim, "dtype": dtype, "fields": fields, "count": int(n),
-      "unit_size": unit_size, "batch_size": batch_size,
-      "dataset": {k: dataset.get(k) for k in ("fingerprint", "split", "path")},
-      "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
-      "captions_sha256": {f: C.texts_sha256(caps[f]) for f in fields},
-      "empty_policy": "skip" if skip_empty else "error",
-      "skipped": {f: empty.get(f, []) for f in fields},
-      "files": {"ids": C.IDS_FILE, **{f: f"{f}.npy" for f in fields}},
-  }
-  plan = json.loads(json.dumps(plan))  # exactly what a JSON round trip gives back
-  pi, pc = jax.process_index(), jax.process_count()
-  mpath = os.path.join(out, C.MANIFEST)
-  parts = os.path.join(out, C.PARTS_DIR)
-  plan_path = os.path.join(parts, "plan.json")
-  stale = None
-  if os.path.exists(mpath):
-    done = C.read_json(mpath)
-    if {k: v for k, v in done.items() if k != "truncated"} == plan:
-      return out  # already complete with these arguments
-    stale = (f"{out} already holds a complete cache made with other arguments (model, "
-             "dataset, fields, dtype or options)")
-  elif os.path.exists(plan_path):
-    if C.read_json(plan_path) != plan:
-      stale = (f"{out} holds partial results of a run with other arguments (model, dataset, "
-               "fields, dtype or options); run that command again to finish it")
-  elif os.path.isdir(out) and os.listdir(out) and not os.path.isdir(parts):
-    stale = f"{out} exists and is not an embedding cache"
-  if stale is not None:
-    if not overwrite:
-      raise ProclipError(f"{stale}; pass --overwrite to replace it or choose another --out.")
-    if pi == 0:
-      shutil.rmtree(out)
-  _sync("proclip_precompute_clean")
-  os.makedirs(parts, exist_ok=True)
-  if pi == 0 and not os.path.exists(plan_path):
-    C.atomic_write_json(plan_path, plan)
-  _sync("proclip_precompute_plan")
+  plan = _plan(model, ids, caps, dataset=dataset, dtype=dtype, unit_size=unit_size,
+               batch_size=batch_size, skip_empty=skip_empty, empty=empty)
+  if _is_complete(out, plan):
+    return out
+  parts = _start_or_resume(out, plan, overwrite)
 
-  starts = list(range(0, n, unit_size))
-  mine = [s for k, s in enumerate(starts) if k % pc == pi]
-  todo = [s for s in mine if not os.path.exists(os.path.join(parts, _unit_name("unit", s)))]
+  # Process k of c does units k, k + c, ...; a unit whose json exists is done already.
+  starts = list(range(0, ids.shape[0], unit_size))
+  mine = starts[jax.process_index()::jax.process_count()]
+  todo = [s for s in mine if not epath.Path(_unit_json(parts, s)).exists()]
   if todo:
-    fn, params, batch_sharding, shards = build_forward(model, mesh, devices)
-    rows_per_batch = -(-batch_size // shards) * shards
-    total = sum(min(s + unit_size, n) - s for s in todo) * len(fields)
-    bar = tqdm(total=total, desc=f"precompute {model.kind}", unit="cap", smoothing=0.05,
-               disable=not progress, dynamic_ncols=True)
-    try:
-      for done_units, s in enumerate(todo, start=1):
-        e = min(s + unit_size, n)
-        marker = {}
-        for f in fields:
-          texts = caps[f][s:e]
-          keep = np.asarray([bool(t.strip()) for t in texts])
-          kept = np.flatnonzero(keep)
-          feats = np.zeros((e - s, model.dim), np.float32)
-          lens = model.lengths([texts[i] for i in kept]) if kept.size else np.zeros(0, int)
-          marker[f] = {"truncated": int((lens > model.max_length).sum())}
-          by_len = kept[np.argsort(np.minimum(lens, model.max_length), kind="stable")]
-          pending = []
-          for b in range(0, by_len.size, rows_per_batch):
-            rows = by_len[b:b + rows_per_batch]
-            arrays = model.tokenize([texts[i] for i in rows])
-            pad = rows_per_batch - rows.size
-            if pad:  # repeat the last real row: a valid input, dropped below
-              arrays = tuple(np.concatenate([a, np.repeat(a[-1:], pad, 0)]) for a in arrays)
-            arrays = [jax.device_put(a, batch_sharding) for a in arrays]
-            pending.append((rows, fn(params, *arrays)))  # async: tokenise the next meanwhile
-          for rows, y in pending:
-            feats[rows] = np.asarray(y)[:rows.size]
-            bar.update(rows.size)
-          bar.update(int((~keep).sum()))
-          encoded = C.encode_rows(feats, dtype)
-          finite = np.isfinite(C.decode_rows(encoded, dtype)).all(axis=1)
-          if not finite.all():  # never write a feature that would poison the loss
-            bad = ids[s:e][~finite].tolist()
-            overflow = np.isfinite(feats).all(axis=1) & ~finite
-            hint = (f" ({int(overflow.sum())} of them overflow {dtype}: use --dtype float32 "
-                    "or bfloat16)" if overflow.any() else "")
-            raise ProclipError(
-                f"The model gave non-finite (NaN/inf) {f!r} features for {len(bad)} ids "
-                f"{_list_ids(bad)}{hint}; nothing of this unit was written. Check the model "
-                f"folder (convert it again) and its --compute-dtype, then rerun "
-                "tools/precompute.py (finished units are kept).")
-          C.atomic_save_npy(os.path.join(parts, _unit_name("part", s, f)), encoded)
-        C.atomic_write_json(os.path.join(parts, _unit_name("unit", s)), marker)
-        if stop_after_units is not None and done_units >= stop_after_units:
-          raise Interrupted(f"stopped after {done_units} units (test hook)")
-    finally:
-      bar.close()
-
+    _run_units(model, _forward(model, batch_size, mesh, devices), ids, caps, todo,
+               unit_size=unit_size, dtype=dtype, parts=parts, progress=progress)
   _sync("proclip_precompute_units")
-  if pi == 0:
-    missing = [s for s in starts if not os.path.exists(os.path.join(parts, _unit_name("unit", s)))]
-    if missing:
-      raise ProclipError(f"{len(missing)} work units of {out} are unfinished (e.g. ids from row "
-                         f"{missing[0]}); another process failed? Run the command again.")
-    truncated = {f: 0 for f in fields}
-    for s in starts:
-      m = C.read_json(os.path.join(parts, _unit_name("unit", s)))
-      for f in fields:
-        truncated[f] += int(m[f]["truncated"])
-    C.atomic_save_npy(os.path.join(out, C.IDS_FILE), ids)
-    for f in fields:
-      C.merge_parts([os.path.join(parts, _unit_name("part", s, f)) for s in starts],
-                    os.path.join(out, f"{f}.npy"), n, model.dim, C.storage_dtype(dtype))
-    C.atomic_write_json(mpath, {**plan, "truncated": truncated})
-    shutil.rmtree(parts, ignore_errors=True)
+  if jax.process_index() == 0:
+    _merge(out, parts, plan, ids, starts)
   _sync("proclip_precompute_done")
   return out
 
@@ -519,7 +635,7 @@ def precompute(data: str, model, out: str, *, split: str = "train",
     fields: caption fields.
     progress: progress bars.
     **kwargs: options of :func:`precompute_captions` (dtype, batch_size, max_length,
-      skip_empty, unit_size, compute_dtype, mesh, devices, overwrite, stop_after_units).
+      skip_empty, unit_size, compute_dtype, mesh, devices, overwrite).
 
   Returns:
     The absolute cache path.
@@ -529,6 +645,6 @@ def precompute(data: str, model, out: str, *, split: str = "train",
   fields = list(dict.fromkeys(fields))
   ids, caps = read_captions(data, split, fields, progress=progress)
   dataset = {"fingerprint": C.dataset_fingerprint(data, split), "split": split,
-             "path": os.path.abspath(os.fspath(data))}
+             "path": paths.absolute(data)}
   return precompute_captions(ids, caps, model, out, dataset=dataset, progress=progress,
                              **kwargs)
