@@ -173,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from experiments import hostmem  # pylint: disable=ungrouped-imports
+  from experiments import hostmem
   if "--host-malloc" in sys.argv[1:]:
     os.environ[hostmem.ENV] = "1"
   hostmem.restart_with_tunables()  # opt-in, CPU backend only (experiments/hostmem.py)
