@@ -15,7 +15,9 @@
   checkpoint is resumed.
 * ``--print-config``: print the resolved config and exit.
 * ``config.stage``: 1 or 2 runs :func:`proclip_jax.train.loop.train`; ``"demo"`` (the demo
-  config) runs :func:`proclip_jax.demo.run_demo`, whose workdir has a default.
+  config) runs :func:`experiments.demo.run_demo`, whose workdir has a default.
+* ``--host-malloc``: glibc heap settings for XLA:CPU's per-step temporaries (the same as
+  ``PROCLIP_HOST_MALLOC=1``; applied only on the CPU backend, see ``experiments/hostmem.py``).
 
 A multi-host TPU slice runs the same command on every worker: ``jax.distributed`` is
 initialised when the environment (or ``config.distributed="on"``) says so. A user mistake
@@ -30,12 +32,9 @@ import json
 import os
 import sys
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CONFIG_DIR = os.path.join(REPO, "experiments", "configs")
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
+from proclip_jax.errors import ProclipError
 
-from proclip_jax.errors import ProclipError  # noqa: E402  pylint: disable=wrong-import-position
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 
 
 def resolve_config_path(spec: str) -> tuple[str, str | None]:
@@ -131,6 +130,9 @@ def parse_args(argv: list[str]):
   parser.add_argument("--workdir", default=None,
                       help="run folder (required for stage 1 / 2; the demo has a default)")
   parser.add_argument("--print-config", action="store_true", help="print the config and exit")
+  parser.add_argument("--host-malloc", action="store_true",
+                      help="on the CPU backend, restart once with glibc heap settings for "
+                           "XLA:CPU (PROCLIP_HOST_MALLOC=1; experiments/hostmem.py)")
   return parser.parse_args(rest), overrides
 
 
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
     stage = config.get("stage") if hasattr(config, "get") else None
     if stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
-      from proclip_jax.demo import run_demo  # pylint: disable=import-outside-toplevel
+      from experiments.demo import run_demo  # pylint: disable=import-outside-toplevel
       result = run_demo(config, args.workdir or None)
     else:
       if not args.workdir:
@@ -171,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-  from proclip_jax.hostmem import restart_with_tunables  # noqa: E402  pylint: disable=wrong-import-position
-  restart_with_tunables()  # XLA:CPU's per-step temporaries kept in the heap (proclip_jax/hostmem.py)
+  from experiments import hostmem
+  if "--host-malloc" in sys.argv[1:]:
+    os.environ[hostmem.ENV] = "1"
+  hostmem.restart_with_tunables()  # opt-in, CPU backend only (experiments/hostmem.py)
   sys.exit(main())

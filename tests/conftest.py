@@ -5,6 +5,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Child processes (the tools, experiments/run.py and tests/mp_worker.py run as scripts)
+# import this checkout's code, as the tests do (pytest.ini's pythonpath), whatever else is
+# installed.
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if os.environ.get("PYTHONPATH", "").split(os.pathsep)[0] != _ROOT:
+  os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [_ROOT, os.environ.get("PYTHONPATH")]))
 
 import jax  # noqa: E402
 

@@ -8,16 +8,15 @@ converter inputs: tests/test_convert_clip.py, tests/test_llm.py, tests/test_adap
 """
 import importlib.util
 import os
-import sys
 
 import numpy as np
 import pytest
 
 from proclip_jax.errors import ProclipError
 
+from tests import mp_worker
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-import mp_worker  # noqa: E402  pylint: disable=wrong-import-position
 
 
 def _load_run():

@@ -11,8 +11,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from benchmarks import common, precompute, stage1, stage2
 from proclip_jax import losses
-from proclip_jax.bench import common, precompute, stage1, stage2
 from proclip_jax.models.adapter import AdapterConfig, TextProj, l2_normalize
 from proclip_jax.models.vit import VisionConfig, VisionTransformer
 
@@ -293,4 +293,4 @@ def test_torch_worker_runs_steps_and_reports_errors():
   assert worker.peak_rss_bytes > 0
   # A module without a PyTorch side: the child's traceback comes back in the error.
   with pytest.raises(RuntimeError, match="torch_side"):
-    common.TorchWorker("proclip_jax.bench.input", args, {})
+    common.TorchWorker("benchmarks.input", args, {})

@@ -353,11 +353,7 @@ def test_pickle_that_runs_code_is_not_executed(tmp_path):
 
 def test_cli(hf_clip, tmp_path, capsys):
   _, src = hf_clip
-  sys.path.insert(0, os.path.join(ROOT, "tools"))
-  try:
-    import convert as cli  # pylint: disable=import-outside-toplevel
-  finally:
-    sys.path.pop(0)
+  from tools import convert as cli  # pylint: disable=import-outside-toplevel
   assert cli.main([src, str(tmp_path / "ok")]) == 0
   assert "hf-clip" in capsys.readouterr().out
   bad = str(tmp_path / "bad.safetensors")

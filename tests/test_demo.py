@@ -8,17 +8,12 @@ workdir reuses every step (it says "reusing" and trains nothing).
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
-
-from experiments.configs import demo as demo_config  # noqa: E402
-from proclip_jax import demo  # noqa: E402
+from experiments import demo
+from experiments.configs import demo as demo_config
 
 ROW_KEYS = [k for k, _ in demo.ROWS]
 COL_KEYS = [k for k, _ in demo.COLUMNS]

@@ -190,8 +190,7 @@ def test_clis(setup):
   idx, _ = model.rank("a red circle", emb, 3)
   lines = r.stdout.strip().splitlines()
   assert [os.path.basename(l.split()[-1]) for l in lines] == [f"{i}.png" for i in idx]
-  sys.path.insert(0, os.path.join(ROOT, "tools"))
-  import evaluate  # pylint: disable=import-outside-toplevel
+  from tools import evaluate  # pylint: disable=import-outside-toplevel
   assert evaluate.main(["--checkpoint", setup["saved"], "--eval", "flickr30k",
                         "--data-root", str(setup["tmp"])]) == 2
   assert evaluate.main(["--checkpoint", setup["saved"], "--eval", "nope"]) == 2

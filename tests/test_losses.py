@@ -263,7 +263,7 @@ def test_loss_memory_benchmark_small(capsys):
   """The benchmark runs at a tiny size; tiles keep temp memory below the dense B×B logits."""
   import argparse
   import json
-  from proclip_jax.bench import loss_memory
+  from benchmarks import loss_memory
   parser = argparse.ArgumentParser()
   loss_memory.add_args(parser)
   loss_memory.run(parser.parse_args(["--batch", "1024", "--dim", "8", "--block", "16",

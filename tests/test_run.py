@@ -25,8 +25,6 @@ import numpy as np
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-  sys.path.insert(0, REPO)
 
 from experiments.configs import common  # noqa: E402
 from proclip_jax.checkpoint import save_model  # noqa: E402

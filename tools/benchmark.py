@@ -1,19 +1,18 @@
 """Benchmarks: ``python tools/benchmark.py NAME [options]`` prints one JSON object per measurement.
 
-NAME is one of: input, loss_memory, precompute, stage1, stage2. ``--help`` after NAME lists
-that benchmark's options.
+NAME is one of: input, loss_memory, precompute, stage1, stage2 (the modules of ``benchmarks/``).
+``--help`` after NAME lists that benchmark's options.
 """
 import argparse
 import importlib
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # On a GPU the PyTorch side shares the device: JAX takes 60 % of its memory up front, not 75 %.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")
 
-from proclip_jax.bench import NAMES  # noqa: E402
+from benchmarks import NAMES  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
 
 
@@ -33,6 +32,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-  from proclip_jax.hostmem import restart_with_tunables  # noqa: E402
-  restart_with_tunables()  # the JAX process with the heap settings training uses (hostmem.py)
+  from experiments.hostmem import restart_with_tunables
+  # The benchmarks measure the CPU step: glibc heap settings for XLA:CPU on by default (on the
+  # CPU backend only; PROCLIP_HOST_MALLOC=0 turns them off; experiments/hostmem.py).
+  restart_with_tunables(default=True)
   sys.exit(main())

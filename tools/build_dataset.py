@@ -10,12 +10,9 @@ why). ``--demo`` writes the demo world (images, manifest, classes.json, OUT/data
 """
 import argparse
 import json
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from proclip_jax.errors import ProclipError  # noqa: E402
+from proclip_jax.errors import ProclipError
 
 
 def main(argv=None):

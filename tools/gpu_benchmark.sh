@@ -27,6 +27,9 @@ out=${1:-${OUT:-runs/gpu_benchmark}}
 shift || true
 mkdir -p "$out"
 cd "$(dirname "$0")/.."
+# This checkout's code (proclip_jax, benchmarks, experiments), installed with `pip install -e .`
+# or not.
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 py=${PYTHON:-python3}
 limit=${LIMIT_S:-240}

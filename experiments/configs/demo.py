@@ -10,7 +10,7 @@ Generates the demo world, trains the demo's own small CLIP on short captions (16
 context), converts all-MiniLM-L6-v2 as the LLM stand-in, precomputes the caches, runs stage
 1, three stage-2 variants (ProCLIP, ProCLIP with λ = 0, and direct alignment from a random
 adapter) and evaluates them with the demo CLIP on the held-out splits; see
-``proclip_jax/demo.py``. A second run in the same workdir reuses every finished step.
+``experiments/demo/__init__.py``. A second run in the same workdir reuses every finished step.
 
 Args (``demo.py:k=v,...``): ``quick`` (a reduced run for tests, about a minute),
 ``n_train``, ``n_test``, ``clip_steps``, ``stage1_steps``, ``stage2_steps``, ``batch``

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from proclip_jax.bench import emit
+from benchmarks import emit
 
 
 TORCH_MODES = ("float32", "bfloat16", "autocast")

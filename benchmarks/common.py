@@ -17,7 +17,7 @@
 * :class:`TorchWorker` / :func:`torch_sides`: a benchmark's PyTorch side in a child process
   that the alternation drives one step at a time (the default), or in this process.
 
-``python -m proclip_jax.bench.common [--n 2048 --dtypes float32,bfloat16 --no-torch]``
+``python -m benchmarks.common [--n 2048 --dtypes float32,bfloat16 --no-torch]``
 prints one JSON line per (framework, dtype) matmul rate: the AMX investigation in
 ``docs/performance.md`` reruns it under different ``XLA_FLAGS``.
 """
@@ -33,8 +33,8 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from proclip_jax import hostmem
-from proclip_jax.bench import emit, timeit
+from benchmarks import emit, timeit
+from experiments import hostmem
 
 # ------------------------------------------------------------------------ matmul peak
 
@@ -293,7 +293,7 @@ def ratio(slow: Mapping[str, Any], fast: Mapping[str, Any]) -> dict:
 class TorchWorker:
   """A benchmark's PyTorch side in a child process, driven one step at a time.
 
-  ``TorchWorker("proclip_jax.bench.stage2", args, batch_np, peak_dtypes=("float32",))``
+  ``TorchWorker("benchmarks.stage2", args, batch_np, peak_dtypes=("float32",))``
   spawns a fresh interpreter that imports the module and calls its
   ``torch_side(args, batch_np)`` (which returns ``(run, info)`` or ``({name: run}, info)``)
   and, for each of ``peak_dtypes``, :func:`torch_matmul_peak`. ``worker.step(name)`` runs one
@@ -304,7 +304,7 @@ class TorchWorker:
   Why a process: a user runs one framework per process, with its own heap and allocator
   settings, and so does the benchmark: neither side's allocations change how glibc serves
   the other's (docs/performance.md, "Host memory"). The child starts with the environment
-  the user gave, without the glibc tunables that :mod:`proclip_jax.hostmem` set for the JAX
+  the user gave, without the glibc tunables that :mod:`experiments.hostmem` set for the JAX
   process. ``--torch-process same`` keeps both sides in this process.
   """
 
@@ -318,7 +318,7 @@ class TorchWorker:
         args=(child, module, args, dict(batch_np), tuple(peak_dtypes), peak_n,
               _jax_accelerator()))
     # The child starts with the environment the user gave: without the glibc tunables
-    # that proclip_jax.hostmem set for this (JAX) process.
+    # that experiments.hostmem set for this (JAX) process.
     removed = {k: os.environ[k] for k in set(os.environ) - set(hostmem.original_environ())}
     for k in removed:
       del os.environ[k]

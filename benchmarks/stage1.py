@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from proclip_jax.bench import common, emit
+from benchmarks import common, emit
 
 # CLIP text towers by image-tower variant (OpenAI): width, layers, heads, context, E.
 TEXT_TOWERS = {

@@ -10,11 +10,11 @@ import time
 from typing import Callable
 
 NAMES = {
-    "input": "proclip_jax.bench.input",
-    "loss_memory": "proclip_jax.bench.loss_memory",
-    "precompute": "proclip_jax.bench.precompute",
-    "stage1": "proclip_jax.bench.stage1",
-    "stage2": "proclip_jax.bench.stage2",
+    "input": "benchmarks.input",
+    "loss_memory": "benchmarks.loss_memory",
+    "precompute": "benchmarks.precompute",
+    "stage1": "benchmarks.stage1",
+    "stage2": "benchmarks.stage2",
 }
 
 

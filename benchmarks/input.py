@@ -16,7 +16,7 @@ import time
 import numpy as np
 from PIL import Image
 
-from proclip_jax.bench import emit, timeit
+from benchmarks import emit, timeit
 
 
 def add_args(parser):

@@ -41,7 +41,7 @@ import math
 
 import numpy as np
 
-from proclip_jax.bench import common, emit
+from benchmarks import common, emit
 
 FIELDS = ("short", "long")
 LAYER_DECAY = 0.85

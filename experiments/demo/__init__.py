@@ -4,7 +4,7 @@
 ``experiments/configs/demo.py`` (which only sets sizes). Steps, each one reused when its
 output already exists in the workdir (the run says "reusing ..."):
 
-1. ``world/``: the demo world (``data/demo_world.py``): shape scenes with short, long and
+1. ``world/``: the demo world (``proclip_jax/data/demo_world.py``): shape scenes with short, long and
    raw captions; splits train / retrieval_test / classification_test.
 2. ``clip/``: the demo's own small "pretrained" CLIP: a tiny ViT and a tiny CLIP text tower
    with a short context (16 tokens, so long captions are cut after the first object or so),

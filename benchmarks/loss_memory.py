@@ -18,7 +18,7 @@ leaves the platform and device count to JAX (the accelerators present).
 """
 import time
 
-from proclip_jax.bench import emit, timeit
+from benchmarks import emit, timeit
 
 IMPLS = ("dense", "dense_spmd", "blockwise", "sharded")
 
