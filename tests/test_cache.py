@@ -67,7 +67,7 @@ def bert_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def clip_dir(tmp_path_factory):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
   config = CLIPConfig(vision=None, text=TextConfig(context_length=24, width=32, layers=2,
@@ -338,7 +338,7 @@ def test_bfloat16_model_fingerprint_is_of_the_saved_weights(bert_dir, tmp_path):
   # A model folder without a stored params_sha256 is fingerprinted from its weights as saved
   # (float32), not from the bfloat16 kernels a bfloat16 precompute runs with; otherwise a
   # training run's cache check (model_fingerprint) would refuse a bfloat16-made cache.
-  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import load_model  # pylint: disable=import-outside-toplevel
   folder = tmp_path / "bert"
   shutil.copytree(bert_dir, folder)
   with open(folder / "model.json") as f:

@@ -96,7 +96,7 @@ def test_classifier_similarity_rank(setup):
 
 
 def test_mesh_encoding_equals_single_device(setup):
-  from proclip_jax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from proclip_jax.mesh import make_mesh  # pylint: disable=import-outside-toplevel
   model = setup["model"]
   mesh = make_mesh({"data": 4, "fsdp": 2})
   assert np.abs(model.encode_images(setup["imgs"], mesh=mesh)

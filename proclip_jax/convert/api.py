@@ -125,12 +125,12 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
 
 def summary(out: str) -> str:
   """One line describing a converted folder: family, parameter count, path."""
-  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
   meta = read_model_json(out)
   n = meta.get("num_params")
   if n is None:
     import numpy as np  # pylint: disable=import-outside-toplevel
-    from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+    from proclip_jax.storage import load_model  # pylint: disable=import-outside-toplevel
     import jax  # pylint: disable=import-outside-toplevel
     n = int(sum(np.size(x) for x in jax.tree.leaves(load_model(out)[1])))
   family = meta.get("family", meta.get("kind"))

@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from proclip_jax.checkpoint import params_fingerprint  # noqa: F401  (re-exported)
+from proclip_jax.storage import params_fingerprint  # noqa: F401  (re-exported)
 from proclip_jax.errors import ProclipError
 
 FORMAT = "proclip-embedding-cache"
@@ -71,7 +71,7 @@ def model_fingerprint(path: str) -> str:
   Uses ``model.json``'s ``params_sha256`` when the converter stored one; otherwise loads the
   parameters and hashes them (:func:`params_fingerprint`).
   """
-  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import load_model, read_model_json  # pylint: disable=import-outside-toplevel
   meta = read_model_json(path)
   if isinstance(meta.get("params_sha256"), str):
     return meta["params_sha256"]

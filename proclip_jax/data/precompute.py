@@ -22,7 +22,7 @@ How it runs:
    ``batch_size`` rows padded to one of a few bucketed lengths (few compiled shapes); a
    jit-compiled forward runs data-parallel over this process's devices (batch split over
    the mesh's ``data``/``fsdp`` axes; the parameters replicated, or sharded by the logical
-   axis rules of :mod:`proclip_jax.train.mesh` with e.g. ``mesh={"data": 1, "fsdp": -1}`` for
+   axis rules of :mod:`proclip_jax.mesh` with e.g. ``mesh={"data": 1, "fsdp": -1}`` for
    a model that does not fit one device). Results go back to id order, are cast to the
    cache dtype and written as part files (temporary name + rename), then the unit's json.
 4. When every unit is done, process 0 merges the parts in unit order into
@@ -168,7 +168,7 @@ def load_precompute_model(path: str, *, max_length: int | None = None,
     max_length: tokens per caption (default: the preset's, or CLIP's context length).
     compute_dtype: "float32" or "bfloat16" matmuls (parameters stay float32).
   """
-  from proclip_jax.checkpoint import load_model, read_model_json  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import load_model, read_model_json  # pylint: disable=import-outside-toplevel
   if compute_dtype not in ("float32", "bfloat16"):
     raise ProclipError(f"compute_dtype={compute_dtype!r}: use float32 or bfloat16.")
   path = os.path.abspath(os.fspath(path))
@@ -311,7 +311,7 @@ def split_cpu(devices: int | str | None, batch_size: int) -> int | None:
 def build_forward(model: PrecomputeModel, mesh_spec, devices):
   """(jitted fn, placed params, batch sharding, batch divisor) over this process's devices."""
   import jax  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train import mesh as M  # pylint: disable=import-outside-toplevel
+  from proclip_jax import mesh as M  # pylint: disable=import-outside-toplevel
   devices = list(jax.local_devices() if devices is None else devices)
   mesh = M.make_mesh(mesh_spec or {"data": -1}, devices)
   param_shardings = M.tree_shardings(model.abstract, mesh)

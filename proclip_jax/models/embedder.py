@@ -398,7 +398,7 @@ def load_embedder(path: str, *, dtype: Any = jnp.float32, scan_layers: bool = Fa
     scan_layers: run decoder layers with ``nn.scan`` (parameters are stacked on load).
     preset: override the stored preset (a name, dict or EmbedderPreset).
   """
-  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import load_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models import llm  # pylint: disable=import-outside-toplevel
   meta, params = load_model(path, kind="embedder")
   config = model_config_from_dict(meta["config"])
@@ -414,7 +414,7 @@ def load_embedder(path: str, *, dtype: Any = jnp.float32, scan_layers: bool = Fa
 def save_embedder(out: str, model_config, preset: EmbedderPreset, params, tokenizer_dir: str,
                   *, overwrite: bool = False, **extra) -> str:
   """Writes a converted embedder folder atomically (parameters, model.json, tokenizer/)."""
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   out = os.path.abspath(os.fspath(out))
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
