@@ -38,6 +38,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 import traceback
 import warnings
 from typing import Any, Callable, Iterator, Mapping
@@ -46,6 +47,7 @@ import grain.checkpoint as grain_ckpt
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+import tensorstore as ts
 from etils import epath
 
 from proclip_jax.errors import ProclipError
@@ -109,6 +111,21 @@ UNAWAITED_READ = (r"coroutine '(_read_array_index_and_device_put|Store\._get_arr
                   r"was never awaited")
 
 
+def _wait_for_reads_in_flight(timeout: float = 10.0) -> None:
+  """Waits (at most ``timeout`` s in all) for the TensorStore operations still running.
+
+  After a failed restore these are the reads it left in flight; they complete (and report
+  their echoes) on TensorStore's threads, so the filters must stay until they are done.
+  """
+  pending = [f for f in gc.get_objects() if isinstance(f, ts.Future) and not f.done()]
+  deadline = time.monotonic() + timeout
+  for f in pending:
+    try:
+      f.exception(timeout=max(0.0, deadline - time.monotonic()))
+    except Exception:  # pylint: disable=broad-except
+      pass  # cancelled or timed out: nothing more to wait for
+
+
 @contextlib.contextmanager
 def quiet_failed_restore(directory) -> Iterator[None]:
   """Runs a restore from ``directory`` with the echoes of its failure dropped.
@@ -118,7 +135,7 @@ def quiet_failed_restore(directory) -> Iterator[None]:
   Orbax's read coroutines that were never started. When the block fails, the frames of
   its traceback are cleared and garbage is collected before the filters are removed, so the
   unstarted coroutines are collected (and their warnings dropped) now, not later in the
-  caller. Everything else passes to the previous hook / handlers unchanged; the filters
+  caller, after the reads still in flight have finished (their echoes come as they finish). Everything else passes to the previous hook / handlers unchanged; the filters
   are removed when the block ends.
   """
   directory = str(directory)
@@ -143,6 +160,7 @@ def quiet_failed_restore(directory) -> Iterator[None]:
       try:
         yield
       except BaseException as e:
+        _wait_for_reads_in_flight()
         traceback.clear_frames(e.__traceback__)
         gc.collect()
         raise

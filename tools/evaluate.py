@@ -14,6 +14,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proclip_jax.errors import ProclipError  # noqa: E402
+from proclip_jax.eval import evaluators  # noqa: E402
+from proclip_jax.inference import load_any  # noqa: E402
 
 
 def main(argv=None) -> int:
@@ -28,8 +30,6 @@ def main(argv=None) -> int:
   p.add_argument("--limit", type=int, default=None, help="first N images of each set")
   args = p.parse_args(argv)
   try:
-    from proclip_jax.eval import evaluators  # pylint: disable=import-outside-toplevel
-    from proclip_jax.inference import load_any  # pylint: disable=import-outside-toplevel
     names = [n.strip() for n in args.eval.split(",") if n.strip()]
     unknown = [n for n in names if n not in evaluators.EVALS]
     if unknown:

@@ -10,6 +10,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from proclip_jax.errors import ProclipError  # noqa: E402
+from proclip_jax.eval.evaluators import encode_image_list  # noqa: E402
+from proclip_jax.inference import load_any, rank  # noqa: E402
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -24,8 +26,6 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=64)
   args = p.parse_args(argv)
   try:
-    from proclip_jax.eval.evaluators import encode_image_list  # pylint: disable=import-outside-toplevel
-    from proclip_jax.inference import load_any, rank  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(args.images):
       raise ProclipError(f"--images {args.images} is not a folder of images.")
     files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)

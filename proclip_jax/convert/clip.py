@@ -37,6 +37,7 @@ from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIPConfig, abstract_params
 from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
+from proclip_jax.storage import save_model
 from proclip_jax.tree import check_tree, flatten, to_f32, unflatten
 
 Hook = Callable[[np.ndarray], dict]
@@ -425,7 +426,6 @@ def count_params(tree) -> int:
 
 def _save(out: str, config: CLIPConfig, params: dict, unused, *, family: str, src: str,
           overwrite: bool, scan_layers: bool) -> str:
-  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   check_clip(params, config, unused, what=f"checkpoint {src!r}")
   if scan_layers:
     config = config.replace(scan_layers=True)

@@ -11,7 +11,9 @@ import json
 import os
 from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from proclip_jax.errors import ProclipError
 
@@ -21,7 +23,6 @@ _WRAPPER_KEYS = ("state_dict", "module", "model", "model_state_dict")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   out = {}
   try:
     with safe_open(path, framework="np") as f:
@@ -38,7 +39,6 @@ def _torch_to_numpy(t) -> np.ndarray:
   import torch  # pylint: disable=import-outside-toplevel
   t = t.detach().cpu()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
