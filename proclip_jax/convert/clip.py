@@ -13,7 +13,7 @@ Sources:
 Each tower is converted with a rename table: ``(source key, hook)`` rows, where the hook
 turns the source tensor into ``{flax path: array}`` (transposes, q/k/v splits, head
 reshapes). Every source tensor must be consumed; the result is checked against
-``jax.eval_shape`` of the model (:func:`proclip_jax.convert.common.check_tree`) before
+``jax.eval_shape`` of the model (:func:`proclip_jax.tree.check_tree`) before
 anything is written. :func:`clip_to_openai` goes back to an OpenAI-layout state dict.
 
 The image-tower functions with a ``prefix`` (:func:`openai_visual_config`,
