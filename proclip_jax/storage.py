@@ -130,13 +130,13 @@ def _wait_for_reads_in_flight(timeout: float = 10.0) -> None:
 def quiet_failed_restore(directory) -> Iterator[None]:
   """Runs a restore from ``directory`` with the echoes of its failure dropped.
 
-  While the block runs: unraisable exceptions and asyncio log records that are echoes of a
+  While the block runs, unraisable exceptions and asyncio log records that are echoes of a
   failed read (:func:`echo_of_failed_read`) are dropped, and so is the warning about
-  Orbax's read coroutines that were never started. When the block fails, the frames of
-  its traceback are cleared and garbage is collected before the filters are removed, so the
-  unstarted coroutines are collected (and their warnings dropped) now, not later in the
-  caller, after the reads still in flight have finished (their echoes come as they finish). Everything else passes to the previous hook / handlers unchanged; the filters
-  are removed when the block ends.
+  Orbax's read coroutines that were never started; everything else reaches the previous
+  hook / handlers unchanged. When the block fails, it first waits for the reads still in
+  flight (their echoes come as they finish), then clears the frames of the traceback and
+  collects garbage, so the unstarted coroutines are collected (and their warnings dropped)
+  now rather than later in the caller. The filters are removed when the block ends.
   """
   directory = str(directory)
   previous = sys.unraisablehook
