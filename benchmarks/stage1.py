@@ -74,7 +74,7 @@ def jax_side(args, batch_np: dict):
   import jax  # pylint: disable=g-import-not-at-top
   from proclip_jax.models.adapter import AdapterConfig  # pylint: disable=g-import-not-at-top
   from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=g-import-not-at-top
-  from proclip_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from proclip_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.steps import make_stage1_step  # pylint: disable=g-import-not-at-top
 

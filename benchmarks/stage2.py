@@ -161,7 +161,7 @@ def jax_side(args, batch_np: dict):
   """``(run_one_step, info)``: one blocking JAX step; compile seconds and FLOP counts."""
   import jax  # pylint: disable=g-import-not-at-top
   from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=g-import-not-at-top
-  from proclip_jax.train import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
+  from proclip_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.steps import make_stage2_step  # pylint: disable=g-import-not-at-top
 

@@ -15,7 +15,7 @@ What ``ProCLIP.load(path)`` accepts:
   release checkpoint), or a folder written by :meth:`ProCLIP.save` (the same kind, with the
   embedder's path recorded as ``"embedder"`` in model.json);
 * a training workdir (``experiments/run.py``): its latest checkpoint (see
-  :func:`_load_workdir`).
+  :func:`load_workdir`).
 
 The text side is ``embedder.embed`` (tokenizer + template + LLM, batched and bucketed by the
 embedder) followed by the adapter; an embedder comes from ``embedder=`` (a converted embedder
@@ -34,14 +34,24 @@ parameters are placed by the logical-axis rules.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
-from typing import Any, Callable, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
+from proclip_jax import mesh as mesh_lib
+from proclip_jax import storage
+from proclip_jax.batched import BatchedEncoder, check_batch_size
+from proclip_jax.data import transforms
 from proclip_jax.errors import ProclipError
+from proclip_jax.eval import metrics
+from proclip_jax.models.clip import load_clip
+from proclip_jax.models.embedder import load_embedder
+from proclip_jax.models.proclip import ProCLIPConfig, ProCLIPModel
+from proclip_jax.models.vit import runnable_here
+from proclip_jax.tree import merge
 
 
 # --------------------------------------------------------------------------- helpers
@@ -52,7 +62,6 @@ def preprocess_images(images, size: int) -> np.ndarray:
   A float array (or list of float HWC arrays) is taken as already CLIP-normalised and must
   be ``size x size``; anything else goes through ``transforms.eval_transform``.
   """
-  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
   if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype,
                                                                            np.floating):
     x = images.astype(np.float32)
@@ -81,79 +90,6 @@ def preprocess_images(images, size: int) -> np.ndarray:
   return x
 
 
-def _batch_axes(mesh) -> tuple:
-  return tuple(a for a in ("data", "fsdp") if a in mesh.axis_names and mesh.shape[a] > 1)
-
-
-def _fetch(x) -> np.ndarray:
-  return np.asarray(jax.device_get(x))
-
-
-class BatchedEncoder:
-  """``fn(params, x[B, ...]) -> [B, E]`` over any number of rows, optionally on a mesh.
-
-  Rows are processed in chunks of a power of two up to ``batch_size`` (so only a few shapes
-  compile); with a mesh the chunk is a multiple of the batch-axis device count, split over
-  those axes, the last chunk padded by repeating its last row and the padding dropped.
-  ``param_shardings(mesh)`` gives the parameter placement (default: replicated).
-  """
-
-  def __init__(self, fn: Callable, params: Any, batch_size: int = 64,
-               param_shardings: Callable | None = None):
-    if not isinstance(batch_size, int) or batch_size < 1:
-      raise ProclipError(f"batch_size must be a positive int, got {batch_size!r}.")
-    self.fn, self.params, self.batch_size = fn, params, batch_size
-    self._param_shardings = param_shardings
-    self._plain = jax.jit(fn)
-    self._by_mesh: dict = {}
-
-  def set_params(self, params: Any) -> None:
-    """New parameters (same tree and shapes); compiled functions are kept."""
-    self.params = params
-    self._by_mesh = {k: (m, None, fn, x_sh, n) for k, (m, _, fn, x_sh, n) in
-                     self._by_mesh.items()}
-
-  def _on_mesh(self, mesh):
-    key = id(mesh)
-    if key in self._by_mesh and self._by_mesh[key][1] is None:  # params changed
-      m, _, fn, x_sh, n = self._by_mesh[key]
-      p_sh = (self._param_shardings(mesh) if self._param_shardings is not None else
-              jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
-      self._by_mesh[key] = (m, jax.device_put(self.params, p_sh), fn, x_sh, n)
-    if key not in self._by_mesh:
-      p_sh = (self._param_shardings(mesh) if self._param_shardings is not None else
-              jax.tree.map(lambda _: NamedSharding(mesh, P()), self.params))
-      params = jax.device_put(self.params, p_sh)
-      axes = _batch_axes(mesh)
-      x_sh = NamedSharding(mesh, P(axes if axes else None))
-      fn = jax.jit(self.fn, in_shardings=(p_sh, x_sh), out_shardings=NamedSharding(mesh, P()))
-      n_dev = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-      self._by_mesh[key] = (mesh, params, fn, x_sh, n_dev)
-    return self._by_mesh[key]
-
-  def __call__(self, x: np.ndarray, mesh=None, batch_size: int | None = None) -> np.ndarray:
-    n = len(x)
-    if n == 0:
-      raise ProclipError("Nothing to encode: the batch is empty.")
-    bs = batch_size or self.batch_size
-    if mesh is None:
-      params, fn, x_sh, n_dev = self.params, self._plain, None, 1
-    else:
-      _, params, fn, x_sh, n_dev = self._on_mesh(mesh)
-    chunk = min(bs, 1 << max(0, (n - 1).bit_length()))
-    chunk = -(-chunk // n_dev) * n_dev
-    outs = []
-    for s in range(0, n, chunk):
-      part = np.asarray(x[s:s + chunk])
-      pad = chunk - len(part)
-      if pad:
-        part = np.concatenate([part, np.repeat(part[-1:], pad, axis=0)])
-      if x_sh is not None:
-        part = jax.device_put(part, x_sh)
-      outs.append(_fetch(fn(params, part))[:chunk - pad])
-    return np.concatenate(outs).astype(np.float32)
-
-
 # --------------------------------------------------------------------------- ProCLIP
 
 class ProCLIP:
@@ -171,8 +107,6 @@ class ProCLIP:
 
   def __init__(self, config, params: Mapping, embedder=None, *, embedder_path: str | None = None,
                batch_size: int = 64, mesh=None, meta: Mapping | None = None):
-    from proclip_jax.models.proclip import ProCLIPModel  # pylint: disable=import-outside-toplevel
-    from proclip_jax.models.vit import runnable_here  # pylint: disable=import-outside-toplevel
     if config.vision is not None:
       config = dataclasses.replace(config, vision=runnable_here(config.vision))
     self.config = config
@@ -189,7 +123,6 @@ class ProCLIP:
 
     def shardings(part):
       def make(mesh):
-        from proclip_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
         return mesh_lib.tree_shardings(self.model.abstract((part,))[part], mesh)
       return make
 
@@ -225,14 +158,12 @@ class ProCLIP:
       mesh: encode on this mesh (batch split over its data/fsdp axes).
       step: for a workdir, the checkpoint step (default: the latest).
     """
-    from proclip_jax.checkpoint import MODEL_JSON, load_model  # pylint: disable=import-outside-toplevel
-    from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
     path = os.fspath(path)
     if not os.path.exists(path):
       raise ProclipError(f"ProCLIP.load: {path} does not exist. Pass a converted ProCLIP folder "
                          "(tools/convert.py), a folder saved by ProCLIP.save, or a workdir.")
-    if os.path.isfile(os.path.join(path, MODEL_JSON)):
-      meta, params = load_model(path)
+    if storage.is_model_folder(path):
+      meta, params = storage.load_model(path)
       if meta.get("kind") != "proclip":
         raise ProclipError(f"{path} holds a {meta.get('kind')!r} model, not a ProCLIP one; a "
                            "converted CLIP loads with proclip_jax.load_clip (and evaluates "
@@ -240,17 +171,16 @@ class ProCLIP:
       config = ProCLIPConfig.from_dict(meta["config"])
       recorded = meta.get("embedder")
     else:
-      config, params, recorded, meta = _load_workdir(path, step)
-    emb, emb_path = _resolve_embedder(embedder, recorded, path)
+      config, params, recorded, meta = load_workdir(path, step)
+    emb, emb_path = resolve_embedder(embedder, recorded, path)
     return cls(config, params, emb, embedder_path=emb_path, batch_size=batch_size, mesh=mesh,
                meta=meta)
 
   def save(self, out: str, *, embedder: str | None = None, overwrite: bool = False) -> str:
     """Writes a ``kind="proclip"`` folder; ``embedder`` (a path) is recorded for ``load``."""
-    from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
     emb = embedder if embedder is not None else self.embedder_path
     extra = {"embedder": os.path.abspath(os.fspath(emb))} if emb is not None else {}
-    return save_model(out, "proclip", self.config.to_dict(), self.params, overwrite=overwrite,
+    return storage.save_model(out, "proclip", self.config.to_dict(), self.params, overwrite=overwrite,
                       **extra)
 
   # ----------------------------------------------------------------- encoders
@@ -304,7 +234,9 @@ class ProCLIP:
     return rank(self, query_text, image_embs, k)
 
 
-def _resolve_embedder(embedder, recorded, where):
+def resolve_embedder(embedder, recorded, where):
+  """``(Embedder or None, its path)`` from ``embedder=`` (a loaded one or a folder) or the
+  path ``recorded`` with the model in ``where`` (a folder that is gone is an error)."""
   if embedder is not None and not isinstance(embedder, (str, os.PathLike)):
     return embedder, getattr(embedder, "path", None)
   path = embedder if embedder is not None else recorded
@@ -314,61 +246,42 @@ def _resolve_embedder(embedder, recorded, where):
   if not os.path.isdir(path):
     raise ProclipError(f"The text embedder {path} (recorded in {where}) does not exist; pass "
                        "embedder=PATH (--embedder) to a converted embedder folder.")
-  from proclip_jax.models.embedder import load_embedder  # pylint: disable=import-outside-toplevel
   return load_embedder(path), path
 
 
-def _load_workdir(path: str, step: int | None):
+def load_workdir(path: str, step: int | None):
   """``(config, params, embedder path, meta)`` from a training workdir's checkpoint.
 
-  The layout is ``train/checkpoints.py``'s: ``WORKDIR/checkpoints/STEP/{state, metadata}``.
+  The layout is ``proclip_jax.storage``'s: ``WORKDIR/checkpoints/STEP/{state, metadata}``.
   The model config comes from the metadata's ``config.model``; the parameters are
   ``merge(state.params, state.frozen)`` (the EMA teacher and the optimizer are not read).
   The embedder is ``config.embedder_path`` when the run recorded one, else the ``path`` in
   the manifest of the run's LLM cache (``config.cache.llm``), when that folder exists.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train.optimizer import merge  # pylint: disable=import-outside-toplevel
-  root = ckpt_lib.checkpoint_dir(path)
-  steps = sorted(int(p.name) for p in root.iterdir() if p.name.isdigit()) if root.exists() else []
+  steps = storage.complete_steps(path)
   if not steps:
     raise ProclipError(
         f"{path} is neither a model folder (no model.json) nor a training workdir with a "
-        f"checkpoint ({root} has none). Pass a converted ProCLIP folder, a folder written "
-        "by ProCLIP.save, or the --workdir of a run that saved a checkpoint.")
+        f"checkpoint ({storage.checkpoint_dir(path)} has none). Pass a converted ProCLIP "
+        "folder, a folder written by ProCLIP.save, or the --workdir of a run that saved a "
+        "checkpoint.")
   if step is None:
     step = steps[-1]
   elif step not in steps:
     raise ProclipError(f"{path} has no checkpoint of step {step}; it has {steps}.")
-  step_dir = root / str(step)
-  meta = ckpt_lib.Checkpoints(path, read_only=True).metadata(step)
-  cfg = dict(meta.get("config") or {})
+  step_dir = storage.checkpoint_dir(path) / str(step)
+  cfg = dict(storage.read_metadata(path, step).get("config") or {})
   if "model" not in cfg:
     raise ProclipError(f"The checkpoint {step_dir} has no config.model in its metadata; it "
                        "was not written by experiments/run.py.")
   config = ProCLIPConfig.from_dict(cfg["model"])
-  ckptr = ocp.PyTreeCheckpointer()
-  try:
-    tree = ckptr.metadata(step_dir / "state")
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
-    parts = {k: tree[k] for k in ("params", "frozen") if isinstance(tree.get(k), Mapping)}
-    target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), parts,
-                          is_leaf=lambda m: hasattr(m, "shape") and hasattr(m, "dtype"))
-    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-    out = ckptr.restore(step_dir / "state", args=ocp.args.PyTreeRestore(
-        item=target, restore_args=restore_args, partial_restore=True))
-  finally:
-    ckptr.close()
+  out = storage.restore_state_params(path, step)
   params = merge(out.get("params", {}), out.get("frozen", {}))
   emb = cfg.get("embedder_path") or None
   cache = (cfg.get("cache") or {}).get("llm") if isinstance(cfg.get("cache"), Mapping) else None
   if emb is None and cache:
     manifest = os.path.join(cache, "manifest.json")
     if os.path.isfile(manifest):
-      import json  # pylint: disable=import-outside-toplevel
       with open(manifest, encoding="utf-8") as f:
         emb = (json.load(f).get("model") or {}).get("path") or None
     if emb is not None and not os.path.isdir(emb):
@@ -382,7 +295,6 @@ def _load_workdir(path: str, step: int | None):
 def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[str]
                          ) -> np.ndarray:
   """Class embeddings ``[C, E]`` for any model with ``encode_texts`` (prompt ensemble)."""
-  from proclip_jax.eval import metrics  # pylint: disable=import-outside-toplevel
   class_names, templates = list(class_names), list(templates)
   if not class_names or not templates:
     raise ProclipError("zero_shot_classifier needs at least one class name and one template.")
@@ -422,48 +334,38 @@ class CLIPModelAdapter:
   """A converted CLIP (``load_clip``) behind the ProCLIP inference interface.
 
   ``encode_images`` takes what :meth:`ProCLIP.encode_images` takes; ``encode_texts`` uses
-  the CLIP BPE tokenizer and text tower (77 tokens).
+  the CLIP BPE tokenizer and text tower (77 tokens). Encoding runs through the CLIP's own
+  batched encoders (``LoadedCLIP.image_encoder`` / ``text_encoder``).
   """
 
   def __init__(self, clip, *, batch_size: int = 64, mesh=None):
-    from proclip_jax.models.clip import CLIP  # pylint: disable=import-outside-toplevel
     self.clip = clip
     self.config = clip.config
     self.mesh = mesh
-    self.batch_size = batch_size
+    self.batch_size = check_batch_size(batch_size)
     self.logit_scale = clip.logit_scale
     self.image_size = None if clip.config.vision is None else clip.config.vision.image_size
-    module = CLIP(clip.config)
-    params = jax.tree.map(np.asarray, dict(clip.params))
-    self._image_enc = self._text_enc = None
-    if clip.config.vision is not None:
-      self._image_enc = BatchedEncoder(
-          lambda p, x: module.apply({"params": p}, x, method=CLIP.encode_image), params,
-          batch_size)
-    if clip.config.text is not None:
-      self._text_enc = BatchedEncoder(
-          lambda p, t: module.apply({"params": p}, t, method=CLIP.encode_text), params,
-          batch_size)
 
   @classmethod
   def load(cls, path: str, **kwargs) -> "CLIPModelAdapter":
-    from proclip_jax.models.clip import load_clip  # pylint: disable=import-outside-toplevel
     return cls(load_clip(path), **kwargs)
 
   def encode_images(self, images, *, batch_size: int | None = None, mesh=None) -> np.ndarray:
-    if self._image_enc is None:
+    if self.clip.image_encoder is None:
       raise ProclipError("This CLIP has no image tower.")
     x = preprocess_images(images, self.image_size)
-    return self._image_enc(x, mesh if mesh is not None else self.mesh, batch_size)
+    return self.clip.image_encoder(x, mesh if mesh is not None else self.mesh,
+                                   batch_size or self.batch_size)
 
   def encode_texts(self, texts: Sequence[str], *, batch_size: int | None = None,
                    mesh=None) -> np.ndarray:
-    if self._text_enc is None:
+    if self.clip.text_encoder is None:
       raise ProclipError("This CLIP has no text tower.")
     if isinstance(texts, str):
       raise ProclipError("encode_texts takes a list of strings, not a single string.")
     ids = self.clip.tokenize(list(texts))
-    return self._text_enc(ids, mesh if mesh is not None else self.mesh, batch_size)
+    return self.clip.text_encoder(ids, mesh if mesh is not None else self.mesh,
+                                  batch_size or self.batch_size)
 
   def zero_shot_classifier(self, class_names, templates) -> np.ndarray:
     return zero_shot_classifier(self, class_names, templates)
@@ -477,8 +379,6 @@ class CLIPModelAdapter:
 
 def load_any(path: str, *, embedder=None, batch_size: int = 64, mesh=None):
   """ProCLIP for a ProCLIP folder or workdir, CLIPModelAdapter for a converted CLIP."""
-  from proclip_jax.checkpoint import MODEL_JSON, read_model_json  # pylint: disable=import-outside-toplevel
-  if os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON)):
-    if read_model_json(path).get("kind") == "clip":
-      return CLIPModelAdapter.load(path, batch_size=batch_size, mesh=mesh)
+  if storage.is_model_folder(path) and storage.read_model_json(path).get("kind") == "clip":
+    return CLIPModelAdapter.load(path, batch_size=batch_size, mesh=mesh)
   return ProCLIP.load(path, embedder=embedder, batch_size=batch_size, mesh=mesh)

@@ -114,9 +114,9 @@ def _dump_state(config, workdir, path):
   import jax  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
-  from proclip_jax.convert.common import flatten  # pylint: disable=import-outside-toplevel
+  from proclip_jax.tree import flatten  # pylint: disable=import-outside-toplevel
   from proclip_jax.train import checkpoints as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
+  from proclip_jax import mesh as mesh_lib  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.state import abstract_train_state  # pylint: disable=import-outside-toplevel
   mesh = mesh_lib.make_mesh(config.get("mesh"))
   abstract, _ = abstract_train_state(config, mesh)

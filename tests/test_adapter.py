@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn as tnn
 
-from proclip_jax.checkpoint import load_model
+from proclip_jax.storage import load_model
 from proclip_jax.convert.proclip import (adapter_config_from_state_dict, convert_adapter,
                                          convert_proclip)
 from proclip_jax.errors import ProclipError

@@ -6,8 +6,11 @@ Cases already covered elsewhere are listed in docs/reliability.md (images and ca
 ingestion: tests/test_data.py; cache/model/dataset mismatches: tests/test_cache.py;
 converter inputs: tests/test_convert_clip.py, tests/test_llm.py, tests/test_adapter.py).
 """
+import gc
 import importlib.util
 import os
+import sys
+import time
 
 import numpy as np
 import pytest
@@ -109,22 +112,29 @@ def test_resume_with_another_architecture(stage1_workdir, tmp_path):
   # The reads still in flight when the restore failed report it again later, from
   # TensorStore's threads (unraisable "Encountered error while reading array index ..."
   # naming the folder); those late echoes are dropped, the error above said it once.
-  from proclip_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from proclip_jax import storage  # pylint: disable=import-outside-toplevel
+  step_dir = wd / "checkpoints" / "1"
   late = (f"Exception ignored in: <coroutine object _read_array_index_and_device_put>: "
-          f"'path': '{wd / 'checkpoints' / '1' / 'state'}/'")
-  assert checkpoint._echo_of_failed_read(Exception("Encountered error"), late)  # pylint: disable=protected-access
-  assert not checkpoint._echo_of_failed_read(Exception("Encountered error"), "elsewhere")  # pylint: disable=protected-access
-  # Its read coroutines that never started warn when garbage-collected; that is dropped too,
-  # and nothing else is.
+          f"'path': '{step_dir / 'state'}/'")
+  assert storage.echo_of_failed_read(str(step_dir), Exception("Encountered error"), late)
+  assert not storage.echo_of_failed_read(str(step_dir), Exception("Encountered error"),
+                                         "elsewhere")
+  # Its read coroutines that never started warn when garbage-collected; during a restore
+  # that is dropped too, and nothing else is. The filters are scoped to the restore: the
+  # process's unraisable hook and asyncio log filters are as before once it ends.
+  import logging  # pylint: disable=import-outside-toplevel
   import warnings  # pylint: disable=import-outside-toplevel
+  hook, filters = sys.unraisablehook, list(logging.getLogger("asyncio").filters)
   with warnings.catch_warnings(record=True) as seen:
     warnings.resetwarnings()
     warnings.simplefilter("always")
-    checkpoint.install_echo_filters()
-    warnings.warn("coroutine '_read_array_index_and_device_put' was never awaited",
-                  RuntimeWarning)
-    warnings.warn("coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning)
-    warnings.warn("coroutine 'something_else' was never awaited", RuntimeWarning)
+    with storage.quiet_failed_restore(step_dir):
+      assert sys.unraisablehook is not hook
+      warnings.warn("coroutine '_read_array_index_and_device_put' was never awaited",
+                    RuntimeWarning)
+      warnings.warn("coroutine 'Store._get_array_metadatas' was never awaited", RuntimeWarning)
+      warnings.warn("coroutine 'something_else' was never awaited", RuntimeWarning)
+  assert sys.unraisablehook is hook and logging.getLogger("asyncio").filters == filters
   assert [str(w.message) for w in seen] == ["coroutine 'something_else' was never awaited"]
 
 
@@ -144,7 +154,7 @@ def test_stage2_starting_points_missing_or_mismatched(stage1_workdir, tmp_path):
 
 @pytest.fixture(scope="module")
 def vision_clip(tmp_path_factory):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
   cfg = CLIPConfig(vision=VisionConfig(image_size=16, patch_size=8, width=16, layers=1,
@@ -171,15 +181,27 @@ def test_corrupt_converted_checkpoint_is_a_clear_error(vision_clip, tmp_path):
   files = [p for p in (bad / "params").rglob("*") if p.is_file() and "/d/" in str(p)]
   big = max(files, key=lambda p: p.stat().st_size)
   big.write_bytes(big.read_bytes()[: big.stat().st_size // 3])
-  with pytest.raises(ProclipError, match=str(bad)):
-    ck.load_clip_tower(str(bad), cfg.vision)
+  # The reads the failed restore left in flight report it again as they finish; those echoes
+  # are dropped during the restore, which ends only when they are done: nothing reaches the
+  # process's unraisable hook afterwards, and the hook is the process's own again.
+  late, previous = [], sys.unraisablehook
+  sys.unraisablehook = late.append
+  try:
+    with pytest.raises(ProclipError, match=str(bad)):
+      ck.load_clip_tower(str(bad), cfg.vision)
+    assert sys.unraisablehook == late.append
+    time.sleep(0.5)
+    gc.collect()
+  finally:
+    sys.unraisablehook = previous
+  assert not late, [f"{u.err_msg}: {u.exc_value!r}" for u in late]
 
 
 # ------------------------------------------------------------------------ caches
 
 @pytest.fixture(scope="module")
 def small_cache(tmp_path_factory):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.data import precompute as P  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel

@@ -20,7 +20,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
-from proclip_jax.checkpoint import load_model, save_model
+from proclip_jax.storage import load_model, save_model
 from proclip_jax.convert.api import convert
 from proclip_jax.data import cache as C
 from proclip_jax.data import precompute as P

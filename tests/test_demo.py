@@ -60,7 +60,7 @@ def test_table_text_lists_every_row(quick_run):
 def test_demo_clip_conversion_round_trip(quick_run):
   """The converted demo CLIP equals the state dict it was converted from (export inverse)."""
   from safetensors.numpy import load_file
-  from proclip_jax.checkpoint import load_model
+  from proclip_jax.storage import load_model
   from proclip_jax.convert.clip import clip_to_openai
   from proclip_jax.models.clip import CLIPConfig
   config, workdir, _ = quick_run

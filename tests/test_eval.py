@@ -98,7 +98,7 @@ def world(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def mesh():
-  from proclip_jax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from proclip_jax.mesh import make_mesh  # pylint: disable=import-outside-toplevel
   assert jax.device_count() == 8
   return make_mesh({"data": -1})
 

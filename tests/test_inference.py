@@ -3,7 +3,7 @@
 A tiny random ProCLIP with a tiny random BERT embedder (built by test_eval's helpers):
 PIL / uint8 / pre-normalised inputs agree, ``encode_texts`` equals the adapter applied to
 ``embedder.embed`` (a separate Flax apply), save/load keeps everything (also from a training
-workdir written through train/checkpoints.py), a converted CLIP runs behind the same
+workdir written through proclip_jax.storage.Checkpoints), a converted CLIP runs behind the same
 interface, and the CLIs work end to end.
 """
 import dataclasses
@@ -96,7 +96,7 @@ def test_classifier_similarity_rank(setup):
 
 
 def test_mesh_encoding_equals_single_device(setup):
-  from proclip_jax.train.mesh import make_mesh  # pylint: disable=import-outside-toplevel
+  from proclip_jax.mesh import make_mesh  # pylint: disable=import-outside-toplevel
   model = setup["model"]
   mesh = make_mesh({"data": 4, "fsdp": 2})
   assert np.abs(model.encode_images(setup["imgs"], mesh=mesh)
@@ -137,8 +137,8 @@ def test_save_load_round_trip_and_errors(setup):
 
 
 def test_load_training_workdir(setup):
-  """A workdir saved through train/checkpoints.py (params + frozen merged, latest step)."""
-  from proclip_jax.train.checkpoints import Checkpoints  # pylint: disable=import-outside-toplevel
+  """A workdir saved through storage.Checkpoints (params + frozen merged, latest step)."""
+  from proclip_jax.storage import Checkpoints  # pylint: disable=import-outside-toplevel
   model = setup["model"]
   wd = setup["tmp"] / "workdir"
   ck = Checkpoints(str(wd), async_save=False)

@@ -119,7 +119,7 @@ def _npz(path):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
   base = tmp_path_factory.mktemp("mp")

@@ -7,13 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from proclip_jax.convert.common import flatten, unflatten
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig
 from proclip_jax.models.proclip import ProCLIPConfig, ProCLIPModel
 from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
 from proclip_jax.train import optimizer as opt
-from proclip_jax.train.mesh import logical_names
+from proclip_jax.mesh import logical_names
+from proclip_jax.tree import flatten, unflatten
 
 
 def _model(scan=False):

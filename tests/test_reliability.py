@@ -303,7 +303,7 @@ def world(base):
 
 @pytest.fixture(scope="module")
 def text_clip(base):
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import save_model  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip import CLIPConfig, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.clip_text import TextConfig  # pylint: disable=import-outside-toplevel
   config = CLIPConfig(vision=None, text=TextConfig(context_length=24, width=16, layers=1,

@@ -27,15 +27,15 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 from experiments.configs import common  # noqa: E402
-from proclip_jax.checkpoint import save_model  # noqa: E402
-from proclip_jax.convert.common import flatten  # noqa: E402
 from proclip_jax.data import demo_world as dw  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
 from proclip_jax.models.proclip import ProCLIPModel  # noqa: E402
 from proclip_jax.models.vit import VisionConfig  # noqa: E402
+from proclip_jax.storage import save_model  # noqa: E402
 from proclip_jax.train import checkpoints as ckpt_lib  # noqa: E402
 from proclip_jax.train import loop  # noqa: E402
 from proclip_jax.train.state import model_config  # noqa: E402
+from proclip_jax.tree import flatten  # noqa: E402
 
 D, E, SIZE = 24, 16, 32
 N_EXAMPLES = 64
@@ -238,7 +238,7 @@ def stage2(world, stage1, clip_dir, tmp_path_factory):
 
 
 def _restore(cfg, workdir, step):
-  from proclip_jax.train import mesh as mesh_lib
+  from proclip_jax import mesh as mesh_lib
   from proclip_jax.train.state import abstract_train_state
   mesh = mesh_lib.make_mesh(cfg.mesh)
   abstract, _ = abstract_train_state(cfg, mesh)
@@ -351,7 +351,7 @@ def test_distributed_detection():
 
 
 def test_missing_inputs_name_the_command(world, tmp_path, clip_dir):
-  from proclip_jax.train import mesh as mesh_lib
+  from proclip_jax import mesh as mesh_lib
   mesh = mesh_lib.make_mesh({"data": -1})
   cfg = _config(1, 2)
   cfg.cache.llm = str(tmp_path / "no-cache")

@@ -7,14 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from proclip_jax.convert.common import flatten
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig
 from proclip_jax.models.proclip import ProCLIPConfig
 from proclip_jax.models.vit import VisionConfig
-from proclip_jax.train import mesh as mesh_lib
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.train.state import create_train_state, full_params
 from proclip_jax.train.steps import make_stage1_step, make_stage2_step
+from proclip_jax.tree import flatten
 
 B, D, E, SIZE = 16, 24, 16, 16
 MODEL = ProCLIPConfig(

@@ -11,6 +11,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from proclip_jax.convert.api import convert, summary  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
 
 
@@ -26,7 +27,6 @@ def main(argv=None):
   parser.add_argument("--act", choices=("quick_gelu", "gelu", "gelu_tanh"),
                       help="activation of an OpenAI-layout CLIP (default quick_gelu)")
   args = parser.parse_args(argv)
-  from proclip_jax.convert.api import convert, summary  # pylint: disable=import-outside-toplevel
   try:
     out = convert(args.src, args.out, lora=args.lora, preset=args.preset,
                   overwrite=args.overwrite, scan_layers=args.scan_layers, act=args.act)

@@ -12,6 +12,8 @@ import os
 import sys
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.eval import evaluators
+from proclip_jax.inference import load_any
 
 
 def main(argv=None) -> int:
@@ -26,8 +28,6 @@ def main(argv=None) -> int:
   p.add_argument("--limit", type=int, default=None, help="first N images of each set")
   args = p.parse_args(argv)
   try:
-    from proclip_jax.eval import evaluators  # pylint: disable=import-outside-toplevel
-    from proclip_jax.inference import load_any  # pylint: disable=import-outside-toplevel
     names = [n.strip() for n in args.eval.split(",") if n.strip()]
     unknown = [n for n in names if n not in evaluators.EVALS]
     if unknown:

@@ -8,6 +8,8 @@ import os
 import sys
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.eval.evaluators import encode_image_list
+from proclip_jax.inference import load_any, rank
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 
@@ -22,8 +24,6 @@ def main(argv=None) -> int:
   p.add_argument("--batch-size", type=int, default=64)
   args = p.parse_args(argv)
   try:
-    from proclip_jax.eval.evaluators import encode_image_list  # pylint: disable=import-outside-toplevel
-    from proclip_jax.inference import load_any, rank  # pylint: disable=import-outside-toplevel
     if not os.path.isdir(args.images):
       raise ProclipError(f"--images {args.images} is not a folder of images.")
     files = sorted(os.path.join(args.images, f) for f in os.listdir(args.images)

@@ -144,7 +144,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.progress = True              # progress bar with ETA on process 0
   c.evals = ml_collections.ConfigDict()   # {name: {"every": N, ...}} (train/loop.py)
 
-  # Devices: mesh axes (-1 fills) and logical-axis rules (None: train/mesh.py defaults).
+  # Devices: mesh axes (-1 fills) and logical-axis rules (None: proclip_jax/mesh.py defaults).
   c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
   c.logical_axis_rules = ml_collections.config_dict.placeholder(tuple)
 

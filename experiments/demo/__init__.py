@@ -338,7 +338,7 @@ def _run_stage(config, workdir: str, title: str, log: _Log) -> bool:
 
 
 def _model_dict(cfg: Any, clip_path: str, embedder_dim: int, with_vision: bool) -> dict:
-  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
   vision = read_model_json(clip_path)["config"]["vision"] if with_vision else None
   e = int(cfg.clip.embed_dim)
   return {"vision": vision,
@@ -351,7 +351,7 @@ def _model_dict(cfg: Any, clip_path: str, embedder_dim: int, with_vision: bool) 
 def stage_configs(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
                   workdir: str) -> dict:
   """``{run name: (ConfigDict, workdir)}`` for stage 1 and the stage-2 variants, in order."""
-  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   d = int(read_model_json(embedder_path)["dim"])
   runs = {}

@@ -17,8 +17,16 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax
+import numpy as np
+from safetensors import safe_open
+
+from proclip_jax.convert.clip import convert_hf_clip, convert_openai_clip
 from proclip_jax.convert.common import read_json, read_state_dict
+from proclip_jax.convert.llm import convert_embedder
+from proclip_jax.convert.proclip import convert_proclip
 from proclip_jax.errors import ProclipError
+from proclip_jax.storage import load_model, read_model_json
 
 CLIP_TYPES = ("clip", "clip_vision_model", "clip_text_model")
 EMBEDDER_TYPES = ("llama", "qwen3", "qwen2", "bert", "mistral")
@@ -48,7 +56,6 @@ def _safetensors_keys(src: str) -> list[str] | None:
     path = os.path.join(src, "model.safetensors")
   if not (path.endswith(".safetensors") and os.path.isfile(path)):
     return None
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   try:
     with safe_open(path, framework="np") as f:
       return list(f.keys())
@@ -110,28 +117,20 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if act is not None and family != "openai-clip":
     raise ProclipError(f"--act applies to OpenAI-layout CLIP state dicts, not to {family}.")
   if family == "hf-clip":
-    from proclip_jax.convert.clip import convert_hf_clip  # pylint: disable=import-outside-toplevel
     return convert_hf_clip(src, out, overwrite=overwrite, scan_layers=scan_layers)
   if family == "openai-clip":
-    from proclip_jax.convert.clip import convert_openai_clip  # pylint: disable=import-outside-toplevel
     return convert_openai_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
                                act=act or "quick_gelu", state_dict=sd)
   if family == "embedder":
-    from proclip_jax.convert.llm import convert_embedder  # pylint: disable=import-outside-toplevel
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)
-  from proclip_jax.convert.proclip import convert_proclip  # pylint: disable=import-outside-toplevel
   return convert_proclip(src, out, overwrite=overwrite)
 
 
 def summary(out: str) -> str:
   """One line describing a converted folder: family, parameter count, path."""
-  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
   meta = read_model_json(out)
   n = meta.get("num_params")
   if n is None:
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-    import jax  # pylint: disable=import-outside-toplevel
     n = int(sum(np.size(x) for x in jax.tree.leaves(load_model(out)[1])))
   family = meta.get("family", meta.get("kind"))
   return (f"converted {family} ({meta.get('kind')}): {n:,} parameters -> "

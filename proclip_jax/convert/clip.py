@@ -13,7 +13,7 @@ Sources:
 Each tower is converted with a rename table: ``(source key, hook)`` rows, where the hook
 turns the source tensor into ``{flax path: array}`` (transposes, q/k/v splits, head
 reshapes). Every source tensor must be consumed; the result is checked against
-``jax.eval_shape`` of the model (:func:`proclip_jax.convert.common.check_tree`) before
+``jax.eval_shape`` of the model (:func:`proclip_jax.tree.check_tree`) before
 anything is written. :func:`clip_to_openai` goes back to an OpenAI-layout state dict.
 
 The image-tower functions with a ``prefix`` (:func:`openai_visual_config`,
@@ -32,12 +32,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proclip_jax.convert.common import (check_tree, conv_oihw_to_hwio, flatten, linear,
-                                        read_json, read_state_dict, to_f32, unflatten)
+from proclip_jax.convert.common import conv_oihw_to_hwio, linear, read_json, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIPConfig, abstract_params
 from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
+from proclip_jax.storage import save_model
+from proclip_jax.tree import check_tree, flatten, to_f32, unflatten
 
 Hook = Callable[[np.ndarray], dict]
 Table = list  # of (source_key, hook)
@@ -425,7 +426,6 @@ def count_params(tree) -> int:
 
 def _save(out: str, config: CLIPConfig, params: dict, unused, *, family: str, src: str,
           overwrite: bool, scan_layers: bool) -> str:
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
   check_clip(params, config, unused, what=f"checkpoint {src!r}")
   if scan_layers:
     config = config.replace(scan_layers=True)

@@ -1,17 +1,19 @@
-"""Shared converter machinery: reading checkpoints safely and checking converted trees.
+"""Shared converter machinery: reading PyTorch checkpoints safely, PyTorch -> Flax layouts.
 
 Reading never runs pickled code: safetensors through ``safe_open(framework="np")``
 (bfloat16 through ml_dtypes), ``.pt/.bin/.pth`` only through
-``torch.load(weights_only=True)``. A converted tree is compared with ``jax.eval_shape`` of
-the model, and every missing, unexpected and mis-shaped key is listed in one error.
+``torch.load(weights_only=True)``. Converted trees are checked against the model with
+:func:`proclip_jax.tree.check_tree`.
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Mapping
 
+import ml_dtypes
 import numpy as np
+from safetensors import safe_open
 
 from proclip_jax.errors import ProclipError
 
@@ -21,7 +23,6 @@ _WRAPPER_KEYS = ("state_dict", "module", "model", "model_state_dict")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  from safetensors import safe_open  # pylint: disable=import-outside-toplevel
   out = {}
   try:
     with safe_open(path, framework="np") as f:
@@ -38,7 +39,6 @@ def _torch_to_numpy(t) -> np.ndarray:
   import torch  # pylint: disable=import-outside-toplevel
   t = t.detach().cpu()
   if t.dtype == torch.bfloat16:
-    import ml_dtypes  # pylint: disable=import-outside-toplevel
     return t.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
   return t.numpy()
 
@@ -141,61 +141,6 @@ def read_json(path: str) -> dict:
     raise ProclipError(f"{path!r} is not valid JSON: {e}.") from e
 
 
-# ---------------------------------------------------------------- tree helpers
-
-def flatten(tree: Mapping, sep: str = "/") -> dict[str, Any]:
-  """``{"a": {"b": x}}`` -> ``{"a/b": x}``."""
-  out = {}
-  for k, v in tree.items():
-    if isinstance(v, Mapping):
-      for kk, vv in flatten(v, sep).items():
-        out[f"{k}{sep}{kk}"] = vv
-    else:
-      out[str(k)] = v
-  return out
-
-
-def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict:
-  """``{"a/b": x}`` -> ``{"a": {"b": x}}``."""
-  out: dict = {}
-  for k, v in flat.items():
-    node = out
-    parts = k.split(sep)
-    for p in parts[:-1]:
-      node = node.setdefault(p, {})
-    node[parts[-1]] = v
-  return out
-
-
-def check_tree(params: Mapping, abstract: Mapping, *, what: str = "checkpoint",
-               unused_source_keys: Iterable[str] = ()) -> None:
-  """Raises one ProclipError listing every difference between ``params`` and ``abstract``.
-
-  ``abstract`` is ``jax.eval_shape`` of the model's init (leaves with ``.shape``; flax
-  ``Partitioned`` boxes are unwrapped). ``unused_source_keys`` are checkpoint tensors that no
-  rename rule consumed; they are reported as unexpected.
-  """
-  from flax.core import meta  # pylint: disable=import-outside-toplevel
-  abstract = meta.unbox(abstract)
-  got = flatten(params)
-  want = flatten(abstract)
-  missing = sorted(set(want) - set(got))
-  unexpected = sorted(set(got) - set(want)) + sorted(f"(source) {k}" for k in unused_source_keys)
-  misshaped = sorted(
-      f"{k}: got {tuple(np.shape(got[k]))}, model expects {tuple(want[k].shape)}"
-      for k in set(got) & set(want) if tuple(np.shape(got[k])) != tuple(want[k].shape))
-  if missing or unexpected or misshaped:
-    lines = [f"The {what} does not fit the model; nothing was written."]
-    for title, items in (("missing", missing), ("unexpected", unexpected),
-                         ("mis-shaped", misshaped)):
-      if items:
-        shown = items[:40] + ([f"... and {len(items) - 40} more"] if len(items) > 40 else [])
-        lines.append(f"{title} ({len(items)}):\n  " + "\n  ".join(shown))
-    lines.append("Check that the checkpoint and the model configuration are the same "
-                 "architecture and size.")
-    raise ProclipError("\n".join(lines))
-
-
 def linear(w: np.ndarray) -> np.ndarray:
   """PyTorch Linear weight ``[out, in]`` -> Flax Dense kernel ``[in, out]``."""
   return np.ascontiguousarray(np.asarray(w).T)
@@ -203,13 +148,3 @@ def linear(w: np.ndarray) -> np.ndarray:
 
 def conv_oihw_to_hwio(w: np.ndarray) -> np.ndarray:
   return np.ascontiguousarray(np.transpose(np.asarray(w), (2, 3, 1, 0)))
-
-
-def to_f32(tree):
-  """Casts every floating leaf to float32 numpy (parameters are kept in float32)."""
-  def cast(x):
-    x = np.asarray(x)
-    return x.astype(np.float32) if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else x
-  if isinstance(tree, Mapping):
-    return {k: to_f32(v) for k, v in tree.items()}
-  return cast(tree)

@@ -27,11 +27,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from proclip_jax.convert.common import check_tree, read_json, read_state_dict, unflatten
+from proclip_jax.convert.common import read_json, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import embedder as emb
 from proclip_jax.models.bert import BertConfig
 from proclip_jax.models.llm import DecoderConfig, abstract_params
+from proclip_jax.tree import check_tree, unflatten
 
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "bert": "bert"}

@@ -17,15 +17,22 @@ own and used through the feature caches).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from typing import Mapping
 
+import jax
 import numpy as np
 
-from proclip_jax.convert.common import check_tree, linear, read_state_dict, to_f32
+from proclip_jax.convert import clip as clip_conv
+from proclip_jax.convert.common import linear, read_state_dict
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.adapter import AdapterConfig
+from proclip_jax.models import vit
+from proclip_jax.models.adapter import AdapterConfig, TextProj
+from proclip_jax.models.proclip import ProCLIPConfig
+from proclip_jax.storage import save_model
+from proclip_jax.tree import check_tree, to_f32, unflatten
 
 ADAPTER_PREFIXES = ("text.text_adaptor.", "text_adaptor.", "model.text.text_adaptor.")
 
@@ -85,9 +92,6 @@ def adapter_rename_table(prefix: str, n_blocks: int) -> dict[str, tuple[str, boo
 def convert_adapter(sd: Mapping[str, np.ndarray], prefix: str, config: AdapterConfig
                     ) -> tuple[dict, set[str]]:
   """Adapter tensors -> ``(TextProj params, source keys used)``; checked against the model."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.adapter import TextProj  # pylint: disable=import-outside-toplevel
-  from proclip_jax.convert.common import unflatten  # pylint: disable=import-outside-toplevel
   table = adapter_rename_table(prefix, config.n_blocks)
   flat, used = {}, set()
   for src, (dst, is_linear) in table.items():
@@ -107,11 +111,6 @@ def convert_adapter(sd: Mapping[str, np.ndarray], prefix: str, config: AdapterCo
 def _convert_visual(sd: Mapping[str, np.ndarray], *, act: str, scan_layers: bool,
                     dtype: str):
   """The ``visual.*`` tower through the CLIP converter's tables: (VisionConfig, params, used)."""
-  import dataclasses  # pylint: disable=import-outside-toplevel
-  import jax  # pylint: disable=import-outside-toplevel
-  from proclip_jax.convert import clip as clip_conv  # pylint: disable=import-outside-toplevel
-  from proclip_jax.convert.common import unflatten  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models import vit  # pylint: disable=import-outside-toplevel
   cfg = clip_conv.openai_visual_config(sd, "visual.", act=act)
   flat, used = clip_conv.apply_table(sd, clip_conv.openai_vision_table(cfg, "visual.", "visual"))
   params = unflatten(flat)["visual"]
@@ -136,8 +135,6 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   (OpenAI towers: QuickGELU); ``scan_layers``: store its blocks stacked for ``nn.scan``;
   ``dtype``: the compute dtype written into the model config (parameters stay float32).
   """
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
   sd = read_state_dict(src)
   prefix = find_adapter_prefix(sd)
   if prefix is None:

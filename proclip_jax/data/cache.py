@@ -53,9 +53,9 @@ import ml_dtypes
 import numpy as np
 from etils import epath
 
-from proclip_jax.checkpoint import load_model, params_fingerprint, read_model_json
 from proclip_jax.data import paths
 from proclip_jax.errors import ProclipError
+from proclip_jax.storage import load_model, params_fingerprint, read_model_json
 
 FORMAT = "proclip-embedding-cache"
 VERSION = 1

@@ -22,7 +22,7 @@ How it runs:
    ``batch_size`` rows padded to one of a few bucketed lengths (few compiled shapes); a
    jit-compiled forward runs data-parallel over this process's devices (batch split over
    the mesh's ``data``/``fsdp`` axes; the parameters replicated, or sharded by the logical
-   axis rules of :mod:`proclip_jax.train.mesh` with e.g. ``mesh={"data": 1, "fsdp": -1}`` for
+   axis rules of :mod:`proclip_jax.mesh` with e.g. ``mesh={"data": 1, "fsdp": -1}`` for
    a model that does not fit one device). Results go back to id order, are cast to the
    cache dtype and written as part files (temporary name + rename), then the unit's json.
 4. When every unit is done, process 0 merges the parts in unit order into
@@ -48,7 +48,8 @@ from etils import epath
 from jax.experimental import multihost_utils
 from tqdm import tqdm
 
-from proclip_jax.checkpoint import load_model, read_model_json
+from proclip_jax.storage import load_model, read_model_json
+from proclip_jax import mesh as M
 from proclip_jax.data import cache as C
 from proclip_jax.data import paths
 from proclip_jax.data.pipeline import open_source
@@ -57,7 +58,6 @@ from proclip_jax.models import embedder as E
 from proclip_jax.models.clip import CLIPConfig
 from proclip_jax.models.clip_text import TextTransformer
 from proclip_jax.text.clip_tokenizer import ClipTokenizer
-from proclip_jax.train import mesh as M
 
 DEFAULT_UNIT_SIZE = 4096
 

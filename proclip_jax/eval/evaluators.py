@@ -29,22 +29,29 @@ mapping or ConfigDict; all optional)::
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import os
 import time
 from typing import Any, Callable, Mapping, Sequence
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from PIL import Image
 
+from proclip_jax.data import transforms
+from proclip_jax.data.cache import CacheReader
+from proclip_jax.data.pipeline import open_source
 from proclip_jax.errors import ProclipError
 from proclip_jax.eval import datasets as ds
 from proclip_jax.eval import metrics
+from proclip_jax.inference import ProCLIP, resolve_embedder
+from proclip_jax.train.state import model_config
 
 
 # --------------------------------------------------------------------------- encoding
 
 def _load_file(path: str, size: int) -> np.ndarray:
-  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
   try:
     with Image.open(path) as im:
       im.load()
@@ -54,7 +61,6 @@ def _load_file(path: str, size: int) -> np.ndarray:
 
 
 def _load_bytes(data: bytes, size: int) -> np.ndarray:
-  from proclip_jax.data import transforms  # pylint: disable=import-outside-toplevel
   return transforms.eval_transform(transforms.decode_image(data), size)
 
 
@@ -150,7 +156,6 @@ def _demo_dirs(path: str) -> tuple[str, str | None]:
 
 
 def _demo_split(path: str, split: str, fields: Sequence[str], limit: int | None = None):
-  from proclip_jax.data.pipeline import open_source  # pylint: disable=import-outside-toplevel
   data_dir, classes = _demo_dirs(path)
   src = open_source(data_dir, split)
   n = len(src) if limit is None else min(limit, len(src))
@@ -167,7 +172,6 @@ def _demo_split(path: str, split: str, fields: Sequence[str], limit: int | None 
 def _demo_text_emb(model, texts, ids, field, llm_cache, batch_size, mesh):
   cache = (llm_cache or {}).get(field) if isinstance(llm_cache, Mapping) else llm_cache
   if cache and hasattr(model, "encode_text_features"):
-    from proclip_jax.data.cache import CacheReader  # pylint: disable=import-outside-toplevel
     feats = CacheReader(cache, expect={"kind": "llm"}).get(field, ids)
     return model.encode_text_features(feats, batch_size=batch_size, mesh=mesh)
   return encode_text_list(model, texts, batch_size=batch_size, mesh=mesh)
@@ -195,7 +199,6 @@ def demo_long_retrieval(model, path: str, **kwargs) -> dict:
 def demo_zero_shot(model, path: str, *, split: str = "classification_test", batch_size: int = 64,
                    mesh=None, limit: int | None = None, ks=(1, 5)) -> dict:
   """Demo world ``classification_test``: main object's "COLOUR SHAPE" with the demo templates."""
-  import json  # pylint: disable=import-outside-toplevel
   rows, data_dir, classes_file = _demo_split(path, split, ("label",), limit)
   if classes_file is not None:
     with open(classes_file, encoding="utf-8") as f:
@@ -322,15 +325,13 @@ def for_trainer(name: str) -> Callable[[Mapping, Any, Any], dict]:
   new parameters on later calls, so the encoders compile once.
   """
   def fn(params, config, mesh) -> dict:
-    from proclip_jax.inference import ProCLIP, _resolve_embedder  # pylint: disable=import-outside-toplevel
-    from proclip_jax.train.state import model_config  # pylint: disable=import-outside-toplevel
     evals = _cfg(config, "evals", {}) or {}
     settings = evals[name] if name in evals else {}
     settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
     host = jax_to_host(params)
     model = _TRAINER_MODELS.get(name)
     if model is None:
-      emb, emb_path = _resolve_embedder(settings.get("embedder") or None, None,
+      emb, emb_path = resolve_embedder(settings.get("embedder") or None, None,
                                         f"config.evals.{name}.embedder")
       model = ProCLIP(model_config(config), host, emb, embedder_path=emb_path,
                       batch_size=int(settings.get("batch_size", 64)), mesh=mesh)
@@ -344,9 +345,7 @@ def for_trainer(name: str) -> Callable[[Mapping, Any, Any], dict]:
 
 def jax_to_host(tree):
   """A (possibly sharded, multi-host) parameter tree as host NumPy arrays on every process."""
-  import jax  # pylint: disable=import-outside-toplevel
   if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
     return multihost_utils.process_allgather(tree, tiled=True)
   return jax.tree.map(np.asarray, tree)
 

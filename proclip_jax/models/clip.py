@@ -7,8 +7,8 @@ Parameter tree of :class:`CLIP`::
     logit_scale   []  log of the contrastive temperature's inverse (scale = exp(logit_scale))
 
 ``load_clip(path)`` opens a folder written by ``tools/convert.py`` (``kind="clip"``) and gives
-jit-compiled, batched ``encode_image`` / ``encode_text`` returning L2-normalised numpy
-features, and ``tokenize`` (CLIP BPE).
+jit-compiled, batched ``encode_image`` / ``encode_text`` (``proclip_jax.batched``) returning
+L2-normalised numpy features, and ``tokenize`` (CLIP BPE).
 """
 from __future__ import annotations
 
@@ -21,9 +21,12 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from proclip_jax.batched import BatchedEncoder
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip_text import TextConfig, TextTransformer
 from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
+from proclip_jax.storage import load_model
+from proclip_jax.text.clip_tokenizer import ClipTokenizer
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,10 +127,6 @@ def abstract_params(config: CLIPConfig):
       jax.random.PRNGKey(0), *example_inputs(config)))["params"]
 
 
-def _bucket(n: int, batch_size: int) -> int:
-  return min(batch_size, 1 << max(0, (n - 1).bit_length()))
-
-
 class LoadedCLIP:
   """A converted CLIP ready for inference (see :func:`load_clip`).
 
@@ -143,32 +142,22 @@ class LoadedCLIP:
     self.batch_size = int(batch_size)
     self.logit_scale = float(np.asarray(params["logit_scale"]))
     model = CLIP(config)
-    self._image_fn = jax.jit(lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image))
-    self._text_fn = jax.jit(lambda p, t: model.apply({"params": p}, t, method=CLIP.encode_text))
+    # The two towers' encoders (proclip_jax.batched); inference.CLIPModelAdapter reuses them.
+    self.image_encoder = None if config.vision is None else BatchedEncoder(
+        lambda p, x: model.apply({"params": p}, x, method=CLIP.encode_image), self.params,
+        self.batch_size)
+    self.text_encoder = None if config.text is None else BatchedEncoder(
+        lambda p, t: model.apply({"params": p}, t, method=CLIP.encode_text), self.params,
+        self.batch_size)
     self._tokenizer = None
 
   def tokenize(self, texts, context_length: int | None = None) -> np.ndarray:
     """CLIP BPE ids, int32 ``[N, context_length]`` (default: the text tower's context)."""
     if self._tokenizer is None:
-      from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
       self._tokenizer = ClipTokenizer()
     if context_length is None:
       context_length = self.config.text.context_length if self.config.text else 77
     return self._tokenizer(texts, context_length=context_length)
-
-  def _batched(self, fn, x: np.ndarray) -> np.ndarray:
-    n = x.shape[0]
-    if n == 0:
-      raise ProclipError("Nothing to encode: the input batch is empty.")
-    b = _bucket(n, self.batch_size)
-    outs = []
-    for start in range(0, n, b):
-      chunk = x[start:start + b]
-      pad = b - chunk.shape[0]
-      if pad:
-        chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-      outs.append(np.asarray(fn(self.params, chunk))[:b - pad])
-    return np.concatenate(outs)
 
   def encode_image(self, pixels) -> np.ndarray:
     """``pixels``: NHWC float32, CLIP-normalised, at ``config.vision.image_size``.
@@ -183,7 +172,7 @@ class LoadedCLIP:
     if pixels.ndim != 4 or pixels.shape[1:] != (size, size, 3):
       raise ProclipError(f"encode_image expects NHWC pixels [N, {size}, {size}, 3], got "
                          f"{pixels.shape}.")
-    return self._batched(self._image_fn, pixels)
+    return self.image_encoder(pixels)
 
   def encode_text(self, ids) -> np.ndarray:
     """``ids``: int ``[N, L]`` (from :meth:`tokenize`). Returns L2-normalised float32 ``[N, E]``."""
@@ -194,7 +183,7 @@ class LoadedCLIP:
     if ids.ndim != 2 or ids.shape[1] > self.config.text.context_length:
       raise ProclipError(f"encode_text expects ids [N, <= {self.config.text.context_length}], "
                          f"got {ids.shape}; make them with .tokenize(texts).")
-    return self._batched(self._text_fn, ids.astype(np.int32))
+    return self.text_encoder(ids.astype(np.int32))
 
 
 def load_clip(path: str, *, dtype: str | None = None, scan_layers: bool | None = None,
@@ -207,7 +196,6 @@ def load_clip(path: str, *, dtype: str | None = None, scan_layers: bool | None =
     scan_layers: optional layout override (parameters are restacked as needed).
     batch_size: largest batch per compiled call (inputs are chunked and padded).
   """
-  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
   meta, params = load_model(path, kind="clip")
   config = CLIPConfig.from_dict(meta["config"])
   overrides = {}

@@ -39,8 +39,11 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tokenizers import Tokenizer
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models import bert, llm
+from proclip_jax.storage import load_model, save_model
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FAMILIES = DECODER_FAMILIES + ("bert",)
@@ -195,7 +198,6 @@ class TextTokenizer:
   """Template + tokenization + masks for one preset, from a local tokenizer folder."""
 
   def __init__(self, folder: str, preset: EmbedderPreset):
-    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     folder = os.fspath(folder)
     path = os.path.join(folder, "tokenizer.json")
     if not os.path.isfile(path):
@@ -286,7 +288,6 @@ class TextTokenizer:
 
 def model_config_from_dict(config: Mapping[str, Any]):
   """``{"family": ..., "model": {...}}`` -> DecoderConfig or BertConfig."""
-  from proclip_jax.models import bert, llm  # pylint: disable=import-outside-toplevel
   family = config.get("family")
   if family == "bert":
     return bert.BertConfig.from_dict(config["model"])
@@ -298,7 +299,6 @@ def model_config_from_dict(config: Mapping[str, Any]):
 def build_model(model_config, preset: EmbedderPreset, *, dtype=jnp.float32,
                 scan_layers: bool = False):
   """The Flax module for a model config and a preset."""
-  from proclip_jax.models import bert, llm  # pylint: disable=import-outside-toplevel
   pooling = "mean" if preset.pooling == "mean_text" else preset.pooling
   if model_config.family not in preset.families:
     raise ProclipError(
@@ -398,8 +398,6 @@ def load_embedder(path: str, *, dtype: Any = jnp.float32, scan_layers: bool = Fa
     scan_layers: run decoder layers with ``nn.scan`` (parameters are stacked on load).
     preset: override the stored preset (a name, dict or EmbedderPreset).
   """
-  from proclip_jax.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models import llm  # pylint: disable=import-outside-toplevel
   meta, params = load_model(path, kind="embedder")
   config = model_config_from_dict(meta["config"])
   preset = get_preset(preset if preset is not None else meta.get("preset", "minilm"))
@@ -414,7 +412,6 @@ def load_embedder(path: str, *, dtype: Any = jnp.float32, scan_layers: bool = Fa
 def save_embedder(out: str, model_config, preset: EmbedderPreset, params, tokenizer_dir: str,
                   *, overwrite: bool = False, **extra) -> str:
   """Writes a converted embedder folder atomically (parameters, model.json, tokenizer/)."""
-  from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
   out = os.path.abspath(os.fspath(out))
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")

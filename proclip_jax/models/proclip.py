@@ -17,21 +17,16 @@ import dataclasses
 import math
 from typing import Any, Mapping, Sequence
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax.core import meta
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models import vit
 from proclip_jax.models.adapter import AdapterConfig, TextProj, l2_normalize
 
 PARTS = ("visual", "adapter", "logit_scale")
 LOGIT_SCALE_INIT = math.log(100.0)
-
-
-def _vit():
-  from proclip_jax.models import vit  # pylint: disable=import-outside-toplevel
-  return vit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +63,7 @@ class ProCLIPConfig:
       raise ProclipError("ProCLIPConfig needs an 'adapter' entry.")
     vision = d.get("vision")
     if vision is not None and not hasattr(vision, "to_dict"):
-      vision = _vit().VisionConfig.from_dict(dict(vision))
+      vision = vit.VisionConfig.from_dict(dict(vision))
     adapter = d["adapter"]
     if not isinstance(adapter, AdapterConfig):
       adapter = AdapterConfig.from_dict(dict(adapter))
@@ -95,7 +90,7 @@ class ProCLIPModel:
   def __init__(self, config: ProCLIPConfig):
     self.config = config
     self.adapter = TextProj(config.adapter)
-    self.vision = None if config.vision is None else _vit().VisionTransformer(config.vision)
+    self.vision = None if config.vision is None else vit.VisionTransformer(config.vision)
 
   # ------------------------------------------------------------------ init
   def init_boxed(self, rng: jax.Array, parts: Sequence[str] = PARTS) -> dict:
@@ -141,13 +136,3 @@ class ProCLIPModel:
 
   def encode_texts(self, params: Mapping, llm_features: jax.Array) -> jax.Array:
     return self.text_features(params["adapter"], llm_features)
-
-
-def encode_images(model: ProCLIPModel, params: Mapping, pixels: jax.Array) -> jax.Array:
-  """Unit-norm float32 image features (``model.encode_images``)."""
-  return model.encode_images(params, pixels)
-
-
-def encode_texts(model: ProCLIPModel, params: Mapping, llm_features: jax.Array) -> jax.Array:
-  """Unit-norm float32 text features from cached LLM features (``model.encode_texts``)."""
-  return model.encode_texts(params, llm_features)

@@ -505,9 +505,3 @@ def resample_posemb(posemb, new_grid: int | Sequence[int], method: str = "bicubi
   grid = jax.image.resize(grid, (rows, cols, width),
                           method="cubic" if method == "bicubic" else "linear", antialias=False)
   return jnp.concatenate([posemb[:1], grid.reshape(rows * cols, width)], axis=0)
-
-
-def init_params(module: nn.Module, example_inputs: Sequence, seed: int = 0) -> dict:
-  """Initialises and unboxes ``module`` params (helper for tests and training from scratch)."""
-  variables = module.init(jax.random.PRNGKey(seed), *example_inputs)
-  return nn.unbox(variables)["params"]

@@ -55,7 +55,7 @@ from etils import epath
 
 from proclip_jax.errors import ProclipError
 from proclip_jax.train import checkpoints as ckpt_lib
-from proclip_jax.train import mesh as mesh_lib
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.train.state import (_get, abstract_train_state, create_train_state,
                                      full_params, model_config, stage_of)
 from proclip_jax.train.steps import TEXT_KEY, make_train_step

@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from proclip_jax.convert.common import flatten, unflatten
 from proclip_jax.errors import ProclipError
+from proclip_jax.tree import flatten, merge, unflatten  # noqa: F401  (merge: the inverse of partition)
 
 LOGIT_SCALE_MAX = math.log(100.0)
 
@@ -89,13 +89,6 @@ def partition(params: Mapping, freeze: Sequence[str] = ()) -> tuple[dict, dict]:
           f"config.optim.freeze rule {p.pattern!r} matches no parameter; parameter paths "
           f"look like {sorted(flat)[:3]}.")
   return unflatten(trainable), unflatten(frozen)
-
-
-def merge(trainable: Mapping, frozen: Mapping) -> dict:
-  """Inverse of :func:`partition`."""
-  flat = dict(flatten(trainable))
-  flat.update(flatten(frozen))
-  return unflatten(flat)
 
 
 # --------------------------------------------------------------- schedule

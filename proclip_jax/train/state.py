@@ -19,7 +19,7 @@ Config fields read here (ml_collections ConfigDict or nested dicts)::
     model                  ProCLIPConfig, or {"vision": VisionConfig dict | None, "adapter": {...}}
     total_steps            schedule length
     optim                  see ``train/optimizer.py`` (freeze rules live here too)
-    mesh, logical_axis_rules   see ``train/mesh.py``
+    mesh, logical_axis_rules   see ``proclip_jax/mesh.py``
     stage2.ema_momentum    m (1.0 keeps the original tower frozen as the teacher)
     stage2.distill_weight  λ (0 disables the teacher: no EMA tree at all)
 """
@@ -36,11 +36,11 @@ import optax
 from flax.core import meta
 from jax.sharding import Mesh, NamedSharding
 
-from proclip_jax.convert.common import check_tree, flatten
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.proclip import PARTS, ProCLIPConfig, ProCLIPModel
-from proclip_jax.train import mesh as mesh_lib
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.train import optimizer as optim_lib
+from proclip_jax.tree import check_tree, flatten
 
 
 @flax.struct.dataclass
@@ -188,7 +188,7 @@ def create_train_state(config: Any, mesh: Mesh, rng: jax.Array,
 
   Args:
     config: the run config (fields in the module docstring).
-    mesh: from ``train.mesh.make_mesh(config.mesh)``.
+    mesh: from ``mesh.make_mesh(config.mesh)``.
     rng: a ``jax.random.key`` for the parts that are not loaded.
     init_params: optional ``{"visual": ..., "adapter": ..., "logit_scale": ...}`` (any
       subset of the stage's parts; host or device arrays), e.g. a converted CLIP image tower

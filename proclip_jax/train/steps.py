@@ -50,7 +50,7 @@ from jax.sharding import Mesh
 from proclip_jax import losses
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import l2_normalize
-from proclip_jax.train import mesh as mesh_lib
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.train import optimizer as optim_lib
 from proclip_jax.train.state import Setup, TrainState, _get, setup, uses_teacher
 

@@ -1,4 +1,4 @@
-"""Device mesh, logical-axis rules and shardings for born-sharded training state.
+"""Device mesh, logical-axis rules and shardings (training state, inference, precompute).
 
 The mesh has three axes, built from the config (``-1`` takes the devices the others leave)::
 
@@ -13,13 +13,13 @@ along its first dimension over the ``batch`` rule (``data`` and ``fsdp``).
 State is born sharded: ``jax.eval_shape(init)`` gives the boxed abstract tree,
 :func:`tree_shardings` turns it into ``NamedSharding`` s, and
 ``jax.jit(init, out_shardings=...)`` creates every array already in place
-(:func:`born_sharded`). Enter the mesh with ``jax.set_mesh(mesh)`` (``with mesh:`` is
+(``train/state.py``). Enter the mesh with ``jax.set_mesh(mesh)`` (``with mesh:`` is
 deprecated and silently disables logical constraints).
 """
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -194,16 +194,3 @@ def batch_divisor(mesh: Mesh, rules=None) -> int:
     return 1
   axes = (spec[0],) if isinstance(spec[0], str) else spec[0]
   return math.prod(mesh.shape[a] for a in axes)
-
-
-def born_sharded(init_fn: Callable[..., Any], mesh: Mesh, rules=None, *args):
-  """Runs ``init_fn(*args)`` under jit with every output created in its sharding.
-
-  ``init_fn`` returns a boxed tree (``nn.Partitioned`` leaves). Returns ``(params,
-  shardings)``: the unboxed params, placed, and the matching NamedSharding tree.
-  """
-  boxed = jax.eval_shape(init_fn, *args)
-  shardings = tree_shardings(boxed, mesh, rules)
-  # No mesh context: flax would constrain DenseGeneral's flattened kernels inside init.
-  params = jax.jit(lambda *a: meta.unbox(init_fn(*a)), out_shardings=shardings)(*args)
-  return params, shardings
