@@ -137,8 +137,8 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # "auto": jax.distributed.initialize() when the environment names a coordinator or a
   # multi-host TPU / SLURM / Open MPI job; "on" always; "off" never.
   c.distributed = "auto"
-  # JAX's persistent compilation cache (experiments/run.py sets it; "" = off): a resumed or
-  # repeated run loads its compiled steps instead of compiling them again.
+  # JAX's persistent compilation cache (experiments/run.py sets it on GPU / TPU; "" = off):
+  # a resumed or repeated run loads its compiled steps instead of compiling them again.
   c.compilation_cache_dir = "~/.cache/proclip_jax/jax"
 
   # Observability and checkpoints.

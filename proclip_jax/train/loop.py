@@ -129,7 +129,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   global_batch = int(config.data.batch_size)
 
   # Abstract state, shardings and the jitted step (compiled on its first call; JAX's
-  # persistent compilation cache, when configured, serves repeated compiles).
+  # persistent compilation cache, when experiments/run.py sets it, serves repeats).
   abstract, shardings = abstract_train_state(config, mesh)
   train_step = make_train_step(config, mesh, shardings)
 
