@@ -361,7 +361,7 @@ def test_distributed_detection():
 
 
 def test_unknown_evaluation_lists_known_ones(world, tmp_path):
-  cfg = _config(1, 1)
+  cfg = _config(1, 2)
   cfg.evals.nope = {"every": 1}
   with pytest.raises(ProclipError, match="unknown evaluation 'nope'; known: .*demo_short"):
     loop.train(cfg, str(tmp_path / "w"), source=world["source"], caches=world["caches"])

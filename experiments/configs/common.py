@@ -10,6 +10,10 @@ parsed by :func:`parse_arg` into typed values (the defaults' types decide)::
 :func:`base_config` holds every field the trainer (``proclip_jax/train/loop.py``) reads,
 with the method file's defaults where it gives them; the stage files fill in the rest.
 Any field can be overridden on the command line: ``--config.optim.lr=3e-5``.
+``experiments/run.py`` locks the ConfigDict and the library reads ``config.a.b``; the only
+optional fields (absent here, read with ``.get``) are ``data.seed`` (default ``seed``),
+``stage2.field_weights`` (default equal), ``optim.no_decay``, ``optim.layer_decay_prefix``
+and ``optim.layer_stem`` (train/optimizer.py) and the settings inside ``evals.NAME``.
 """
 from __future__ import annotations
 
