@@ -77,14 +77,15 @@ def jax_side(args, batch_np: dict):
   from proclip_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.steps import make_stage1_step  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common as common_config  # pylint: disable=g-import-not-at-top
 
   e = _tower(args)["embed_dim"]
   adapter = AdapterConfig(in_dim=args.llm_dim, out_dim=e, expansion=args.expansion,
                           dtype=args.dtype)
-  config = {"stage": 1, "model": ProCLIPConfig(vision=None, adapter=adapter),
-            "total_steps": 1000, "distill_chunk": min(args.chunk, args.batch), "seed": 0,
-            "optim": {"lr": 1e-4, "weight_decay": 0.05, "grad_clip_norm": 1.0,
-                      "warmup_steps": 10}}
+  config = common_config.base_config(1)
+  config.update(model=ProCLIPConfig(vision=None, adapter=adapter), total_steps=1000,
+                distill_chunk=min(args.chunk, args.batch), seed=0)
+  config.optim.update(lr=1e-4, weight_decay=0.05, grad_clip_norm=1.0, warmup_steps=10)
   mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
   state, shardings = create_train_state(config, mesh, jax.random.key(0))
   step = make_stage1_step(config, mesh, shardings)

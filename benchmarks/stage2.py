@@ -164,6 +164,7 @@ def jax_side(args, batch_np: dict):
   from proclip_jax import mesh as mesh_lib  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.state import create_train_state  # pylint: disable=g-import-not-at-top
   from proclip_jax.train.steps import make_stage2_step  # pylint: disable=g-import-not-at-top
+  from experiments.configs import common as common_config  # pylint: disable=g-import-not-at-top
 
   vis = vision_config(args)
   adapter = adapter_config(args, vis, args.dtype)
@@ -173,12 +174,13 @@ def jax_side(args, batch_np: dict):
     info.update({"model_flops_per_step": flops["total"], "flops_breakdown": flops,
                  "scan": args.scan, "remat": args.remat, "donate": False})
     return run, info
-  config = {"stage": 2, "model": ProCLIPConfig(vision=vis, adapter=adapter),
-            "total_steps": 1000, "distill_chunk": args.batch, "seed": 0,
-            "optim": {"lr": LR, "weight_decay": WD, "grad_clip_norm": 1.0, "warmup_steps": 10,
-                      "layer_decay": LAYER_DECAY},
-            "stage2": {"ema_momentum": EMA_MOMENTUM, "distill_weight": 1.0,
-                       "text_fields": FIELDS, "contrastive_impl": args.contrastive}}
+  config = common_config.base_config(2)
+  config.update(model=ProCLIPConfig(vision=vis, adapter=adapter), total_steps=1000,
+                distill_chunk=args.batch, seed=0)
+  config.optim.update(lr=LR, weight_decay=WD, grad_clip_norm=1.0, warmup_steps=10,
+                      layer_decay=LAYER_DECAY)
+  config.stage2.update(ema_momentum=EMA_MOMENTUM, distill_weight=1.0, text_fields=FIELDS,
+                       contrastive_impl=args.contrastive)
   mesh = mesh_lib.make_mesh({"data": 1}, jax.devices()[:1])
   state, shardings = create_train_state(config, mesh, jax.random.key(0))
   step = make_stage2_step(config, mesh, shardings)

@@ -136,6 +136,20 @@ def parse_args(argv: list[str]):
   return parser.parse_args(rest), overrides
 
 
+def _compilation_cache(config) -> None:
+  """Points JAX's persistent compilation cache at ``config.compilation_cache_dir``.
+
+  A resumed or repeated run then loads its compiled steps. Not on XLA:CPU: there a stage-2
+  step loaded from the cache deadlocks in its collectives on a multi-device mesh (jax
+  0.10). A cache set already (``JAX_COMPILATION_CACHE_DIR``, or the caller) is kept.
+  """
+  import jax  # pylint: disable=import-outside-toplevel
+  if (config.compilation_cache_dir and not jax.config.jax_compilation_cache_dir
+      and jax.default_backend() != "cpu"):
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.expanduser(config.compilation_cache_dir))
+
+
 def main(argv: list[str] | None = None) -> int:
   argv = sys.argv[1:] if argv is None else argv
   try:
@@ -143,6 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     config = load_config(args.config)
     for field, text in overrides:
       apply_override(config, field, text)
+    config.lock()  # the library reads config.a.b; a misspelt field is an error, not a default
     if args.print_config:
       from proclip_jax.train.loop import config_to_dict  # pylint: disable=import-outside-toplevel
       print(json.dumps(config_to_dict(config), indent=1))
@@ -153,16 +168,17 @@ def main(argv: list[str] | None = None) -> int:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proclip_jax").setLevel(logging.INFO)
     logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-manager notes
-    from proclip_jax.train import loop  # pylint: disable=import-outside-toplevel
-    stage = config.get("stage") if hasattr(config, "get") else None
-    if stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
+    from proclip_jax.train import distributed, loop  # pylint: disable=import-outside-toplevel
+    if config.stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
       from experiments.demo import run_demo  # pylint: disable=import-outside-toplevel
+      _compilation_cache(config)
       result = run_demo(config, args.workdir or None)
     else:
       if not args.workdir:
         raise ProclipError("--workdir is required: the folder for checkpoints and metrics "
                            "(an existing one is resumed).")
-      loop.initialize_distributed(config)
+      distributed.initialize_distributed(config)  # before anything touches the devices
+      _compilation_cache(config)
       result = loop.train(config, args.workdir)
   except ProclipError as e:
     print(f"error: {e}", file=sys.stderr)

@@ -45,14 +45,6 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
 )
 
 
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  return getattr(cfg, name, default)
-
-
 def mesh_shape(spec: Mapping[str, int] | None, n_devices: int) -> tuple[int, int, int]:
   """Resolves ``{"data": -1, "fsdp": 2, ...}`` to three sizes whose product is n_devices."""
   spec = dict(spec or {"data": -1})

@@ -1,4 +1,10 @@
-"""Test set-up: offline, 8 simulated CPU devices, float32 matmuls at full precision."""
+"""Test set-up: offline, 8 simulated CPU devices, float32 matmuls at full precision.
+
+JAX's persistent compilation cache stays off in this process: on XLA:CPU a stage-2 step
+loaded from it deadlocks in its collectives on the 8-device mesh (tests/test_run.py's
+resumed run hangs, then aborts). Subprocess tests that run stage 1 only set their own
+cache (tests/test_reliability.py).
+"""
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -147,13 +147,14 @@ def train_mode(args) -> int:
   logging.getLogger("absl").setLevel(logging.WARNING)
   from proclip_jax.errors import ProclipError  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.loop import train  # pylint: disable=import-outside-toplevel
+  from config_helpers import make_config  # pylint: disable=import-outside-toplevel
   with open(args.spec) as f:
     spec = json.load(f)
   os.makedirs(args.out, exist_ok=True)
   pid = jax.process_index()
   n = int(spec["n_examples"])
   for job in spec["jobs"]:
-    config = job["config"]
+    config = make_config(job["config"])
     if job.get("copy_from"):  # a copy of another job's workdir minus its newest checkpoint
       if pid == 0:
         import shutil  # pylint: disable=import-outside-toplevel

@@ -79,6 +79,8 @@ def _stage1(**over):
 
 def _train(config, workdir):
   from proclip_jax.train.loop import train  # pylint: disable=import-outside-toplevel
+  from config_helpers import make_config  # pylint: disable=import-outside-toplevel
+  config = make_config(config)
   ad = config["model"]["adapter"]
   return train(config, workdir, source=mp_worker.Source(64),
                caches={"llm": mp_worker.Features(ad["in_dim"], 1),

@@ -275,6 +275,32 @@ def test_field_weights_respected(manifest_data):
     pipeline.Pipeline(source, _options(fields=("nope",)))
 
 
+def test_images_off_skips_decoding(manifest_data):
+  """``images=False``: the same ids, captions and fields; no image key, nothing decoded
+  (the records have no image to decode: reading one would fail)."""
+  _, out, _ = manifest_data
+  source = pipeline.open_source(out, "train")
+  with_images = iter(pipeline.Pipeline(source, _options(seed=2)))
+  expected = [next(with_images) for _ in range(2)]
+
+  class NoImages:             # records without an image field at all
+    def __len__(self):
+      return len(source)
+
+    def __getitem__(self, i):
+      return {k: v for k, v in source[i].items() if k != "image"}
+
+  it = iter(pipeline.Pipeline(NoImages(), _options(seed=2, images=False)))
+  for want in expected:
+    got = next(it)
+    assert "image" not in got
+    assert sorted(got) == sorted(k for k in want if k != "image")
+    for k in got:
+      np.testing.assert_array_equal(got[k], want[k])
+  with pytest.raises(ProclipError, match="no field"):
+    pipeline.Pipeline(NoImages(), _options())
+
+
 def test_make_global_batch():
   devices = np.array(jax.devices()[:8]).reshape(4, 2)
   mesh = Mesh(devices, ("data", "fsdp"))

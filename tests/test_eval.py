@@ -401,9 +401,11 @@ def test_trainer_hook_matches_direct_call(world):
   """``for_trainer(name)(params, config, mesh)`` (train/loop.py's hook) = the direct evaluator."""
   from proclip_jax.inference import ProCLIP  # pylint: disable=import-outside-toplevel
   model, demo = world["model"], world["demo"]
-  config = {"model": model.config.to_dict(),
-            "evals": {"demo_zero_shot": {"every": 1, "demo": demo.path, "batch_size": 8,
-                                         "embedder": str(world["emb_dir"])}}}
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  config = ml_collections.ConfigDict({
+      "model": model.config.to_dict(),
+      "evals": {"demo_zero_shot": {"every": 1, "demo": demo.path, "batch_size": 8,
+                                   "embedder": str(world["emb_dir"])}}})
   hook = ev.TRAINER_EVALS["demo_zero_shot"]
   got = hook(model.params, config, None)
   assert_same(got, ev.demo_zero_shot(model, demo.path, batch_size=8))

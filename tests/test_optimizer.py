@@ -15,6 +15,8 @@ from proclip_jax.train import optimizer as opt
 from proclip_jax.mesh import logical_names
 from proclip_jax.tree import flatten, unflatten
 
+from config_helpers import optim_config
+
 
 def _model(scan=False):
   vis = VisionConfig(image_size=16, patch_size=8, width=8, layers=2, heads=2, embed_dim=4,
@@ -82,7 +84,7 @@ def test_layer_decay_scanned_matches_unrolled(tree):
   rng = np.random.default_rng(0)
   p_un = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), params)
   g_un = jax.tree.map(lambda s: rng.normal(size=s.shape).astype(np.float32), params)
-  cfg = dict(lr=0.1, weight_decay=0.1, layer_decay=0.5, grad_clip_norm=1.0)
+  cfg = optim_config(lr=0.1, weight_decay=0.1, layer_decay=0.5, grad_clip_norm=1.0)
   p_sc = {**p_un, "visual": stack_layers(p_un["visual"])}
   g_sc = {**g_un, "visual": stack_layers(g_un["visual"])}
   outs = []
@@ -109,7 +111,7 @@ def test_partition_and_no_state_for_frozen(tree):
   assert "visual/transformer/blocks_0/attn/out/bias" in ff
   assert "visual/transformer/blocks_1/attn/out/bias" in ft
   assert flatten(opt.merge(trainable, frozen)).keys() == flatten(params).keys()
-  tx, _ = opt.make_optimizer(dict(lr=1.0, weight_decay=0.1, layer_decay=0.5), trainable, 10,
+  tx, _ = opt.make_optimizer(optim_config(lr=1.0, weight_decay=0.1, layer_decay=0.5), trainable, 10,
                              full_params=params, names=names)
   state = jax.eval_shape(tx.init, trainable)
   paths = {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
@@ -143,8 +145,8 @@ def test_adamw_chain_matches_numpy():
                            "bias": rng.normal(size=(2,)).astype(np.float32)}}}},
                        "proj": rng.normal(size=(2, 2)).astype(np.float32)},
             "logit_scale": np.float32(4.0)}
-  cfg = dict(lr=0.01, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.3, layer_decay=0.5,
-             grad_clip_norm=0.7, warmup_steps=1, lr_mults=[("logit_scale", 5.0)])
+  cfg = optim_config(lr=0.01, b1=0.8, b2=0.95, eps=1e-6, weight_decay=0.3, layer_decay=0.5,
+                     grad_clip_norm=0.7, warmup_steps=1, lr_mults=[("logit_scale", 5.0)])
   tx, sched = opt.make_optimizer(cfg, params, total_steps=5)
   mult = {"visual/conv1/kernel": 0.25, "visual/transformer/blocks_0/mlp/c_fc/kernel": 0.5,
           "visual/transformer/blocks_0/mlp/c_fc/bias": 0.5, "visual/proj": 1.0,

@@ -26,6 +26,7 @@ import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
+import proclip_jax.eval as eval_lib  # noqa: E402
 from experiments.configs import common  # noqa: E402
 from proclip_jax.data import demo_world as dw  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
@@ -33,7 +34,7 @@ from proclip_jax.models.proclip import ProCLIPModel  # noqa: E402
 from proclip_jax.models.vit import VisionConfig  # noqa: E402
 from proclip_jax.storage import save_model  # noqa: E402
 from proclip_jax.train import checkpoints as ckpt_lib  # noqa: E402
-from proclip_jax.train import loop  # noqa: E402
+from proclip_jax.train import distributed, inputs, loop  # noqa: E402
 from proclip_jax.train.state import model_config  # noqa: E402
 from proclip_jax.tree import flatten  # noqa: E402
 
@@ -124,7 +125,7 @@ def _config(stage, steps, **over):
   c.data.batch_size = 16
   c.data.read_threads = 1
   c.data.prefetch_batches = 1
-  common.model_config(c, d=D, e=E, size=None, dtype="float32")
+  common.set_model(c, d=D, e=E, size=None, dtype="float32")
   c.model.adapter.expansion = 2
   if stage == 1:
     c.optim.lr = 3e-3
@@ -225,10 +226,13 @@ def stage2(world, stage1, clip_dir, tmp_path_factory):
   ra = loop.train(cfg, wa, source=world["source"], caches=world["caches"])
   wb = str(tmp_path_factory.mktemp("s2b"))
   hook = SigtermAt()
-  loop.register_eval("test_sigterm", hook)
   cfg_b = _stage2_config(stage1["workdir"], clip_dir[0])
   cfg_b.evals.test_sigterm = {"every": 2, "at_end": False}
-  rb1 = loop.train(cfg_b, wb, source=world["source"], caches=world["caches"])
+  eval_lib.EVALS["test_sigterm"] = hook   # the trainer's one registry of evaluations
+  try:
+    rb1 = loop.train(cfg_b, wb, source=world["source"], caches=world["caches"])
+  finally:
+    del eval_lib.EVALS["test_sigterm"]
   steps_b1 = ckpt_lib.Checkpoints(wb, read_only=True).all_steps()
   partial = os.path.join(wb, "checkpoints", "3.orbax-checkpoint-tmp-1234567")
   os.makedirs(os.path.join(partial, "state"))
@@ -340,14 +344,25 @@ def test_config_files_args_and_overrides():
 
 
 def test_distributed_detection():
-  assert not loop.wants_distributed({"distributed": "auto"}, {})
-  assert loop.wants_distributed({"distributed": "on"}, {})
-  assert loop.wants_distributed({}, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-  assert loop.wants_distributed({}, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
-  assert not loop.wants_distributed({}, {"TPU_WORKER_HOSTNAMES": "localhost"})
-  assert not loop.wants_distributed({"distributed": "off"}, {"SLURM_NTASKS": "4"})
+  wants = distributed.wants_distributed
+  auto = _config(1, 1)
+  assert auto.distributed == "auto"
+  assert not wants(auto, {})
+  assert wants(_config(1, 1, distributed="on"), {})
+  assert wants(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+  assert wants(auto, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
+  assert not wants(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
+  assert wants(auto, {"SLURM_NTASKS": "4"})
+  assert not wants(_config(1, 1, distributed="off"), {"SLURM_NTASKS": "4"})
   with pytest.raises(ProclipError, match="config.distributed"):
-    loop.wants_distributed({"distributed": "maybe"}, {})
+    wants(_config(1, 1, distributed="maybe"), {})
+
+
+def test_unknown_evaluation_lists_known_ones(world, tmp_path):
+  cfg = _config(1, 2)
+  cfg.evals.nope = {"every": 1}
+  with pytest.raises(ProclipError, match="unknown evaluation 'nope'; known: .*demo_short"):
+    loop.train(cfg, str(tmp_path / "w"), source=world["source"], caches=world["caches"])
 
 
 def test_missing_inputs_name_the_command(world, tmp_path, clip_dir):
@@ -356,13 +371,13 @@ def test_missing_inputs_name_the_command(world, tmp_path, clip_dir):
   cfg = _config(1, 2)
   cfg.cache.llm = str(tmp_path / "no-cache")
   with pytest.raises(ProclipError, match="no-cache.*tools/precompute.py"):
-    loop.build_data(cfg, mesh, source=world["source"])
+    inputs.build_data(cfg, mesh, source=world["source"])
   cfg = _config(1, 2)
   with pytest.raises(ProclipError, match="config.cache.llm is not set.*tools/precompute.py"):
-    loop.build_data(cfg, mesh, source=world["source"])
+    inputs.build_data(cfg, mesh, source=world["source"])
   cfg.data.path = str(tmp_path / "no-data")
   with pytest.raises(ProclipError, match="no-data.*tools/build_dataset.py"):
-    loop.build_data(cfg, mesh)
+    inputs.build_data(cfg, mesh)
   cfg = _stage2_config(str(tmp_path / "no-stage1"), clip_dir[0])
   with pytest.raises(ProclipError, match="no-stage1.*experiments/run.py --config stage1.py"):
     ckpt_lib.stage2_init_params(cfg)

@@ -16,6 +16,8 @@ from proclip_jax.train.state import create_train_state, full_params
 from proclip_jax.train.steps import make_stage1_step, make_stage2_step
 from proclip_jax.tree import flatten
 
+from config_helpers import make_config
+
 B, D, E, SIZE = 16, 24, 16, 16
 MODEL = ProCLIPConfig(
     vision=VisionConfig(image_size=SIZE, patch_size=8, width=32, layers=2, heads=2,
@@ -27,13 +29,13 @@ STAGE2_MESHES = ("1", "data8")  # (2x2x2 is covered by stage 1; stage-2 compiles
 
 
 def _config(stage, **stage2):
-  return {
+  return make_config({
       "stage": stage, "model": MODEL, "total_steps": 10, "distill_chunk": 8, "seed": 3,
       "optim": {"lr": 1e-2, "weight_decay": 0.05, "grad_clip_norm": 5.0, "warmup_steps": 0,
                 "layer_decay": 0.8 if stage == 2 else 1.0,
                 "freeze": FREEZE if stage == 2 else []},
       "stage2": {"ema_momentum": 0.9, "distill_weight": 1.0, **stage2},
-  }
+  })
 
 
 def _mesh(name):

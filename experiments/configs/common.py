@@ -10,6 +10,10 @@ parsed by :func:`parse_arg` into typed values (the defaults' types decide)::
 :func:`base_config` holds every field the trainer (``proclip_jax/train/loop.py``) reads,
 with the method file's defaults where it gives them; the stage files fill in the rest.
 Any field can be overridden on the command line: ``--config.optim.lr=3e-5``.
+``experiments/run.py`` locks the ConfigDict and the library reads ``config.a.b``; the only
+optional fields (absent here, read with ``.get``) are ``data.seed`` (default ``seed``),
+``stage2.field_weights`` (default equal), ``optim.no_decay``, ``optim.layer_decay_prefix``
+and ``optim.layer_stem`` (train/optimizer.py) and the settings inside ``evals.NAME``.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ import os
 import ml_collections
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.vit import VisionConfig
 
 # Joint dimension E and image size of the OpenAI CLIP backbones the configs know.
 BACKBONES = {"B/32": (512, 224), "B/16": (512, 224), "L/14": (768, 224),
@@ -136,6 +141,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # "auto": jax.distributed.initialize() when the environment names a coordinator or a
   # multi-host TPU / SLURM / Open MPI job; "on" always; "off" never.
   c.distributed = "auto"
+  # JAX's persistent compilation cache (experiments/run.py sets it on GPU / TPU; "" = off):
+  # a resumed or repeated run loads its compiled steps instead of compiling them again.
+  c.compilation_cache_dir = "~/.cache/proclip_jax/jax"
 
   # Observability and checkpoints.
   c.log_every = 50               # metrics.jsonl + TensorBoard every N steps
@@ -196,12 +204,11 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   return c
 
 
-def model_config(c: ml_collections.ConfigDict, *, d: int, e: int, size: str | None,
-                 dtype: str, scan_layers: bool = False) -> None:
+def set_model(c: ml_collections.ConfigDict, *, d: int, e: int, size: str | None,
+              dtype: str, scan_layers: bool = False) -> None:
   """Sets ``c.model``: the adapter D -> E (one block, expansion 8) and the image tower."""
   vision = None
   if size is not None:
-    from proclip_jax.models.vit import VisionConfig  # pylint: disable=import-outside-toplevel
     vision = VisionConfig.named(size, dtype=dtype, scan_layers=scan_layers).to_dict()
   c.model = ml_collections.ConfigDict({
       "vision": vision,

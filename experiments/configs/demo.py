@@ -35,6 +35,7 @@ def get_config(arg=None):
   c.seed = a.seed
   c.workdir = ""                 # default when --workdir is omitted: ./runs/demo
   c.progress = True
+  c.compilation_cache_dir = "~/.cache/proclip_jax/jax"   # experiments/run.py ("" = off)
 
   c.world = ml_collections.ConfigDict(
       {"n_train": a.n_train, "n_test": a.n_test, "image_size": 64, "seed": a.seed})

@@ -42,7 +42,7 @@ def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: 
   stem, preset, d = common.embedder(embedder)
   c = common.base_config(stage=1)
   c.total_steps = steps
-  common.model_config(c, d=d, e=e, size=None, dtype="float32")
+  common.set_model(c, d=d, e=e, size=None, dtype="float32")
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
   c.cache.llm = common.under(root, "caches", f"{dataset}-{stem}")

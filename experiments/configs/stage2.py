@@ -46,7 +46,7 @@ def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps:
   tag = common.size_tag(size)
   c = common.base_config(stage=2)
   c.total_steps = steps
-  common.model_config(c, d=d, e=e, size=size, dtype="bfloat16" if bf16 else "float32",
+  common.set_model(c, d=d, e=e, size=size, dtype="bfloat16" if bf16 else "float32",
                       scan_layers=scan)
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch

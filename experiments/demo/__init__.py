@@ -76,18 +76,6 @@ class _Log:
     self(f"{title}: done in {time.time() - t:.1f}s")
 
 
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-  node = cfg
-  for name in path.split("."):
-    if node is None:
-      return default
-    try:
-      node = node[name] if name in node else None
-    except TypeError:
-      node = getattr(node, name, None)
-  return default if node is None else node
-
-
 # ----------------------------------------------------------------------------- 1. world
 
 def make_world(cfg: Any, workdir: str, log: _Log):
@@ -188,6 +176,7 @@ def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
   from proclip_jax.models.clip import CLIP, init_clip  # pylint: disable=import-outside-toplevel
   from proclip_jax.text.clip_tokenizer import ClipTokenizer  # pylint: disable=import-outside-toplevel
   from proclip_jax.train import optimizer as optim_lib  # pylint: disable=import-outside-toplevel
+  from experiments.configs import common  # pylint: disable=import-outside-toplevel
 
   c = cfg.clip
   config = clip_config(cfg)
@@ -204,9 +193,10 @@ def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
   ids = ClipTokenizer().tokenize(train["short"], context_length=config.text.context_length)
 
   params = init_clip(config, seed=int(cfg.seed))
-  tx, _ = optim_lib.make_optimizer(
-      {"lr": float(c.lr), "warmup_steps": int(c.warmup_steps), "weight_decay":
-       float(c.weight_decay), "end_lr_ratio": 0.0}, params, steps)
+  optim = common.base_config(1).optim
+  optim.update(lr=float(c.lr), warmup_steps=int(c.warmup_steps),
+               weight_decay=float(c.weight_decay), end_lr_ratio=0.0)
+  tx, _ = optim_lib.make_optimizer(optim, params, steps)
   model = CLIP(config)
 
   def loss_fn(p, x, t):
@@ -272,7 +262,7 @@ def convert_embedder(cfg: Any, workdir: str, log: _Log) -> str:
   if os.path.exists(os.path.join(out, "model.json")):
     log(f"reusing the converted embedder in {out}")
     return out
-  src = str(_get(cfg, "embedder.source", "")) or minilm_source()
+  src = str(cfg.embedder.source) or minilm_source()
   with log.step(f"converting the text embedder {src}"):
     convert_api.convert(src, out, overwrite=True)
   log(convert_api.summary(out))
@@ -550,7 +540,7 @@ def run_demo(config: Any, workdir: str | None = None) -> dict:
     workdir: where everything goes (default ``config.workdir``, else ``./runs/demo``).
   """
   import jax  # pylint: disable=import-outside-toplevel
-  workdir = os.path.abspath(os.fspath(workdir or _get(config, "workdir", "") or
+  workdir = os.path.abspath(os.fspath(workdir or config.workdir or
                                       os.path.join("runs", "demo")))
   os.makedirs(workdir, exist_ok=True)
   log = _Log()

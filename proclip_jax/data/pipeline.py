@@ -102,6 +102,8 @@ class PipelineOptions:
     process_index, process_count: this process's shard; None: ``jax.process_index()`` /
       ``jax.process_count()``.
     scale, ratio: RandomResizedCrop ranges of area fraction and aspect ratio.
+    images: decode and transform the images (False: the batch has no ``image`` and the
+      records need none; text-only uses such as stage 1 read only ids and captions).
   """
   batch_size: int
   image_size: int = 224
@@ -120,6 +122,7 @@ class PipelineOptions:
   process_count: int | None = None
   scale: tuple = transforms.TRAIN_SCALE
   ratio: tuple = transforms.TRAIN_RATIO
+  images: bool = True
 
 
 def _shard_range(n: int, index: int, count: int) -> tuple[int, int]:
@@ -219,16 +222,18 @@ class _LoadBatch:
     extras = {k: [] for k in o.extra_fields}
     for epoch, ex in zip(epochs, examples):
       ex_id = int(ex["id"])
-      pixels = transforms.decode_image(_bytes(ex["image"]))
+      pixels = transforms.decode_image(_bytes(ex["image"])) if o.images else None
       if o.mode == "train":
         rng = _example_rng(o.seed, epoch, ex_id)
         k = int(np.searchsorted(self.cum, rng.random(), side="right"))
         k = min(k, len(o.fields) - 1)
-        images.append(transforms.train_transform(pixels, o.image_size, rng, scale=o.scale,
-                                                 ratio=o.ratio))
+        if o.images:
+          images.append(transforms.train_transform(pixels, o.image_size, rng, scale=o.scale,
+                                                   ratio=o.ratio))
       else:
         k = 0
-        images.append(transforms.eval_transform(pixels, o.image_size))
+        if o.images:
+          images.append(transforms.eval_transform(pixels, o.image_size))
       ids.append(ex_id)
       chosen.append(k)
       names.append(o.fields[k])
@@ -237,14 +242,14 @@ class _LoadBatch:
         v = ex[name]
         extras[name].append(_text(v) if isinstance(v, (bytes, str)) or (
             isinstance(v, np.ndarray) and v.dtype == object) else v)
-    batch = {
-        "image": np.stack(images).astype(np.float32),
+    batch = {} if not o.images else {"image": np.stack(images).astype(np.float32)}
+    batch.update({
         "id": np.asarray(ids, np.int64),
         "text": np.asarray(texts, dtype=object),
         "field": np.asarray(names, dtype=object),
         "field_index": np.asarray(chosen, np.int32),
         "mask": np.asarray(valid, bool),
-    }
+    })
     for name, values in extras.items():
       if values and isinstance(values[0], str):
         batch[name] = np.asarray(values, dtype=object)
@@ -358,7 +363,8 @@ class Pipeline:
     length = end - start
     # The field check reads this process's first record (each process opens only its shard).
     first = source[start if length else 0]
-    missing = [f for f in (*o.fields, *o.extra_fields, "id", "image") if f not in first]
+    needed = (*o.fields, *o.extra_fields, "id", *(("image",) if o.images else ()))
+    missing = [f for f in needed if f not in first]
     if missing:
       raise ProclipError(f"The data source has no field {missing}; its examples have "
                            f"{sorted(first)}. Fix PipelineOptions.fields / extra_fields.")

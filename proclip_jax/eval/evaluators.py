@@ -216,33 +216,22 @@ def demo_zero_shot(model, path: str, *, split: str = "classification_test", batc
 
 # --------------------------------------------------------------------------- registry
 
-def _cfg(config, name: str, default: Any = None) -> Any:
-  if config is None:
-    return default
-  if isinstance(config, Mapping) or hasattr(config, "keys"):
-    try:
-      v = config[name] if name in config else default
-    except (KeyError, TypeError):
-      v = getattr(config, name, default)
-  else:
-    v = getattr(config, name, default)
-  return default if v is None else v
-
+# ``config`` of an evaluator: a dict or ConfigDict of the optional settings in the module
+# docstring (None: all defaults), read with ``.get``; a None value means the default.
 
 def _common(config) -> dict:
-  return {"batch_size": int(_cfg(config, "batch_size", 64)), "mesh": _cfg(config, "mesh")}
+  return {"batch_size": int(config.get("batch_size") or 64), "mesh": config.get("mesh")}
 
 
 def _path(name, config):
-  paths = _cfg(config, "paths", {}) or {}
-  p = paths.get(name) if hasattr(paths, "get") else None
-  return p or None
+  return (config.get("paths") or {}).get(name) or None
 
 
 def _published(name: str, kind: str) -> Callable:
   def run(model, config) -> dict:
-    data = ds.load(name, _cfg(config, "data_root"), _path(name, config))
-    limit = _cfg(config, "limit")
+    config = config or {}
+    data = ds.load(name, config.get("data_root"), _path(name, config))
+    limit = config.get("limit")
     data = data.limit(int(limit)) if limit else data
     fn = {"retrieval": eval_retrieval, "long": eval_long_retrieval, "zero_shot": eval_zero_shot,
           "multilingual": eval_multilingual}[kind]
@@ -253,7 +242,7 @@ def _published(name: str, kind: str) -> Callable:
 
 
 def _demo_path(config) -> str:
-  p = _cfg(config, "demo") or _path("demo", config)
+  p = config.get("demo") or _path("demo", config)
   if not p:
     raise ProclipError("The demo evaluations need config.demo (the demo world folder).")
   return p
@@ -261,12 +250,13 @@ def _demo_path(config) -> str:
 
 def _demo(which: str) -> Callable:
   def run(model, config) -> dict:
-    kw = dict(_common(config), limit=_cfg(config, "limit"))
+    config = config or {}
+    kw = dict(_common(config), limit=config.get("limit"))
     path = _demo_path(config)
     if which == "short":
-      return demo_short_retrieval(model, path, llm_cache=_cfg(config, "llm_cache"), **kw)
+      return demo_short_retrieval(model, path, llm_cache=config.get("llm_cache"), **kw)
     if which == "long":
-      return demo_long_retrieval(model, path, llm_cache=_cfg(config, "llm_cache"), **kw)
+      return demo_long_retrieval(model, path, llm_cache=config.get("llm_cache"), **kw)
     if which == "zero_shot":
       return demo_zero_shot(model, path, **kw)
     out = {}
@@ -325,8 +315,7 @@ def for_trainer(name: str) -> Callable[[Mapping, Any, Any], dict]:
   new parameters on later calls, so the encoders compile once.
   """
   def fn(params, config, mesh) -> dict:
-    evals = _cfg(config, "evals", {}) or {}
-    settings = evals[name] if name in evals else {}
+    settings = config.evals[name] if name in config.evals else {}
     settings = settings.to_dict() if hasattr(settings, "to_dict") else dict(settings or {})
     host = jax_to_host(params)
     model = _TRAINER_MODELS.get(name)

@@ -24,7 +24,7 @@ from proclip_jax.models import vit
 from proclip_jax.storage import (  # noqa: F401  (the trainer's checkpoint names)
     CKPT_DIR, Checkpoints, CorruptCheckpoint, checkpoint_dir, partial_checkpoints)
 from proclip_jax.train.optimizer import LOGIT_SCALE_MAX
-from proclip_jax.train.state import _get, model_config
+from proclip_jax.train.state import model_config
 from proclip_jax.tree import merge
 
 log = logging.getLogger(__name__)
@@ -135,8 +135,8 @@ def stage2_init_params(config: Any) -> dict:
   ``config.model.logit_scale_init``.
   """
   mc = model_config(config)
-  out = load_clip_tower(_get(config, "init.clip", ""), mc.vision)
-  workdir = _get(config, "init.stage1_workdir", "")
+  out = load_clip_tower(config.init.clip, mc.vision)
+  workdir = config.init.stage1_workdir
   if workdir:
     out["adapter"] = load_stage1_adapter(workdir, mc.adapter)
   elif "adapter" not in out:
@@ -144,3 +144,79 @@ def stage2_init_params(config: Any) -> dict:
   ls = out.get("logit_scale", np.float32(mc.logit_scale_init))
   out["logit_scale"] = np.clip(np.asarray(ls, np.float32), 0.0, LOGIT_SCALE_MAX)
   return out
+
+
+# ============================================================================ resuming
+# The trainer's resume policy (train/loop.py): the newest readable checkpoint of a
+# workdir; an unreadable one is set aside in WORKDIR/corrupt_checkpoints/STEP.
+
+from proclip_jax.train import distributed  # noqa: E402  pylint: disable=wrong-import-position
+
+CORRUPT_DIR = "corrupt_checkpoints"
+
+
+def max_to_keep(config: Any) -> int | None:
+  """``config.max_to_keep``: newest checkpoints kept; None or 0 keep all."""
+  value = config.max_to_keep
+  if value is None or int(value) == 0:
+    return None
+  if int(value) < 0:
+    raise ProclipError(f"config.max_to_keep={value} must be >= 0 (0 or None: keep all).")
+  return int(value)
+
+
+def set_aside(workdir, step: int) -> epath.Path:
+  """Moves ``checkpoints/STEP`` to ``corrupt_checkpoints/STEP`` (process 0; all wait)."""
+  workdir = epath.Path(workdir)
+  src = checkpoint_dir(workdir) / str(step)
+  dest_dir = workdir / CORRUPT_DIR
+  dest = dest_dir / str(step)
+  n = 1
+  while dest.exists():             # the same step damaged twice: keep both
+    dest, n = dest_dir / f"{step}.{n}", n + 1
+  if jax.process_index() == 0:
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+  distributed.sync(f"proclip_set_aside_{step}")
+  return dest
+
+
+def resume(workdir, abstract: Any, pipe, *, stage: int, keep: int | None):
+  """``(ckpts, step, state, data_iter)`` of the newest readable checkpoint (None, None: none).
+
+  Steps are tried newest first. A checkpoint whose files cannot be read (on any process)
+  is reported, moved to ``WORKDIR/corrupt_checkpoints/STEP`` (so that a later save of
+  that step does not collide with it) and the next older one is tried. ``data_iter`` is a
+  fresh iterator of ``pipe`` (restored with the state when a checkpoint is used); a
+  checkpoint of the other stage is an error. ``keep`` is :func:`max_to_keep`'s value.
+  """
+  workdir = epath.Path(workdir)
+  while True:
+    ckpts = Checkpoints(workdir, max_to_keep=keep)
+    data_iter = iter(pipe)               # fresh: a failed restore may have moved it
+    steps = sorted(ckpts.all_steps(), reverse=True)
+    if not steps:
+      return ckpts, None, None, data_iter
+    step = steps[0]
+    error = None
+    try:
+      state, meta = ckpts.restore(abstract, data_iter, step)
+    except CorruptCheckpoint as e:
+      error = e
+    except BaseException:
+      ckpts.close()
+      raise
+    if distributed.any_process(error is not None):
+      ckpts.close()
+      older = f"step {steps[1]}" if len(steps) > 1 else "the start (no older checkpoint)"
+      dest = set_aside(workdir, step)
+      why = (str(error) if error is not None else
+             f"Checkpoint {ckpts.directory / str(step)} cannot be read by another process.")
+      log.warning("%s Moved it to %s; trying %s.", why, dest, older)
+      continue
+    saved_stage = (meta.get("config") or {}).get("stage")
+    if saved_stage is not None and int(saved_stage) != stage:
+      ckpts.close()
+      raise ProclipError(f"{workdir} holds a stage-{saved_stage} run; this config is stage "
+                         f"{stage}. Use another --workdir.")
+    return ckpts, step, state, data_iter

@@ -15,6 +15,10 @@ Every rule is a regular expression over '/'-joined parameter paths such as
     layer_decay_prefix  "visual/"          which parameters form the image tower
     layer_stem    regex                    image-tower parameters below block 0
 
+``no_decay``, ``layer_decay_prefix`` and ``layer_stem`` are optional (read with
+``optim.get``; ``experiments/configs/common.base_config`` leaves them out); the other
+fields are always there.
+
 Freezing is done by partitioning (big_vision style): :func:`partition` splits the
 parameter tree into a trainable and a frozen tree; only the trainable tree is
 differentiated and passed to the optimizer, so frozen parameters have no optimizer state.
@@ -52,17 +56,6 @@ DEFAULT_NO_DECAY = (
 DEFAULT_STEM = (r"(^|/)(conv1|patch_embed\w*|embedding|class_embedding|positional_embedding"
                 r"|pos_embed\w*|cls\w*|ln_pre)(/|$)")
 _BLOCK_INDEX = re.compile(r"(?:^|/)(?:resblocks|blocks?|layers?|encoderblock)_(\d+)(?:/|$)")
-
-
-def _get(cfg: Any, name: str, default: Any = None) -> Any:
-  if cfg is None:
-    return default
-  if isinstance(cfg, Mapping):
-    return cfg.get(name, default)
-  try:
-    return cfg[name] if name in cfg else default  # ConfigDict
-  except TypeError:
-    return getattr(cfg, name, default)
 
 
 def _compile(rules: Sequence[str], what: str) -> list[re.Pattern]:
@@ -231,7 +224,8 @@ def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
   """Builds the AdamW chain for the ``trainable`` tree (arrays or abstract shapes).
 
   Args:
-    optim: ``config.optim`` (ConfigDict or dict), fields in the module docstring.
+    optim: ``config.optim`` (a ConfigDict), fields in the module docstring; ``no_decay``,
+      ``layer_decay_prefix`` and ``layer_stem`` are optional (defaults there).
     trainable: the parameters the optimizer updates (frozen ones already removed).
     total_steps: length of the schedule.
     full_params: the whole parameter tree, trainable and frozen; the number of image-tower
@@ -241,26 +235,24 @@ def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
   Returns:
     ``(tx, schedule)``: ``tx`` includes the learning rate; ``schedule(count)`` gives it.
   """
-  lr = float(_get(optim, "lr", 1e-4))
-  schedule = make_schedule(lr, int(total_steps), int(_get(optim, "warmup_steps", 0)),
-                           float(_get(optim, "end_lr_ratio", 0.0)))
+  lr = float(optim.lr)
+  schedule = make_schedule(lr, int(total_steps), int(optim.warmup_steps),
+                           float(optim.end_lr_ratio))
   full = full_params if full_params is not None else trainable
   mults_full = lr_multipliers(
-      full, names, layer_decay=float(_get(optim, "layer_decay", 1.0)),
-      prefix=_get(optim, "layer_decay_prefix", "visual/"),
-      stem=_get(optim, "layer_stem", DEFAULT_STEM),
-      lr_mults=_get(optim, "lr_mults", ()))
+      full, names, layer_decay=float(optim.layer_decay),
+      prefix=optim.get("layer_decay_prefix", "visual/"),
+      stem=optim.get("layer_stem", DEFAULT_STEM), lr_mults=optim.lr_mults)
   flat_m = flatten(mults_full)
   mults = unflatten({k: flat_m[k] for k in flatten(trainable)})
-  no_decay = _get(optim, "no_decay", None)
-  wd = float(_get(optim, "weight_decay", 0.0))
-  clip = _get(optim, "grad_clip_norm", None)
+  no_decay = optim.get("no_decay")
+  wd = float(optim.weight_decay)
+  clip = optim.grad_clip_norm
   parts = []
   if clip:
     parts.append(clip_by_global_norm(float(clip)))
-  parts.append(optax.scale_by_adam(b1=float(_get(optim, "b1", 0.9)),
-                                   b2=float(_get(optim, "b2", 0.999)),
-                                   eps=float(_get(optim, "eps", 1e-8))))
+  parts.append(optax.scale_by_adam(b1=float(optim.b1), b2=float(optim.b2),
+                                   eps=float(optim.eps)))
   if wd:
     parts.append(optax.add_decayed_weights(
         wd, mask=decay_mask(trainable, None if no_decay is None else list(no_decay))))

@@ -53,28 +53,13 @@ class TrainState:
   nonfinite_steps: jax.Array
 
 
-def _get(cfg: Any, path: str, default: Any = None) -> Any:
-  node = cfg
-  for name in path.split("."):
-    if node is None:
-      return default
-    if isinstance(node, Mapping) or hasattr(node, "keys"):
-      try:
-        node = node[name] if name in node else None
-      except TypeError:
-        node = getattr(node, name, None)
-    else:
-      node = getattr(node, name, None)
-  return default if node is None else node
-
-
 def _plain(x: Any) -> Any:
   return x.to_dict() if hasattr(x, "to_dict") and not dataclasses.is_dataclass(x) else x
 
 
 def model_config(config: Any) -> ProCLIPConfig:
-  """``config.model`` as a ProCLIPConfig (accepts the dataclass or a dict)."""
-  m = _get(config, "model")
+  """``config.model`` as a ProCLIPConfig (the ConfigDict of ``set_model``, or the dataclass)."""
+  m = config.get("model")
   if m is None:
     raise ProclipError("The config has no 'model' entry (vision + adapter configuration).")
   if isinstance(m, ProCLIPConfig):
@@ -83,14 +68,14 @@ def model_config(config: Any) -> ProCLIPConfig:
 
 
 def stage_of(config: Any) -> int:
-  stage = int(_get(config, "stage", 0))
+  stage = config.stage
   if stage not in (1, 2):
     raise ProclipError(f"config.stage must be 1 or 2, got {stage!r}.")
   return stage
 
 
 def uses_teacher(config: Any) -> bool:
-  return stage_of(config) == 2 and float(_get(config, "stage2.distill_weight", 1.0)) != 0.0
+  return stage_of(config) == 2 and float(config.stage2.distill_weight) != 0.0
 
 
 @dataclasses.dataclass
@@ -114,16 +99,16 @@ def setup(config: Any, mesh: Mesh) -> Setup:
   model = ProCLIPModel(model_config(config))
   parts = ("adapter",) if stage == 1 else PARTS
   boxed = model.abstract(parts)
-  rules = mesh_lib.normalize_rules(_get(config, "logical_axis_rules"))
+  rules = mesh_lib.normalize_rules(config.logical_axis_rules)
   abstract = meta.unbox(boxed)
   names = mesh_lib.logical_names(boxed)
   shardings = mesh_lib.tree_shardings(boxed, mesh, rules)
-  optim = _get(config, "optim", {})
-  freeze = tuple(_get(optim, "freeze", ()) or ())
+  optim = config.optim
+  freeze = tuple(optim.freeze or ())
   trainable_abs, _ = optim_lib.partition(abstract, freeze)
   if not flatten(trainable_abs):
     raise ProclipError("config.optim.freeze freezes every parameter; nothing would train.")
-  total = int(_get(config, "total_steps", 0))
+  total = int(config.total_steps)
   tx, schedule = optim_lib.make_optimizer(optim, trainable_abs, total,
                                           full_params=abstract, names=names)
   return Setup(model, parts, boxed, abstract, names, shardings, freeze, tx, schedule, rules)

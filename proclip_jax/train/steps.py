@@ -52,7 +52,7 @@ from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import l2_normalize
 from proclip_jax import mesh as mesh_lib
 from proclip_jax.train import optimizer as optim_lib
-from proclip_jax.train.state import Setup, TrainState, _get, setup, uses_teacher
+from proclip_jax.train.state import Setup, TrainState, setup, uses_teacher
 
 TEXT_KEY = "llm_feature"  # stage 2: the LLM feature of the caption the pipeline chose
 StepFn = Callable[[TrainState, dict], tuple[TrainState, dict]]
@@ -106,7 +106,7 @@ def _jit(fn, mesh: Mesh, rules, shardings: TrainState, select) -> StepFn:
 
 
 def _check_chunk(config) -> int:
-  chunk = int(_get(config, "distill_chunk", 512))
+  chunk = int(config.distill_chunk)
   if chunk < 1:
     raise ProclipError(f"config.distill_chunk must be a positive integer, got {chunk}.")
   return chunk
@@ -118,7 +118,7 @@ def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
   """The stage-1 step: distil CLIP's text features into the adapter (see module doc)."""
   s = setup(config, mesh)
   chunk = _check_chunk(config)
-  fields = tuple(_get(config, "stage1.fields", ("short", "raw")))
+  fields = tuple(config.stage1.fields)
   if len(fields) != 2:
     raise ProclipError(
         f"config.stage1.fields must name two caption fields (short, raw), got {fields}.")
@@ -181,14 +181,14 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
   """The stage-2 step: contrastive + λ·image self-distillation, EMA teacher (module doc)."""
   s = setup(config, mesh)
   chunk = _check_chunk(config)
-  fields = tuple(_get(config, "stage2.text_fields", ("short", "long")))
-  lam = float(_get(config, "stage2.distill_weight", 1.0))
-  m = float(_get(config, "stage2.ema_momentum", 0.999))
+  fields = tuple(config.stage2.text_fields)
+  lam = float(config.stage2.distill_weight)
+  m = float(config.stage2.ema_momentum)
   if not 0.0 <= m <= 1.0:
     raise ProclipError(f"config.stage2.ema_momentum must be in [0, 1], got {m}.")
-  impl = _get(config, "stage2.contrastive_impl", "dense")
-  block = int(_get(config, "stage2.contrastive_block", 1024))
-  seed = int(_get(config, "seed", 0))
+  impl = config.stage2.contrastive_impl
+  block = int(config.stage2.contrastive_block)
+  seed = int(config.seed)
   teacher_on = uses_teacher(config)
 
   def loss_fn(params, frozen, batch, txt_in, teacher_img):
@@ -235,7 +235,7 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
 
 def make_train_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
   """``make_stage1_step`` or ``make_stage2_step`` by ``config.stage``."""
-  stage = int(_get(config, "stage", 0))
+  stage = config.stage
   if stage == 1:
     return make_stage1_step(config, mesh, state_shardings)
   if stage == 2:
