@@ -5,35 +5,8 @@ labels); nothing is downloaded. A missing file raises ``ProclipError`` naming th
 where to put it. ``ingest(data, out)`` turns any of them into a tfds dataset through
 ``proclip_jax.data.builder`` (e.g. to precompute an embedding cache of the captions).
 
-Layouts (``ROOT`` is ``--data-root``; the default sub-folder of each set in brackets):
-
-* **Flickr30k / COCO, Karpathy split** [``flickr30k/``, ``coco/``]: ``dataset_flickr30k.json`` /
-  ``dataset_coco.json`` = ``{"images": [{"filename", "filepath" (COCO only), "split",
-  "sentences": [{"raw"}, ...]}, ...]}``. Image ``IMAGES/[filepath/]filename`` with ``IMAGES``
-  the first of ``flickr30k-images/``, ``images/`` or the JSON's folder that holds it. Split
-  ``test`` (1k / 5k images), the first ``max_captions`` (5) sentences per image.
-* **ShareGPT4V-1k** [``sharegpt4v/``]: the share-captioner JSON
-  (``share-captioner_coco_lcs_sam_1246k_1107.json``): a list of ``{"image": "coco/...jpg",
-  "conversations": [{"from": "human"}, {"from": "gpt", "value": CAPTION}]}``; the first 1000
-  entries, images relative to the JSON's folder.
-* **Urban-1k** [``Urban1k/``]: ``image/NAME.jpg`` and ``caption/NAME.txt`` (one caption per
-  image, matched by file stem).
-* **DOCCI** [``docci/``]: ``docci_descriptions.jsonlines`` (one JSON object per line:
-  ``example_id``, ``split``, ``image_file``, ``description``), images in ``images/``; split
-  ``test`` (5k).
-* **DCI** [``dci/``]: ``densely_captioned_images/splits.json`` (``{split: [annotation file,
-  ...]}``; all splits, 7805 images), ``annotations/*.json`` (``image``, ``short_caption``,
-  ``extra_caption``, ``summaries``) and ``photos/``; the caption is
-  ``short_caption + "\\n" + extra_caption`` (the long-text retrieval protocol).
-* **Zero-shot classification** [``imagenet/``, ``cifar10/``, ...]: either a folder per class
-  (``ROOT/NAME/{test,val,}/CLASS/*.jpg``; classes in sorted folder order, which is the
-  standard label order of the shipped class names, e.g. ImageNet's sorted wnids) or a labels
-  file ``labels.csv`` (``path,label`` rows, ``label`` an index or a class name; paths relative
-  to the CSV). Class names: the shipped lists (``data/classnames.json``: the 11 sets of the
-  paper) or a ``classnames.txt`` / ``classnames.json`` beside the data; templates: the 80
-  OpenAI ImageNet templates (``data/imagenet_templates.json``).
-* **XM3600** [``xm3600/``]: ``captions.jsonl``, one line per image: ``{"image/key": KEY,
-  LANG: {"caption": [...], ...}, ...}`` (36 languages); images ``images/KEY.jpg``.
+Layouts, the class-folder mapping rules and the official archives read here:
+``docs/evaluation.md``.
 """
 from __future__ import annotations
 
@@ -193,7 +166,7 @@ def _one_caption_per_image(name, images, captions) -> RetrievalData:
 
 def load_karpathy(path: str, image_root: str | None = None, *, split: str = "test",
                   max_captions: int | None = 5, name: str | None = None) -> RetrievalData:
-  """Flickr30k / COCO from a Karpathy-split JSON (see the module docstring)."""
+  """Flickr30k / COCO from a Karpathy-split JSON (layout in docs/evaluation.md)."""
   name = name or os.path.splitext(os.path.basename(path))[0].replace("dataset_", "")
   _need(path, name, "Download the Karpathy split JSON (dataset_flickr30k.json / "
         "dataset_coco.json) and put it there, with the images beside it.")

@@ -13,18 +13,24 @@ run on the mesh too. On several hosts every process reads the same batches (the 
 batch) and gets the same, replicated results.
 
 Every evaluator returns a flat ``{metric: float}`` (percent): retrieval ``i2t_R@k`` /
-``t2i_R@k``, classification ``top1`` / ``top5``, multilingual ``LANG/i2t_R@1`` and
-``mean/...``. ``EVALS`` maps names to ``fn(model, config) -> dict``; ``run_evals(names,
-model, config)`` runs several (the trainer calls it periodically). ``config`` fields (a
-mapping or ConfigDict; all optional)::
+``t2i_R@k``, classification ``top1`` / ``top5`` / ``mean_per_class_recall``, multilingual
+``LANG/i2t_R@1`` and ``mean/...``; ``clip_benchmark_view`` gives CLIP_benchmark's keys.
+``EVALS`` maps names to ``fn(model, config) -> dict``; ``run_evals(specs, model, config)``
+runs several: built-in names, ``NAME=PATH`` or user sets ``NAME=TASK:PATH``
+(``parse_spec``); each set is read and checked (``prepare``) before any is scored
+(``evaluate``). The trainer's hooks are ``TRAINER_EVALS``. ``config`` fields (a mapping or
+ConfigDict; all optional)::
 
-    data_root    root of the published sets (layouts in eval/datasets.py)
+    data_root    root of the published sets (layouts in docs/evaluation.md)
     paths        {name: path} overrides of the default locations under data_root
     demo         the demo world folder (generate_demo_world's out_dir) or its data/ folder
     llm_cache    {"short": CACHE, "long": CACHE}: caches of the demo retrieval split
     batch_size   images / texts per encoder call (64)
     limit        evaluate only the first N images of each set (quick periodic evals)
     mesh         a jax.sharding.Mesh for the encoders and the metrics
+    progress     tqdm bars per set on stderr (False)
+    classnames, templates   classification: a file for every set, or {name: file}
+    first_index  classification: first number of integer class folders (int or {name: int})
 """
 from __future__ import annotations
 
