@@ -270,3 +270,22 @@ def test_aircraft_layout(tmp_path):
   (data / "images_variant_test.txt").write_text("0000000 Concorde\n")
   with pytest.raises(ProclipError, match="'Concorde' is not in"):
     ds.load_aircraft(str(tmp_path))
+
+
+def test_prepare_with_trainer_defaults_and_user_files(tmp_path):
+  """The trainer passes config.evals.NAME (TRAINER_SETTINGS defaults: empty strings, 0)."""
+  from proclip_jax.eval import evaluators as ev  # pylint: disable=import-outside-toplevel
+  _pets(tmp_path)
+  settings = dict(ev.TRAINER_SETTINGS, path=str(tmp_path), limit=3)
+  d = ev.prepare(ev.parse_spec("pets"), settings)
+  assert len(d.images) == 3 and d.class_names == SHIPPED["pets"]
+  (tmp_path / "t.json").write_text(json.dumps({"vtab/pets": ["a photo of a {c}, a pet."]}))
+  (tmp_path / "n.txt").write_text("\n".join(n.upper() for n in SHIPPED["pets"]) + "\n")
+  d = ev.prepare(ev.parse_spec("pets"), dict(settings, templates=str(tmp_path / "t.json"),
+                                              classnames=str(tmp_path / "n.txt")))
+  assert d.templates == ["a photo of a {}, a pet."] and d.class_names[0] == "ABYSSINIAN"
+  for p, k in zip(d.images, d.labels):
+    assert k == PET_IDS[os.path.basename(p).rsplit("_", 1)[0]] - 1
+  with pytest.raises(ProclipError, match="no entry for 'flowers'"):
+    ev.prepare(ev.parse_spec("flowers"), {"templates": str(tmp_path / "t.json"),
+                                          "data_root": str(tmp_path)})

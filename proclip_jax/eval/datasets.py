@@ -437,55 +437,46 @@ def _resolve_names(root: str, dataset: str | None, class_names_arg) -> list | No
   return None
 
 
-def read_class_names(path: str, dataset: str | None = None) -> list:
-  """Class names from a file: ``.json`` (a list, or ``{set name: list}`` as CLIP_benchmark's
-  ``en_classnames.json``) or text (one name per line)."""
+def _read_string_list(path: str, dataset: str | None, what_items: str) -> list:
+  """Stripped non-empty strings from a text file (one per line) or JSON: a list, or
+  ``{set name: list}`` (CLIP_benchmark's files; our or its name of ``dataset`` looked up)."""
   what = dataset or path
-  _need(path, what, "Pass an existing class-names file (one name per line, or JSON).")
+  _need(path, what, f"Pass an existing file of {what_items} (one per line, or JSON).")
   if path.endswith(".json"):
     data = _read_json(path, what)
     if isinstance(data, Mapping):
       key = next((k for k in (dataset, CLIP_BENCHMARK_NAMES.get(dataset)) if k in data), None)
       if key is None:
-        raise ProclipError(f"{what}: {path} maps set names to class names but has no entry "
+        raise ProclipError(f"{what}: {path} maps set names to {what_items} but has no entry "
                            f"for {dataset!r} (it has {_few(sorted(data))}).")
       data = data[key]
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-      raise ProclipError(f"{what}: {path} must hold a JSON list of class names.")
-    names = [x.strip() for x in data]
+      raise ProclipError(f"{what}: {path} must hold a JSON list of {what_items}.")
+    out = [x.strip() for x in data if x.strip()]
   else:
     with open(path, encoding="utf-8") as f:
-      names = [l.strip() for l in f if l.strip()]
-  if not names:
-    raise ProclipError(f"{what}: {path} holds no class names.")
-  return names
+      out = [l.strip() for l in f if l.strip()]
+  if not out:
+    raise ProclipError(f"{what}: {path} holds no {what_items}.")
+  return out
+
+
+def read_class_names(path: str, dataset: str | None = None) -> list:
+  """Class names from a file: text (one name per line, in label order) or JSON (a list, or
+  ``{set name: list}`` as CLIP_benchmark's ``en_classnames.json``)."""
+  return _read_string_list(path, dataset, "class names")
 
 
 def read_templates(path: str, dataset: str | None = None) -> list:
   """Prompt templates from a file: text (one per line) or JSON (a list, or ``{set name:
   list}`` as CLIP_benchmark's templates files). ``{c}`` (CLIP_benchmark) is read as ``{}``;
   every template must hold the class-name slot exactly once."""
-  what = dataset or path
-  _need(path, what, "Pass an existing templates file (one template per line with {}, or JSON).")
-  if path.endswith(".json"):
-    data = _read_json(path, what)
-    if isinstance(data, Mapping):
-      key = next((k for k in (dataset, CLIP_BENCHMARK_NAMES.get(dataset)) if k in data), None)
-      if key is None:
-        raise ProclipError(f"{what}: {path} maps set names to templates but has no entry for "
-                           f"{dataset!r} (it has {_few(sorted(data))}).")
-      data = data[key]
-    if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-      raise ProclipError(f"{what}: {path} must hold a JSON list of template strings.")
-    raw = data
-  else:
-    with open(path, encoding="utf-8") as f:
-      raw = [l.rstrip("\n") for l in f if l.strip()]
-  out = [t.strip().replace("{c}", "{}") for t in raw]
+  raw = _read_string_list(path, dataset, "templates")
+  out = [t.replace("{c}", "{}") for t in raw]
   bad = [t for t in out if t.count("{}") != 1]
-  if not out or bad:
-    raise ProclipError(f"{what}: every template in {path} needs one '{{}}' (or '{{c}}') "
-                       f"slot for the class name; {_few(bad) if bad else 'none given'}.")
+  if bad:
+    raise ProclipError(f"{dataset or path}: every template in {path} needs one '{{}}' (or "
+                       f"'{{c}}') slot for the class name; not {_few(bad)}.")
   return out
 
 

@@ -388,7 +388,7 @@ def prepare(spec: EvalSpec, config=None):
   if spec.set is None:
     data = ds.load_custom(spec.name, spec.task, spec.path, **kwargs)
   else:
-    path = spec.path or _path(spec.set, config) or _cfg(config, "path")
+    path = spec.path or _path(spec.set, config) or _cfg(config, "path") or None
     data = ds.load(spec.set, _cfg(config, "data_root") or None, path, **kwargs)
   limit = _cfg(config, "limit")
   return data.limit(int(limit)) if limit else data
