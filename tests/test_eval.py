@@ -458,7 +458,7 @@ def test_evaluate_tool_user_sets_and_clip_benchmark_keys(world, user_sets, monke
                   f"shapes=zeroshot_classification:{user_sets['cls']}",
                   "--eval", f"pairs=zeroshot_retrieval:{user_sets['csv']}",
                   "--classnames", f"shapes={tmp / 'names.json'}",
-                  "--templates", str(tmp / "templates.txt"), "--batch-size", "4",
+                  "--templates", str(tmp / "templates.txt"), "--batch-size", "8",
                   "--out", str(out)])
   assert rc == 0, capsys.readouterr().err
   err = capsys.readouterr().err
@@ -536,7 +536,7 @@ def test_evaluate_tool_keeps_finished_results_when_a_set_fails(world, user_sets,
   out = tmp / "results.json"
   rc = tool.main(["--checkpoint", "unused", "--eval",
                   f"good=zeroshot:{user_sets['cls']},broken=zeroshot:{broken}",
-                  "--batch-size", "4", "--out", str(out), "--no-progress"])
+                  "--batch-size", "8", "--out", str(out), "--no-progress"])
   err = capsys.readouterr().err
   assert rc == 2 and "evaluation broken failed" in err and "results.partial.json" in err
   assert not out.exists()
