@@ -508,6 +508,8 @@ def test_evaluate_tool_checks_every_set_before_the_model(user_sets, monkeypatch,
       ([f"x=zeroshot:{user_sets['cls']}", "--classnames", str(tmp / "missing.txt")],
        "missing.txt"),
       ([f"x=zeroshot:{user_sets['cls']}", "--templates", str(tmp / "t.txt")], "t.txt"),
+      ([f"x=zeroshot:{user_sets['cls']}", "--classnames", "y=names.txt"],
+       "'y' is not a set named by --eval"),
   ]
   for extra, match in cases:
     evals = [a for a in extra if not a.startswith("--") and a not in (str(tmp),)

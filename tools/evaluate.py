@@ -38,6 +38,9 @@ def _per_set_option(values, flag: str, names, cast=str):
     key, eq, rest = v.partition("=")
     if eq and key in names:
       out[key] = rest
+    elif eq and os.sep not in key and not os.path.exists(v):
+      raise ProclipError(f"{flag} {v}: {key!r} is not a set named by --eval "
+                         f"({', '.join(names)}).")
     elif common is None:
       common = v
     else:
@@ -92,13 +95,6 @@ def main(argv=None) -> int:
               "classnames": _per_set_option(args.classnames, "--classnames", names),
               "templates": _per_set_option(args.templates, "--templates", names),
               "first_index": _per_set_option(args.first_index, "--first-index", names, int)}
-    for flag in ("classnames", "templates", "first_index"):
-      given = config[flag]
-      if isinstance(given, dict):
-        unknown = sorted(set(given) - set(names))
-        if unknown:
-          raise ProclipError(f"--{flag.replace('_', '-')} names {unknown}, which --eval does "
-                             "not.")
     if args.out:
       folder = os.path.dirname(os.path.abspath(args.out))
       if not os.path.isdir(folder):
