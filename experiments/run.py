@@ -11,6 +11,8 @@
 * ``--config.a.b=VALUE`` (or ``--config.a.b VALUE``): overrides any field. The value is
   parsed as the field's current type (int, float, bool, str; tuples and lists as Python
   literals or ``a;b``; ``None`` fields take a literal or a string).
+  ``--config.evals.NAME.FIELD=VALUE`` adds a periodic evaluation (e.g.
+  ``--config.evals.imagenet.every=1000``; fields in docs/evaluation.md).
 * ``--workdir``: checkpoints, metrics.jsonl, TensorBoard files. A workdir that holds a
   checkpoint is resumed.
 * ``--print-config``: print the resolved config and exit.
@@ -83,6 +85,9 @@ def apply_override(config, field: str, text: str) -> None:
   """Sets ``config.<field>`` (dotted) from a command-line string, type-checked."""
   import ml_collections  # pylint: disable=import-outside-toplevel
   parts = field.split(".")
+  if len(parts) == 3 and parts[0] == "evals":  # a periodic evaluation: may add NAME / FIELD
+    from proclip_jax.eval.evaluators import add_trainer_setting  # pylint: disable=import-outside-toplevel
+    add_trainer_setting(config, parts[1], parts[2])
   node = config
   for i, name in enumerate(parts[:-1]):
     if not isinstance(node, ml_collections.ConfigDict) or name not in node:

@@ -140,7 +140,13 @@ def brute_topk(img, w, labels, ks):
   s = np.asarray(img, np.float64) @ w.T
   ranks = np.array([int(np.flatnonzero(np.argsort(-row, kind="stable") == y)[0])
                     for row, y in zip(s, labels)])
-  return {f"top{k}": 100.0 * np.mean(ranks < k) for k in ks}
+  out = {f"top{k}": 100.0 * np.mean(ranks < k) for k in ks}
+  recalls = []   # mean per-class recall: per class present, the share ranked first
+  for c in sorted(set(np.asarray(labels).tolist())):
+    rows = [r for r, y in zip(ranks, labels) if y == c]
+    recalls.append(sum(r == 0 for r in rows) / len(rows))
+  out["mean_per_class_recall"] = 100.0 * sum(recalls) / len(recalls)
+  return out
 
 
 def assert_same(got, want):
@@ -253,19 +259,15 @@ def test_classification_layouts(tmp_path):
   for k, cls in enumerate(["Abyssinian", "american_bulldog"]):
     for j in range(2):
       _png(root / cls / f"{j}.png", k * 2 + j)
-  d = ds.load_image_folder(str(root), class_names=["cat", "dog"])
-  assert d.labels.tolist() == [0, 0, 1, 1] and d.class_names == ["cat", "dog"]
+  d = ds.load_image_folder(str(root), class_names=["american bulldog", "abyssinian"])
+  assert d.labels.tolist() == [1, 1, 0, 0] and d.class_names == ["american bulldog",
+                                                                 "abyssinian"]
   assert len(d.templates) == 80
   d = ds.load_image_folder(str(root))
   assert d.class_names == ["Abyssinian", "american bulldog"]
-  with pytest.raises(ProclipError, match="2 class folders but 37"):
-    ds.load("pets", str(tmp_path))
-  # Caltech101 without BACKGROUND_Google: the shipped 'background' is dropped
-  cal = tmp_path / "cal"
-  for f in range(101):
-    _png(cal / f"c{f:03d}" / "a.png", f)
-  d = ds.load_image_folder(str(cal), dataset="caltech101")
-  assert len(d.class_names) == 101 and d.class_names[0] == "off-center face"
+  d = ds.load("pets", str(tmp_path))   # a subset of the 37 breeds, mapped by name
+  assert len(d.class_names) == 37 and d.labels.tolist() == [0, 0, 1, 1]
+  # (the label mapping rules and official layouts: tests/test_eval_layouts.py)
   # labels CSV: names or indices
   lab = tmp_path / "lab"
   _png(lab / "x" / "1.png", 1)
@@ -413,3 +415,155 @@ def test_trainer_hook_matches_direct_call(world):
   got2 = hook(other.params, config, None)  # new params, same compiled encoders
   assert_same(got2, ev.demo_zero_shot(other, demo.path, batch_size=8))
   assert isinstance(ev._TRAINER_MODELS["demo_zero_shot"], ProCLIP)  # pylint: disable=protected-access
+
+
+# ------------------------------------------------------------------------ tools/evaluate.py
+
+def _evaluate_tool():
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools",
+                      "evaluate.py")
+  spec = importlib.util.spec_from_file_location("proclip_evaluate_tool", path)
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+@pytest.fixture()
+def user_sets(tmp_path):
+  cls = tmp_path / "shapes"
+  for k, c in enumerate(["red_circle", "blue_square", "green_star"]):
+    for j in range(2):
+      _png(cls / c / f"{j}.png", 3 * k + j)
+  ret = tmp_path / "pairs"
+  rows = []
+  for i in range(3):
+    _png(ret / f"{i}.png", 10 + i)
+    rows += [[f"{i}.png", f"picture number {i}"], [f"{i}.png", f"image {i}, again"]]
+  with open(ret / "pairs.csv", "w", newline="") as f:
+    csv.writer(f).writerows([["image", "caption"]] + rows)
+  return {"cls": cls, "csv": ret / "pairs.csv", "tmp": tmp_path}
+
+
+def test_evaluate_tool_user_sets_and_clip_benchmark_keys(world, user_sets, monkeypatch, capsys):
+  from proclip_jax import inference  # pylint: disable=import-outside-toplevel
+  model = world["model"]
+  monkeypatch.setattr(inference, "load_any", lambda *a, **k: model)
+  tool = _evaluate_tool()
+  tmp = user_sets["tmp"]
+  (tmp / "names.json").write_text(json.dumps({"shapes": ["blue square", "green star",
+                                                         "red circle"]}))
+  (tmp / "templates.txt").write_text("a drawing of a {c}.\n{} on white\n")
+  (tmp / "classes.txt").write_text("blue_square\ngreen_star\nred_circle\n")
+  out = tmp / "res.json"
+  rc = tool.main(["--checkpoint", "unused", "--eval",
+                  f"shapes=zeroshot_classification:{user_sets['cls']}",
+                  "--eval", f"pairs=zeroshot_retrieval:{user_sets['csv']}",
+                  "--classnames", f"shapes={tmp / 'names.json'}",
+                  "--templates", str(tmp / "templates.txt"), "--batch-size", "8",
+                  "--out", str(out)])
+  assert rc == 0, capsys.readouterr().err
+  err = capsys.readouterr().err
+  assert "shapes images" in err and "pairs texts" in err      # tqdm bars per set on stderr
+  got = json.load(open(out))
+  assert got["complete"] is True and "failed" not in got
+  # The classification set against a hand-built classifier and brute-force ranks.
+  d = ds.load_image_folder(str(user_sets["cls"]))
+  names = ["blue square", "green star", "red circle"]
+  want_labels = [names.index(os.path.basename(os.path.dirname(p)).replace("_", " "))
+                 for p in d.images]
+  w = hand_classifier(model, names, ["a drawing of a {}.", "{} on white"])
+  img = model.encode_images(np.stack([transforms.eval_transform(
+      np.asarray(Image.open(p).convert("RGB")), 32) for p in d.images]))
+  want = brute_topk(img, w, np.array(want_labels), (1, 5))
+  want.pop("top5")                                             # 3 classes: top-3 only
+  assert_same(got["results"]["shapes"], want)
+  view = got["clip_benchmark"]["shapes"]
+  assert view["task"] == "zeroshot_classification" and view["dataset"] == "shapes"
+  assert abs(view["metrics"]["acc1"] - want["top1"] / 100) < 1e-12
+  assert abs(view["metrics"]["mean_per_class_recall"]
+             - want["mean_per_class_recall"] / 100) < 1e-12
+  # The retrieval CSV: 3 images, 2 captions each.
+  r = ds.load_retrieval_csv(str(user_sets["csv"]))
+  assert r.txt_to_img.tolist() == [0, 0, 1, 1, 2, 2] and r.captions[1] == "image 0, again"
+  pimg = model.encode_images(np.stack([transforms.eval_transform(
+      np.asarray(Image.open(p).convert("RGB")), 32) for p in r.images]))
+  want_r = brute_recall(pimg, model.encode_texts(r.captions), r.txt_to_img, (1, 5, 10))
+  assert_same(got["results"]["pairs"], want_r)
+  m = got["clip_benchmark"]["pairs"]["metrics"]
+  assert abs(m["image_retrieval_recall@1"] - want_r["t2i_R@1"] / 100) < 1e-12
+  assert abs(m["text_retrieval_recall@5"] - want_r["i2t_R@5"] / 100) < 1e-12
+
+
+def test_evaluate_tool_checks_every_set_before_the_model(user_sets, monkeypatch, capsys):
+  from proclip_jax import inference  # pylint: disable=import-outside-toplevel
+  def no_model(*a, **k):
+    raise AssertionError("the model must not be loaded")
+  monkeypatch.setattr(inference, "load_any", no_model)
+  tool = _evaluate_tool()
+  tmp = user_sets["tmp"]
+  cases = [
+      ([f"ok=zeroshot:{user_sets['cls']}", "flickr30k"], "needs --data-root"),
+      ([f"ok=zeroshot:{user_sets['cls']}", f"bad=retrieval:{tmp / 'nope.csv'}"], "nope.csv"),
+      (["imagenet", "--data-root", str(tmp)], "imagenet"),
+      (["mine"], "Your own set: mine=zeroshot_classification"),
+      ([f"x=zeroshot:{user_sets['cls']}", "--classnames", str(tmp / "missing.txt")],
+       "missing.txt"),
+      ([f"x=zeroshot:{user_sets['cls']}", "--templates", str(tmp / "t.txt")], "t.txt"),
+      ([f"x=zeroshot:{user_sets['cls']}", "--classnames", "y=names.txt"],
+       "'y' is not a set named by --eval"),
+  ]
+  for extra, match in cases:
+    evals = [a for a in extra if not a.startswith("--") and a not in (str(tmp),)
+             and not a.endswith(".txt")]
+    rest = [a for a in extra if a not in evals]
+    argv = ["--checkpoint", "unused"] + [x for e in evals for x in ("--eval", e)] + rest
+    assert tool.main(argv) == 2, argv
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and match in err, (argv, err)
+  (tmp / "t.txt").write_text("no slot here\n")
+  assert tool.main(["--checkpoint", "unused", "--eval", f"x=zeroshot:{user_sets['cls']}",
+                    "--templates", str(tmp / "t.txt")]) == 2
+  assert "'{}'" in capsys.readouterr().err
+
+
+def test_evaluate_tool_keeps_finished_results_when_a_set_fails(world, user_sets, monkeypatch,
+                                                               capsys):
+  from proclip_jax import inference  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(inference, "load_any", lambda *a, **k: world["model"])
+  tool = _evaluate_tool()
+  tmp = user_sets["tmp"]
+  broken = tmp / "broken"
+  _png(broken / "a" / "0.png", 1)
+  (broken / "b").mkdir()
+  (broken / "b" / "0.png").write_bytes(b"not a png")   # exists (checked early), unreadable
+  out = tmp / "results.json"
+  rc = tool.main(["--checkpoint", "unused", "--eval",
+                  f"good=zeroshot:{user_sets['cls']},broken=zeroshot:{broken}",
+                  "--batch-size", "8", "--out", str(out), "--no-progress"])
+  err = capsys.readouterr().err
+  assert rc == 2 and "evaluation broken failed" in err and "results.partial.json" in err
+  assert not out.exists()
+  got = json.load(open(tmp / "results.partial.json"))
+  assert got["complete"] is False and list(got["results"]) == ["good"]
+  assert "Cannot read the evaluation image" in got["failed"]["broken"]
+  assert "top1" in got["results"]["good"] and "images" not in err   # --no-progress
+
+
+def test_periodic_eval_from_the_command_line():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  from experiments.configs.common import base_config  # pylint: disable=import-outside-toplevel
+  from experiments.run import apply_override  # pylint: disable=import-outside-toplevel
+  c = base_config(2)
+  apply_override(c, "evals.imagenet.every", "1000")
+  apply_override(c, "evals.imagenet.data_root", "/data/eval")
+  apply_override(c, "evals.imagenet.limit", "500")
+  apply_override(c, "evals.imagenet.every", "2000")
+  assert c.evals.imagenet.to_dict() == {"every": 2000, "data_root": "/data/eval", "limit": 500}
+  assert isinstance(c.evals, ml_collections.ConfigDict)
+  with pytest.raises(ProclipError, match="unknown evaluation 'imagenett'"):
+    apply_override(c, "evals.imagenett.every", "10")
+  with pytest.raises(ProclipError, match="unknown setting; an evaluation takes every"):
+    apply_override(c, "evals.imagenet.evry", "10")
+  with pytest.raises(ProclipError, match="expected a value of type int"):
+    apply_override(c, "evals.coco.every", "often")

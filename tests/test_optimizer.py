@@ -212,3 +212,71 @@ def test_clip_by_global_norm_equals_optax():
   tx = optax.chain(opt.clip_by_global_norm(norm), optax.scale(-1.0))
   out, _ = tx.update(g, tx.init(g), grad_norm=2.0 * norm)
   np.testing.assert_allclose(np.asarray(out["a"]), -0.5 * g["a"], rtol=1e-6)
+
+
+# --------------------------------------------------------------- hyper-parameter checks
+
+def _valid_config():
+  import ml_collections  # pylint: disable=import-outside-toplevel
+  return ml_collections.ConfigDict({
+      "total_steps": 100, "distill_chunk": 512,
+      "optim": {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05,
+                "warmup_steps": 10, "end_lr_ratio": 0.0, "grad_clip_norm": 0.0,
+                "layer_decay": 1.0, "lr_mults": (("adapter", 2.0),)},
+      "stage2": {"ema_momentum": 0.999, "distill_weight": 1.0, "contrastive_block": 1024}})
+
+
+def test_validate_hparams_accepts_valid_configs():
+  opt.validate_hparams(_valid_config())
+  opt.validate_hparams(_valid_config().to_dict())         # a plain nested dict
+  opt.validate_hparams({})                                 # nothing set: the defaults
+  edge = _valid_config()
+  edge.optim.lr, edge.optim.warmup_steps, edge.stage2.ema_momentum = 0.0, 100, 1.0
+  edge.stage2.distill_weight, edge.optim.grad_clip_norm, edge.optim.b1 = 0.0, None, 0.0
+  opt.validate_hparams(edge)
+
+
+BAD = [
+    ("total_steps", 0), ("total_steps", 2.5), ("optim.lr", float("nan")),
+    ("optim.lr", float("inf")), ("optim.lr", -1e-4), ("optim.lr", "1e-4"),
+    ("optim.b1", 1.0), ("optim.b1", -0.1), ("optim.b2", 2.0), ("optim.b2", float("nan")),
+    ("optim.eps", 0.0), ("optim.weight_decay", -0.05), ("optim.warmup_steps", 101),
+    ("optim.warmup_steps", -1), ("optim.end_lr_ratio", 1.5), ("optim.grad_clip_norm", -1.0),
+    ("optim.grad_clip_norm", float("inf")), ("optim.layer_decay", 0.0),
+    ("optim.layer_decay", 1.2), ("stage2.ema_momentum", 1.01),
+    ("stage2.ema_momentum", -0.5), ("stage2.distill_weight", -1.0),
+    ("stage2.distill_weight", True), ("distill_chunk", 0), ("stage2.contrastive_block", 0),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD, ids=[f"{f}={v}" for f, v in BAD])
+def test_validate_hparams_refuses(field, value):
+  cfg = _valid_config().to_dict()
+  node = cfg
+  *parents, last = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[last] = value
+  with pytest.raises(ProclipError) as e:
+    opt.validate_hparams(cfg)
+  msg = str(e.value)
+  assert f"config.{field}=" in msg and "\n" not in msg
+  assert "[" in msg or "(" in msg   # the valid range is named
+
+
+@pytest.mark.parametrize("rule", [("adapter", -1.0), ("adapter", float("nan")), ("adapter",)])
+def test_validate_hparams_refuses_bad_lr_mults(rule):
+  cfg = _valid_config().to_dict()
+  cfg["optim"]["lr_mults"] = [rule]
+  with pytest.raises(ProclipError, match=r"config\.optim\.lr_mults\[0\]"):
+    opt.validate_hparams(cfg)
+
+
+def test_trainer_setup_refuses_before_building():
+  """state.setup (the trainer's first step) refuses a bad field before the model is built."""
+  from proclip_jax.train import state as state_lib  # pylint: disable=import-outside-toplevel
+  cfg = _valid_config().to_dict()
+  cfg.update(stage=2, model={"nonsense": True})   # a model this config could never build
+  cfg["optim"]["b2"] = 2.0
+  with pytest.raises(ProclipError, match=r"config\.optim\.b2=2\.0 is outside .*\[0\.0, 1\.0\)"):
+    state_lib.setup(cfg, None)

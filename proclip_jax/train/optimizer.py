@@ -261,6 +261,84 @@ def make_optimizer(optim: Any, trainable: Mapping, total_steps: int, *,
   return optax.chain(*parts), schedule
 
 
+# --------------------------------------------------------------- hyper-parameter checks
+
+# (dotted field, lower bound, lower inclusive, upper bound, upper inclusive, integer, what 0 /
+# None means). Checked by :func:`validate_hparams` before anything is built or compiled.
+HPARAM_RANGES = (
+    ("total_steps", 1, True, None, False, True, None),
+    ("optim.lr", 0.0, True, None, False, False, "0: parameters stay as they are"),
+    ("optim.b1", 0.0, True, 1.0, False, False, None),
+    ("optim.b2", 0.0, True, 1.0, False, False, None),
+    ("optim.eps", 0.0, False, None, False, False, None),
+    ("optim.weight_decay", 0.0, True, None, False, False, None),
+    ("optim.warmup_steps", 0, True, "total_steps", True, True, None),
+    ("optim.end_lr_ratio", 0.0, True, 1.0, True, False, None),
+    ("optim.grad_clip_norm", 0.0, True, None, False, False, "0 or None: no clipping"),
+    ("optim.layer_decay", 0.0, False, 1.0, True, False, None),
+    ("stage2.ema_momentum", 0.0, True, 1.0, True, False, None),
+    ("stage2.distill_weight", 0.0, True, None, False, False, "0: no teacher"),
+    ("distill_chunk", 1, True, None, False, True, None),
+    ("stage2.contrastive_block", 1, True, None, False, True, None),
+)
+
+
+def _field(config: Any, dotted: str) -> Any:
+  """``config.a.b`` of a dict or ConfigDict; None when a level is missing."""
+  node = config
+  for name in dotted.split("."):
+    if node is None or isinstance(node, (str, bytes)) or not hasattr(node, "__contains__"):
+      return None
+    node = node[name] if name in node else None
+  return node
+
+
+def _range_text(lo, lo_in, hi, hi_in) -> str:
+  left = "-inf" if lo is None else lo
+  right = "inf" if hi is None else (f"config.{hi}" if isinstance(hi, str) else hi)
+  return f"{'[' if lo_in else '('}{left}, {right}{']' if hi_in else ')'}"
+
+
+def validate_hparams(config: Any) -> None:
+  """Refuses hyper-parameters that are not finite numbers or lie outside their valid range.
+
+  Checks the fields of :data:`HPARAM_RANGES` that ``config`` has (absent or None ones keep
+  their defaults) and every ``optim.lr_mults`` multiplier (finite, >= 0). Raises one
+  ``ProclipError`` naming the field, its value and the valid range; the trainer's setup calls
+  this before it builds the optimizer or compiles anything.
+  """
+  for dotted, lo, lo_in, hi, hi_in, integer, note in HPARAM_RANGES:
+    value = _field(config, dotted)
+    if value is None:
+      continue
+    if isinstance(hi, str):
+      bound = _field(config, hi)
+      hi = None if bound is None or isinstance(bound, bool) else bound
+    rng = _range_text(lo, lo_in, hi, hi_in)
+    kind = "an integer" if integer else "a finite number"
+    hint = f" ({note})" if note else ""
+    ok_type = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_))
+    if ok_type and integer and not float(value).is_integer():
+      ok_type = False
+    if not ok_type or not math.isfinite(float(value)):
+      raise ProclipError(f"config.{dotted}={value!r} must be {kind} in {rng}{hint}.")
+    v = float(value)
+    below = lo is not None and (v < lo or (v == lo and not lo_in))
+    above = hi is not None and (v > float(hi) or (v == float(hi) and not hi_in))
+    if below or above:
+      raise ProclipError(f"config.{dotted}={value!r} is outside its valid range {rng}{hint}.")
+  for i, rule in enumerate(_field(config, "optim.lr_mults") or ()):
+    if not isinstance(rule, (tuple, list)) or len(rule) != 2:
+      raise ProclipError(f"config.optim.lr_mults[{i}]={rule!r} must be a (regex, multiplier) "
+                         "pair.")
+    mult = rule[1]
+    if (isinstance(mult, bool) or not isinstance(mult, (int, float, np.integer, np.floating))
+        or not math.isfinite(float(mult)) or float(mult) < 0):
+      raise ProclipError(f"config.optim.lr_mults[{i}] multiplier {mult!r} must be a finite "
+                         "number in [0, inf).")
+
+
 def clamp_logit_scale(params: Mapping, max_value: float = LOGIT_SCALE_MAX) -> Mapping:
   """Clamps a top-level ``logit_scale`` to ``[0, max_value]`` (if it is in ``params``)."""
   if "logit_scale" not in params:

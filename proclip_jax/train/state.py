@@ -96,6 +96,7 @@ class Setup:
 def setup(config: Any, mesh: Mesh) -> Setup:
   """Model, abstract shapes, shardings and optimizer from the config (no arrays made)."""
   stage = stage_of(config)
+  optim_lib.validate_hparams(config)  # bad hyper-parameters fail before any compile
   model = ProCLIPModel(model_config(config))
   parts = ("adapter",) if stage == 1 else PARTS
   boxed = model.abstract(parts)
