@@ -22,6 +22,7 @@ from transformers import (CLIPConfig as HFCLIPConfig, CLIPModel, CLIPTextModelWi
 
 from proclip_jax.convert.api import convert, summary
 from proclip_jax.convert.clip import clip_to_openai, convert_openai_visual, hf_to_clip
+from proclip_jax.convert.openclip_arch import Arch, TowerArch
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIP, load_clip
 
@@ -252,7 +253,8 @@ def test_openai_state_dict_parity_and_export(openai_clip):
   save_file({k: v.numpy() for k, v in sd.items()}, st)
   texts = ["a photo of a cat", "Ein Foto von einem Hund 🐶", "a diagram " * 40, "&amp; x"]
   for src in (pt, st):
-    clip = load_clip(convert(src, str(tmp / (os.path.basename(src) + ".out"))))
+    clip = load_clip(convert(src, str(tmp / (os.path.basename(src) + ".out")), vision_heads=2,
+                             text_heads=1))
     assert clip.config.vision.heads == 2 and clip.config.text.heads == 1
     ids = clip.tokenize(texts)
     assert ids.shape == (4, 77) and ids.dtype == np.int32
@@ -263,13 +265,14 @@ def test_openai_state_dict_parity_and_export(openai_clip):
     np.testing.assert_array_equal(back[k], v.numpy().reshape(back[k].shape), err_msg=k)
   # The image tower alone, as ProCLIP / LLM2CLIP checkpoints embed it.
   np_sd = {k: v.numpy() for k, v in sd.items()}
-  vcfg, vparams = convert_openai_visual(np_sd, "visual.", scan_layers=True)
+  vcfg, vparams = convert_openai_visual(np_sd, "visual.", scan_layers=True,
+                                        arch=Arch(vision=TowerArch(heads=2)))
   assert vcfg == clip.config.vision.__class__(**{**clip.config.vision.to_dict(),
                                                   "scan_layers": True})
   assert vparams["transformer"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 128, 2, 64)
   bad = dict(np_sd, **{"visual.extra_head.weight": np.zeros(3, np.float32)})
   with pytest.raises(ProclipError, match="visual.extra_head.weight"):
-    convert_openai_visual(bad, "visual.")
+    convert_openai_visual(bad, "visual.", arch=Arch(vision=TowerArch(heads=2)))
 
 
 # ------------------------------------------------------------------------ bad inputs

@@ -18,6 +18,10 @@ from proclip_jax.errors import ProclipError
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Wrappers that training frameworks put around a state dict.
 _WRAPPER_KEYS = ("state_dict", "module", "model", "model_state_dict")
+# Entries of a training checkpoint besides the weights, not model parameters.
+_TRAINING_STATE_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "scaler",
+                        "lr_scheduler", "scheduler", "epoch", "step", "global_step",
+                        "global_steps", "name", "args", "config")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -54,7 +58,24 @@ def _flatten_torch_obj(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
   return out
 
 
+def _training_payload(obj: Mapping) -> Mapping:
+  """The model weights of a training checkpoint ``{state_dict|module|model: weights, epoch,
+  optimizer, ...}`` (open_clip's ``epoch_N.pt``, DeepSpeed's model states): the wrapped
+  mapping, when every other entry is training state (optimizer moments, scaler, scheduler,
+  counters) or holds no tensors. Anything else is returned whole (its keys then name it)."""
+  wrappers = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+  if len(wrappers) != 1:
+    return obj
+  rest = [k for k in obj if k != wrappers[0] and k not in _TRAINING_STATE_KEYS]
+  if any(_flatten_torch_obj(obj[k]) for k in rest):
+    return obj
+  return obj[wrappers[0]]
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
+  from proclip_jax.convert.torchscript import is_torchscript, read_torchscript  # pylint: disable=import-outside-toplevel
+  if is_torchscript(path):  # OpenAI's releases: tensors only, code/ is never run
+    return read_torchscript(path)
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -71,7 +92,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
         "a state dict or as .safetensors.") from e
   if not isinstance(obj, Mapping):
     raise ProclipError(f"{path!r} does not hold a state dict (found {type(obj).__name__}).")
-  return _flatten_torch_obj(obj)
+  return _flatten_torch_obj(_training_payload(obj))
 
 
 def _unwrap(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
