@@ -436,7 +436,7 @@ def invert_table(flat: Mapping[str, np.ndarray], table: Iterable, what: str = "p
     if lacking:
       missing += lacking
       continue
-    out[key] = np.ascontiguousarray(np.asarray(hook.inverse(flat), np.float32))
+    out[key] = np.array(hook.inverse(flat), np.float32, order="C")  # keeps 0-d
     used.update(hook.dsts)
   unread = sorted(set(flat) - used)
   if missing or unread:
