@@ -546,3 +546,50 @@ def test_head_count_rules_at_real_sizes():
   with pytest.raises(ProclipError, match="not a multiple of 64"):
     tower_heads("vision", Arch(), TowerArch(width=96, layers=2, patch_size=4, image_size=8), "x")
   assert arch_from_open_clip(OPEN_CLIP_MODELS["ViT-B/16"], "b").act == "quick_gelu"
+
+
+# ------------------------------------------------------ release files as saved (issue #23)
+
+def test_training_checkpoint_files(tmp_path):
+  """open_clip's epoch_N.pt (DDP "module." keys, optimizer state) and DeepSpeed's model states
+  convert as saved: the optimizer is ignored, every weight consumed."""
+  model = make_openai_clip(seed=13, **OPENAI_DIMS)
+  sd = model.state_dict()
+  moments = {i: {"step": torch.tensor(7.0), "exp_avg": torch.randn(v.shape),
+                 "exp_avg_sq": torch.rand(v.shape)} for i, v in enumerate(sd.values())}
+  epoch = str(tmp_path / "epoch_3.pt")
+  torch.save({"epoch": 3, "name": "run-1", "state_dict": {"module." + k: v for k, v in sd.items()},
+              "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4, "params": [0]}]}},
+             epoch)
+  deepspeed = str(tmp_path / "mp_rank_00_model_states.pt")
+  torch.save({"module": dict(sd), "optimizer": None, "global_steps": 5, "ds_version": "0.14.0",
+              "buffer_names": ["input_resolution"], "dp_world_size": 8}, deepspeed)
+  pixels, ids = _openai_inputs(3)
+  for src in (epoch, deepspeed):
+    out = convert(src, str(tmp_path / (os.path.basename(src) + ".out")), vision_heads=2,
+                  text_heads=1)
+    _check_features(out, model, pixels, ids, os.path.basename(src))
+  # Tensors outside the weights and the training state are not dropped silently.
+  other = str(tmp_path / "other.pt")
+  torch.save({"state_dict": dict(sd), "ema": {"visual.proj": torch.zeros(2)}}, other)
+  _expect_error(other, str(tmp_path / "o_other"), "Cannot tell what")
+
+
+def test_non_finite_and_integer_weights_are_refused(tmp_path):
+  model = make_openai_clip(seed=17, **OPENAI_DIMS)
+  sd = {k: v.contiguous().numpy().copy() for k, v in model.state_dict().items()}
+  nan = dict(sd)
+  nan["visual.ln_post.weight"] = sd["visual.ln_post.weight"].copy()
+  nan["visual.ln_post.weight"][3] = np.inf
+  path = str(tmp_path / "nan.safetensors")
+  save_file(nan, path)
+  with pytest.raises(ProclipError, match="non-finite") as e:
+    convert(path, str(tmp_path / "o1"), vision_heads=2, text_heads=1)
+  assert "visual/ln_post/scale" in str(e.value) and len(str(e.value).splitlines()) == 1
+  assert not os.path.exists(tmp_path / "o1")
+  ints = dict(sd, text_projection=np.ones(sd["text_projection"].shape, np.int32))
+  path = str(tmp_path / "int.safetensors")
+  save_file(ints, path)
+  with pytest.raises(ProclipError, match="text/text_projection is int32, not floating point"):
+    convert(path, str(tmp_path / "o2"), vision_heads=2, text_heads=1)
+  assert not os.path.exists(tmp_path / "o2")

@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proclip_jax.convert.common import (check_tree, conv_oihw_to_hwio, flatten, linear,
+from proclip_jax.convert.common import (check_tree, check_weights, conv_oihw_to_hwio, flatten,
+                                        linear,
                                         read_json, read_state_dict, to_f32, unflatten)
 from proclip_jax.convert.openclip_arch import Arch, TowerArch, resolve_arch, tower_heads
 from proclip_jax.errors import ProclipError
@@ -473,6 +474,7 @@ def _save(out: str, config: CLIPConfig, params: dict, unused, *, family: str, sr
           overwrite: bool, scan_layers: bool) -> str:
   from proclip_jax.checkpoint import save_model  # pylint: disable=import-outside-toplevel
   check_clip(params, config, unused, what=f"checkpoint {src!r}")
+  check_weights(params, what=f"checkpoint {src!r}")
   if scan_layers:
     config = config.replace(scan_layers=True)
     params = stack_layers(params)

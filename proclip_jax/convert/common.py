@@ -217,6 +217,23 @@ def check_tree(params: Mapping, abstract: Mapping, *, what: str = "checkpoint",
     raise ProclipError("\n".join(lines))
 
 
+def check_weights(params: Mapping, what: str = "checkpoint") -> None:
+  """Raises one ProclipError naming the first converted weight that is not floating point or
+  holds NaN / infinity (a damaged file, an overflowed float16 export, quantized integers)."""
+  for path, x in sorted(flatten(params).items()):
+    x = np.asarray(x)
+    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+      raise ProclipError(f"The {what}: weight {path} is {x.dtype}, not floating point; "
+                         "quantized or integer weights do not convert (use the float "
+                         "checkpoint). Nothing was written.")
+    bad = ~np.isfinite(x.astype(np.float32))
+    if bad.any():
+      raise ProclipError(f"The {what}: weight {path} has {int(bad.sum())} non-finite values "
+                         f"(NaN / infinity) of {x.size}; the file is damaged or overflowed "
+                         "(e.g. saved in float16): use the original checkpoint. Nothing was "
+                         "written.")
+
+
 def linear(w: np.ndarray) -> np.ndarray:
   """PyTorch Linear weight ``[out, in]`` -> Flax Dense kernel ``[in, out]``."""
   return np.ascontiguousarray(np.asarray(w).T)

@@ -23,7 +23,8 @@ from typing import Mapping
 
 import numpy as np
 
-from proclip_jax.convert.common import check_tree, linear, read_state_dict, to_f32
+from proclip_jax.convert.common import (check_tree, check_weights, linear, read_state_dict,
+                                        to_f32)
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig
 
@@ -170,6 +171,7 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   if "logit_scale" in sd:
     used.add("logit_scale")
   params["logit_scale"] = np.asarray(logit_scale, np.float32)
+  check_weights(params, what=f"checkpoint {src!r}")
   ignored = sorted(k for k in sd if k not in used)
   config = ProCLIPConfig(vision=vision_cfg, adapter=adapter_cfg, logit_scale_init=logit_scale)
   return save_model(out, "proclip", config.to_dict(), params, overwrite=overwrite,
