@@ -190,3 +190,26 @@ def test_cli(clip_folder, tmp_path):
                         check=False)
   assert proc.returncode == 2 and ".pt name" in proc.stderr
   assert not os.listdir(tmp_path)
+
+
+def test_training_workdir_source(proclip_folder, tmp_path):
+  """A run's --workdir (its checkpoint: trained params + frozen params, config in the
+  metadata) exports as the model folder with the same weights does."""
+  from proclip_jax.train.checkpoints import Checkpoints  # pylint: disable=import-outside-toplevel
+  _, folder, _ = proclip_folder
+  meta, params = load_model(folder, kind="proclip")
+  workdir = tmp_path / "run"
+  ckpts = Checkpoints(str(workdir), async_save=False)
+  state = {"params": {"adapter": params["adapter"], "logit_scale": params["logit_scale"]},
+           "frozen": {"visual": params["visual"]}}
+  ckpts.save(8, state, metadata={"config": {"model": meta["config"], "stage": 2}})
+  ckpts.close()
+  a, b = str(tmp_path / "from_run.pt"), str(tmp_path / "from_folder.pt")
+  export(str(workdir), a, "proclip")
+  export(folder, b, "proclip")
+  sa, sb = (torch.load(p, weights_only=True)["state_dict"] for p in (a, b))
+  assert sorted(sa) == sorted(sb)
+  for k, v in sb.items():
+    np.testing.assert_array_equal(sa[k].numpy(), v.numpy(), err_msg=k)
+  with pytest.raises(ProclipError, match="no checkpoint of step 3"):
+    export(str(workdir), str(tmp_path / "x.pt"), "proclip", step=3)
