@@ -27,7 +27,8 @@ SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
     "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
-    ".safetensors with visual.* and token_embedding.weight keys); a ProCLIP checkpoint "
+    ".safetensors with visual.* and token_embedding.weight keys, or OpenAI's TorchScript "
+    "archive); a ProCLIP checkpoint "
     "(keys text.text_adaptor.*).")
 
 

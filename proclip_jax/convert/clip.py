@@ -7,15 +7,16 @@ Sources:
   or ``pytorch_model.bin``; the architecture comes from ``config.json``.
 * OpenAI / open_clip state dicts (``visual.conv1.weight``, ``visual.transformer.resblocks.N.
   attn.in_proj_weight``, ..., ``token_embedding.weight``, ``text_projection``,
-  ``logit_scale``) in .pt / .bin / .safetensors, possibly wrapped in ``state_dict``; the
-  architecture is inferred from tensor shapes, the head count from a preset / open_clip
+  ``logit_scale``) in .pt / .bin / .safetensors or OpenAI's TorchScript archives, possibly
+  wrapped in ``state_dict``; the architecture is inferred from tensor shapes, the head count from a preset / open_clip
   config / explicit counts (:mod:`proclip_jax.convert.openclip_arch`).
 
 Each tower is converted with a rename table: ``(source key, hook)`` rows, where the hook
 turns the source tensor into ``{flax path: array}`` (transposes, q/k/v splits, head
-reshapes). Every source tensor must be consumed; the result is checked against
-``jax.eval_shape`` of the model (:func:`proclip_jax.convert.common.check_tree`) before
-anything is written. :func:`clip_to_openai` goes back to an OpenAI-layout state dict.
+reshapes) and back (``hook.inverse``). Every source tensor must be consumed; the result is
+checked against ``jax.eval_shape`` of the model (:func:`proclip_jax.convert.common.check_tree`)
+and for non-finite values before anything is written. :func:`invert_table` runs a table
+backwards: :func:`clip_to_openai` and :mod:`proclip_jax.convert.export` use it.
 
 The image-tower functions with a ``prefix`` (:func:`openai_visual_config`,
 :func:`convert_openai_visual`, :func:`visual_to_openai`) serve checkpoints that embed an

@@ -2,7 +2,10 @@
 
 Reading never runs pickled code: safetensors through ``safe_open(framework="np")``
 (bfloat16 through ml_dtypes), ``.pt/.bin/.pth`` only through
-``torch.load(weights_only=True)``. A converted tree is compared with ``jax.eval_shape`` of
+``torch.load(weights_only=True)``, TorchScript archives (OpenAI's releases) through the
+restricted unpickler of :mod:`proclip_jax.convert.torchscript`. Training checkpoints
+(``{"state_dict", "epoch", "optimizer", ...}``) give their weights; the training state is
+ignored. A converted tree is compared with ``jax.eval_shape`` of
 the model, and every missing, unexpected and mis-shaped key is listed in one error.
 """
 from __future__ import annotations
@@ -72,6 +75,15 @@ def _training_payload(obj: Mapping) -> Mapping:
   return obj[wrappers[0]]
 
 
+def _first_sentences(e: BaseException, limit: int = 300) -> str:
+  """The start of an exception's message cut at a sentence end, not mid-sentence."""
+  text = " ".join(str(e).split())
+  if len(text) <= limit:
+    return text if text.endswith(".") else text + "."
+  cut = text.rfind(". ", 0, limit)
+  return text[:cut + 1] + " [...]" if cut > 0 else text[:limit] + " [...]."
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
   from proclip_jax.convert.torchscript import is_torchscript, read_torchscript  # pylint: disable=import-outside-toplevel
   if is_torchscript(path):  # OpenAI's releases: tensors only, code/ is never run
@@ -86,7 +98,7 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
     raise ProclipError(
-        f"Refusing or unable to read {path!r}: {type(e).__name__}: {str(e)[:300]}. Only "
+        f"Refusing or unable to read {path!r}: {type(e).__name__}: {_first_sentences(e)} Only "
         "plain tensor state dicts are loaded (torch.load(weights_only=True)); a file that "
         "needs arbitrary code to unpickle, or a truncated file, is rejected. Re-save it as "
         "a state dict or as .safetensors.") from e

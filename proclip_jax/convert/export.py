@@ -25,6 +25,7 @@ the export is refused, and the output appears under its name only when complete.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -229,14 +230,36 @@ def _torch_save(sd: Mapping[str, np.ndarray], path: str, wrap: str | None = None
   torch.save({wrap: tensors} if wrap else tensors, path)
 
 
-def _write_folder(out: str, files: Mapping[str, Any]) -> None:
-  """Writes ``{name: dict of arrays (safetensors) | dict (JSON)}`` into a temporary folder
-  next to ``out`` and renames it."""
-  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+@contextlib.contextmanager
+def _staged(out: str, folder: bool):
+  """Yields a temporary path next to ``out`` that replaces ``out`` when the block succeeds."""
   parent = os.path.dirname(out) or "."
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+  prefix = os.path.basename(out) + ".tmp-"
+  if folder:
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+  else:
+    fd, tmp = tempfile.mkstemp(prefix=prefix, dir=parent)
+    os.close(fd)
   try:
+    yield tmp
+    if os.path.isdir(out):
+      shutil.rmtree(out)
+    elif os.path.exists(out):
+      os.remove(out)
+    os.replace(tmp, out)
+  except BaseException:
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp, ignore_errors=True)
+    elif os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def _write_folder(out: str, files: Mapping[str, Any]) -> None:
+  """Writes ``{name: dict of arrays (safetensors) | dict (JSON)}`` as the folder ``out``."""
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  with _staged(out, folder=True) as tmp:
     for name, content in files.items():
       path = os.path.join(tmp, name)
       if name.endswith(".safetensors"):
@@ -244,26 +267,11 @@ def _write_folder(out: str, files: Mapping[str, Any]) -> None:
       else:
         with open(path, "w") as f:
           json.dump(content, f, indent=2)
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def _write_file(out: str, sd: Mapping[str, np.ndarray], wrap: str | None) -> None:
-  parent = os.path.dirname(out) or "."
-  os.makedirs(parent, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
-  os.close(fd)
-  try:
+  with _staged(out, folder=False) as tmp:
     _torch_save(sd, tmp, wrap)
-    os.replace(tmp, out)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
 
 
 def export(src: str, out: str, fmt: str, *, step: int | None = None,

@@ -147,8 +147,8 @@ def resolve_arch(src: str, preset: str | None = None, vision_heads: int | None =
       if int(value) < 1:
         raise ProclipError(f"--{name}-heads {value}: must be a positive head count.")
       tower = dataclasses.replace(getattr(arch, name), heads=int(value))
-      arch = dataclasses.replace(arch, **{name: tower},
-                                 source=arch.source if preset else "--vision-heads/--text-heads")
+      arch = dataclasses.replace(arch, **{name: tower}, source=(
+          arch.source if arch.source != Arch.source else "--vision-heads/--text-heads"))
   return arch
 
 
@@ -200,7 +200,8 @@ def tower_heads(kind: str, arch: Arch, shapes: TowerArch, where: str) -> int:
     raise ProclipError(f"The {kind} tower of {where} ({desc}) looks like open_clip's "
                        f"{names[0]}, whose {heads} heads are {shapes.width // heads} wide, not "
                        f"64: pass --preset {names[0]} (or {flag} {heads}).")
-  why = ("is not a multiple of 64" if shapes.width % 64 else
-         "is not one of OpenAI's standard sizes, where width // 64 heads is known to be right")
+  why = ("its width is not a multiple of 64" if shapes.width % 64 else
+         "these are not one of OpenAI's standard sizes, where width // 64 heads is known to "
+         "be right")
   raise ProclipError(f"Cannot tell the attention head count of the {kind} tower of {where} "
-                     f"({desc}): its width {why}. {fix}")
+                     f"({desc}): {why}. {fix}")
