@@ -165,6 +165,12 @@ def test_proclip_release_and_hf_vision_layouts(proclip_folder, tmp_path):
   assert np.abs(a_img - img).max() <= 1e-6 and np.abs(a_txt - txt).max() <= 1e-6
   assert a_scale == scale
 
+  # The OpenAI layout holds the image tower and the logit scale.
+  export(folder, str(tmp_path / "visual.pt"), "openai")
+  vis_sd = torch.load(str(tmp_path / "visual.pt"), weights_only=True)
+  assert sorted(vis_sd) == sorted(k for k in sd if not k.startswith("text."))
+  for k, v in vis_sd.items():
+    np.testing.assert_array_equal(v.numpy(), sd[k], err_msg=k)
   hf = str(tmp_path / "hf")
   assert "adapter is only in --format proclip" in export(folder, hf, "hf")
   vis = CLIPVisionModelWithProjection.from_pretrained(hf).eval()
