@@ -517,6 +517,11 @@ def test_head_width_80_from_open_clip_config(tmp_path):
   msg = _expect_error_with(src, str(tmp_path / "o2"), "does not match preset 'ViT-H-14'",
                            preset="ViT-H-14")
   assert "width 160 (expected 1280)" in msg
+  # OpenAI's own files (they carry input_resolution etc.) use QuickGELU: an open_clip GELU
+  # preset is refused unless --act says so.
+  with open(preset, "w") as f:
+    json.dump({**cfg["model_cfg"], "quick_gelu": False}, f)
+  _expect_error_with(src, str(tmp_path / "o3"), "QuickGELU", preset=preset)
 
 
 def _expect_error_with(src, out, match, **kw):

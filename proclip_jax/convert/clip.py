@@ -506,5 +506,10 @@ def convert_openai_clip(src: str, out: str, *, overwrite: bool = False, scan_lay
   sd = read_state_dict(src) if state_dict is None else state_dict
   arch = resolve_arch(src) if arch is None else arch
   config, params, unused = openai_to_clip(sd, act, arch, where=repr(src))
+  if act is None and arch.act == "gelu" and any(k in sd for k in _OPENAI_SCALARS):
+    raise ProclipError(
+        f"{src!r} is one of OpenAI's own checkpoints (it carries {list(_OPENAI_SCALARS)}), "
+        f"which use QuickGELU, but {arch.source} is an open_clip model with exact GELU: pass "
+        "the preset's '-quickgelu' name (e.g. ViT-B-16-quickgelu), or --act to choose.")
   return _save(out, config, params, unused, family="openai-clip", src=src, overwrite=overwrite,
                scan_layers=scan_layers)

@@ -17,7 +17,8 @@ Anything else is refused with the fix in the message. A preset's sizes are check
 the shapes, so the wrong preset is an error, not a silent drift. :data:`OPEN_CLIP_MODELS`
 transcribes open_clip's ``model_configs/*.json`` (``head_width`` 64 and ``mlp_ratio`` 4 by
 default; ``quick_gelu`` false unless named ``-quickgelu``: OpenAI's own weights use QuickGELU,
-so they convert with the ``-quickgelu`` name or without a preset).
+so they convert with the ``-quickgelu`` name or without a preset; a GELU preset on a file that
+carries OpenAI's ``input_resolution`` / ``context_length`` / ``vocab_size`` is refused).
 """
 from __future__ import annotations
 
