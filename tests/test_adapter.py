@@ -10,6 +10,7 @@ import torch
 from torch import nn as tnn
 
 from proclip_jax.storage import load_model
+from proclip_jax.convert.openclip_arch import Arch, TowerArch
 from proclip_jax.convert.proclip import (adapter_config_from_state_dict, convert_adapter,
                                          convert_proclip)
 from proclip_jax.errors import ProclipError
@@ -172,7 +173,7 @@ def test_convert_full_checkpoint_with_image_tower(rng, tmp_path):
   t = rng.normal(size=(2, 16)).astype(np.float32)
   for scan in (False, True):
     out = os.path.join(tmp_path, f"out{scan}")
-    convert_proclip(path, out, scan_layers=scan)
+    convert_proclip(path, out, scan_layers=scan, arch=Arch(vision=TowerArch(heads=1)))
     meta, params = load_model(out, kind="proclip")
     cfg = ProCLIPConfig.from_dict(meta["config"])
     assert cfg.vision.scan_layers == scan and cfg.vision.layers == 2

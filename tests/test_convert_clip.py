@@ -6,6 +6,7 @@ saved with ``save_pretrained`` and converted by the production path
 same weights by a mapping written here (q/k/v fused into ``in_proj``), independently of the
 converter's tables.
 """
+import json
 import os
 import pickle
 import subprocess
@@ -22,8 +23,10 @@ from transformers import (CLIPConfig as HFCLIPConfig, CLIPModel, CLIPTextModelWi
 
 from proclip_jax.convert.api import convert, summary
 from proclip_jax.convert.clip import clip_to_openai, convert_openai_visual, hf_to_clip
+from proclip_jax.convert.openclip_arch import Arch, TowerArch
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIP, load_clip
+from tests.torch_openai_clip import features, make_openai_clip
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOL = 1e-5
@@ -252,7 +255,8 @@ def test_openai_state_dict_parity_and_export(openai_clip):
   save_file({k: v.numpy() for k, v in sd.items()}, st)
   texts = ["a photo of a cat", "Ein Foto von einem Hund 🐶", "a diagram " * 40, "&amp; x"]
   for src in (pt, st):
-    clip = load_clip(convert(src, str(tmp / (os.path.basename(src) + ".out"))))
+    clip = load_clip(convert(src, str(tmp / (os.path.basename(src) + ".out")), vision_heads=2,
+                             text_heads=1))
     assert clip.config.vision.heads == 2 and clip.config.text.heads == 1
     ids = clip.tokenize(texts)
     assert ids.shape == (4, 77) and ids.dtype == np.int32
@@ -263,13 +267,14 @@ def test_openai_state_dict_parity_and_export(openai_clip):
     np.testing.assert_array_equal(back[k], v.numpy().reshape(back[k].shape), err_msg=k)
   # The image tower alone, as ProCLIP / LLM2CLIP checkpoints embed it.
   np_sd = {k: v.numpy() for k, v in sd.items()}
-  vcfg, vparams = convert_openai_visual(np_sd, "visual.", scan_layers=True)
+  vcfg, vparams = convert_openai_visual(np_sd, "visual.", scan_layers=True,
+                                        arch=Arch(vision=TowerArch(heads=2)))
   assert vcfg == clip.config.vision.__class__(**{**clip.config.vision.to_dict(),
                                                   "scan_layers": True})
   assert vparams["transformer"]["blocks"]["attn"]["query"]["kernel"].shape == (2, 128, 2, 64)
   bad = dict(np_sd, **{"visual.extra_head.weight": np.zeros(3, np.float32)})
   with pytest.raises(ProclipError, match="visual.extra_head.weight"):
-    convert_openai_visual(bad, "visual.")
+    convert_openai_visual(bad, "visual.", arch=Arch(vision=TowerArch(heads=2)))
 
 
 # ------------------------------------------------------------------------ bad inputs
@@ -364,3 +369,226 @@ def test_cli(hf_clip, tmp_path, capsys):
   assert proc.returncode == 2, proc.stderr
   assert "Cannot tell what" in proc.stderr and "Traceback" not in proc.stderr
   assert not os.path.exists(tmp_path / "o")
+
+
+# ------------------------------------------------- TorchScript archives (OpenAI's .pt files)
+
+OPENAI_DIMS = dict(image=30, patch=6, vision_width=128, vision_layers=2, vision_heads=2,
+                   text_width=64, text_layers=2, text_heads=1, context=16, vocab=99, embed=24)
+
+
+def _openai_inputs(seed=0, vocab=99, context=16):
+  rng = np.random.default_rng(seed)
+  pixels = rng.normal(size=(3, 30, 30, 3)).astype(np.float32)
+  ids = rng.integers(1, vocab - 9, size=(4, context))
+  ids[np.arange(4), [3, 7, context - 1, 9]] = vocab - 1  # pooled at argmax(ids)
+  return pixels, ids
+
+
+def _check_features(out, model, pixels, ids, what):
+  clip = load_clip(out)
+  img, txt = features(model, pixels, ids)
+  errs = (np.abs(clip.encode_image(pixels) - img).max(), np.abs(clip.encode_text(ids) - txt).max())
+  print(f"{what}: max abs err image {errs[0]:.2e} text {errs[1]:.2e}")
+  assert max(errs) <= TOL
+  return clip
+
+
+def test_torchscript_archive(tmp_path):
+  """A traced OpenAI-layout CLIP saved with torch.jit.save, as OpenAI released ViT-B-16.pt."""
+  model = make_openai_clip(seed=7, **OPENAI_DIMS)
+  pixels, ids = _openai_inputs()
+  traced = torch.jit.trace(model, (torch.tensor(pixels.transpose(0, 3, 1, 2)), torch.tensor(ids)))
+  archive = str(tmp_path / "ViT-tiny.pt")
+  torch.jit.save(traced, archive)
+  with pytest.raises(Exception):  # what made the old reader fail
+    torch.load(archive, weights_only=True)
+  msg = _expect_error(archive, str(tmp_path / "refused"), "--vision-heads")
+  assert "head count of the vision tower" in msg
+  ts = _check_features(convert(archive, str(tmp_path / "ts"), vision_heads=2, text_heads=1),
+                       model, pixels, ids, "TorchScript archive")
+  plain = str(tmp_path / "plain.pt")
+  torch.save(model.state_dict(), plain)
+  sd_clip = load_clip(convert(plain, str(tmp_path / "sd"), vision_heads=2, text_heads=1))
+  for a, b in zip(jax.tree.leaves(ts.params), jax.tree.leaves(sd_clip.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # float16 storages, as OpenAI's archives hold them.
+  half = torch.jit.trace(make_openai_clip(seed=7, **OPENAI_DIMS).half(),
+                         (torch.tensor(pixels.transpose(0, 3, 1, 2)).half(), torch.tensor(ids)),
+                         check_trace=False)
+  torch.jit.save(half, str(tmp_path / "half.pt"))
+  from proclip_jax.convert.common import read_state_dict  # pylint: disable=import-outside-toplevel
+  got = read_state_dict(str(tmp_path / "half.pt"))
+  want = half.state_dict()
+  assert sorted(got) == sorted(want)
+  for k, v in want.items():
+    assert got[k].dtype == v.numpy().dtype, k
+    np.testing.assert_array_equal(got[k], v.numpy(), err_msg=k)
+
+
+def _torchscript_zip(path, data_pkl):
+  """A zip shaped as a TorchScript archive with the given data.pkl (and code/ that would run)."""
+  import zipfile  # pylint: disable=import-outside-toplevel
+  with zipfile.ZipFile(path, "w") as z:
+    z.writestr("evil/data.pkl", data_pkl)
+    z.writestr("evil/code/__torch__.py", "import os\nos.system('touch /tmp/never')\n")
+    z.writestr("evil/constants.pkl", pickle.dumps(()))
+    z.writestr("evil/version", "3\n")
+  return path
+
+
+class _CallsScriptClass:
+  """Pickles as ``__torch__.Evil(...)``: a REDUCE on a TorchScript class (not NEWOBJ)."""
+
+  def __reduce__(self):
+    import importlib  # pylint: disable=import-outside-toplevel
+    return (importlib.import_module, ("os",))
+
+
+def test_torchscript_archive_that_runs_code_is_refused(tmp_path):
+  marker = tmp_path / "pwned"
+  cases = {
+      "system": pickle.dumps({"visual.conv1.weight": _RunsCode(str(marker))}, protocol=2),
+      "import": pickle.dumps({"x": _CallsScriptClass()}, protocol=2),
+      # A __torch__ class called with arguments (REDUCE) instead of rebuilt (NEWOBJ).
+      "script_call": b"\x80\x02c__torch__\nM\nq\x00X\x05\x00\x00\x00touchq\x01\x85q\x02Rq\x03.",
+  }
+  for name, payload in cases.items():
+    src = _torchscript_zip(str(tmp_path / f"{name}.pt"), payload)
+    msg = _expect_error(src, str(tmp_path / f"out_{name}"), "TorchScript archive")
+    assert "code/ is never run" in msg, msg
+  assert not marker.exists() and not os.path.exists("/tmp/never")
+
+
+# ----------------------------------------------------------------- head counts (issue #23)
+
+def _head_width_model(tmp_path, name, **dims):
+  model = make_openai_clip(seed=11, **{**OPENAI_DIMS, **dims})
+  src = str(tmp_path / name / "model.safetensors")
+  os.makedirs(os.path.dirname(src))
+  save_file({k: v.contiguous().numpy() for k, v in model.state_dict().items()}, src)
+  return model, src
+
+
+def test_two_head_model_needs_its_head_count(tmp_path):
+  """Width 64 with 2 heads of 32: width // 64 would make it 1 head and drift silently."""
+  model, src = _head_width_model(tmp_path, "two", vision_width=64, vision_heads=2,
+                                 text_width=64, text_heads=2)
+  msg = _expect_error(src, str(tmp_path / "o1"), "Cannot tell the attention head count")
+  assert "--vision-heads N" in msg and "--preset" in msg
+  with pytest.raises(ProclipError, match="text tower"):
+    convert(src, str(tmp_path / "o2"), vision_heads=2)
+  pixels, ids = _openai_inputs(1)
+  clip = _check_features(convert(src, str(tmp_path / "ok"), vision_heads=2, text_heads=2),
+                         model, pixels, ids, "2-head tiny model")
+  assert clip.config.vision.heads == 2 and clip.config.text.heads == 2
+  # With the wrong count the model loads but computes something else: why it is refused.
+  wrong = load_clip(convert(src, str(tmp_path / "wrong"), vision_heads=1, text_heads=1))
+  assert np.abs(wrong.encode_image(pixels) - clip.encode_image(pixels)).max() > 1e-3
+
+
+def test_head_width_80_from_open_clip_config(tmp_path):
+  """Heads 80 wide (as open_clip's ViT-H/14): from open_clip_config.json or a preset JSON."""
+  model, src = _head_width_model(tmp_path, "h80", vision_width=160, vision_heads=2,
+                                 vision_layers=2)
+  _expect_error(src, str(tmp_path / "o1"), "Cannot tell the attention head count")
+  cfg = {"model_cfg": {"embed_dim": 24, "quick_gelu": True,
+                       "vision_cfg": {"image_size": 30, "layers": 2, "width": 160,
+                                      "head_width": 80, "patch_size": 6},
+                       "text_cfg": {"context_length": 16, "vocab_size": 99, "width": 64,
+                                    "heads": 1, "layers": 2}}}
+  preset = str(tmp_path / "tiny-h.json")
+  with open(preset, "w") as f:
+    json.dump(cfg["model_cfg"], f)
+  pixels, ids = _openai_inputs(2)
+  clip = _check_features(convert(src, str(tmp_path / "preset"), preset=preset), model, pixels,
+                         ids, "head width 80 (--preset JSON)")
+  assert clip.config.vision.heads == 2 and clip.config.vision.act == "quick_gelu"
+  with open(os.path.join(os.path.dirname(src), "open_clip_config.json"), "w") as f:
+    json.dump(cfg, f)
+  _check_features(convert(src, str(tmp_path / "beside")), model, pixels, ids,
+                  "head width 80 (open_clip_config.json)")
+  msg = _expect_error_with(src, str(tmp_path / "o2"), "does not match preset 'ViT-H-14'",
+                           preset="ViT-H-14")
+  assert "width 160 (expected 1280)" in msg
+  # OpenAI's own files (they carry input_resolution etc.) use QuickGELU: an open_clip GELU
+  # preset is refused unless --act says so.
+  with open(preset, "w") as f:
+    json.dump({**cfg["model_cfg"], "quick_gelu": False}, f)
+  _expect_error_with(src, str(tmp_path / "o3"), "QuickGELU", preset=preset)
+
+
+def _expect_error_with(src, out, match, **kw):
+  with pytest.raises(ProclipError, match=match) as e:
+    convert(src, out, **kw)
+  assert not os.path.exists(out)
+  return str(e.value)
+
+
+def test_head_count_rules_at_real_sizes():
+  """The rules on the shapes of real models (no weights needed): OpenAI's sizes are known,
+  open_clip's ViT-H/g/bigG image towers are refused with their preset named, and the preset
+  gives 16 heads of 80 / 88 / 104."""
+  from proclip_jax.convert.openclip_arch import (OPEN_CLIP_MODELS, arch_from_open_clip,  # pylint: disable=import-outside-toplevel
+                                                 tower_heads)
+  b16 = TowerArch(width=768, layers=12, patch_size=16, image_size=224, mlp_dim=3072)
+  assert tower_heads("vision", Arch(), b16, "B/16") == 12
+  assert tower_heads("text", Arch(), TowerArch(width=768, layers=12), "L/14 text") == 12
+  for name, width, layers, mlp in (("ViT-H-14", 1280, 32, 5120), ("ViT-g-14", 1408, 40, 6144),
+                                   ("ViT-bigG-14", 1664, 48, 8192)):
+    shapes = TowerArch(width=width, layers=layers, patch_size=14, image_size=224, mlp_dim=mlp)
+    with pytest.raises(ProclipError, match=f"--preset {name}"):
+      tower_heads("vision", Arch(), shapes, name)
+    arch = arch_from_open_clip(OPEN_CLIP_MODELS[name], name)
+    assert tower_heads("vision", arch, shapes, name) == 16
+    assert arch.act == "gelu"
+  with pytest.raises(ProclipError, match="not a multiple of 64"):
+    tower_heads("vision", Arch(), TowerArch(width=96, layers=2, patch_size=4, image_size=8), "x")
+  assert arch_from_open_clip(OPEN_CLIP_MODELS["ViT-B/16"], "b").act == "quick_gelu"
+
+
+# ------------------------------------------------------ release files as saved (issue #23)
+
+def test_training_checkpoint_files(tmp_path):
+  """open_clip's epoch_N.pt (DDP "module." keys, optimizer state) and DeepSpeed's model states
+  convert as saved: the optimizer is ignored, every weight consumed."""
+  model = make_openai_clip(seed=13, **OPENAI_DIMS)
+  sd = model.state_dict()
+  moments = {i: {"step": torch.tensor(7.0), "exp_avg": torch.randn(v.shape),
+                 "exp_avg_sq": torch.rand(v.shape)} for i, v in enumerate(sd.values())}
+  epoch = str(tmp_path / "epoch_3.pt")
+  torch.save({"epoch": 3, "name": "run-1", "state_dict": {"module." + k: v for k, v in sd.items()},
+              "optimizer": {"state": moments, "param_groups": [{"lr": 1e-4, "params": [0]}]}},
+             epoch)
+  deepspeed = str(tmp_path / "mp_rank_00_model_states.pt")
+  torch.save({"module": dict(sd), "optimizer": None, "global_steps": 5, "ds_version": "0.14.0",
+              "buffer_names": ["input_resolution"], "dp_world_size": 8}, deepspeed)
+  pixels, ids = _openai_inputs(3)
+  for src in (epoch, deepspeed):
+    out = convert(src, str(tmp_path / (os.path.basename(src) + ".out")), vision_heads=2,
+                  text_heads=1)
+    _check_features(out, model, pixels, ids, os.path.basename(src))
+  # Tensors outside the weights and the training state are not dropped silently.
+  other = str(tmp_path / "other.pt")
+  torch.save({"state_dict": dict(sd), "ema": {"visual.proj": torch.zeros(2)}}, other)
+  _expect_error(other, str(tmp_path / "o_other"), "Cannot tell what")
+
+
+def test_non_finite_and_integer_weights_are_refused(tmp_path):
+  model = make_openai_clip(seed=17, **OPENAI_DIMS)
+  sd = {k: v.contiguous().numpy().copy() for k, v in model.state_dict().items()}
+  nan = dict(sd)
+  nan["visual.ln_post.weight"] = sd["visual.ln_post.weight"].copy()
+  nan["visual.ln_post.weight"][3] = np.inf
+  path = str(tmp_path / "nan.safetensors")
+  save_file(nan, path)
+  with pytest.raises(ProclipError, match="non-finite") as e:
+    convert(path, str(tmp_path / "o1"), vision_heads=2, text_heads=1)
+  assert "visual/ln_post/scale" in str(e.value) and len(str(e.value).splitlines()) == 1
+  assert not os.path.exists(tmp_path / "o1")
+  ints = dict(sd, text_projection=np.ones(sd["text_projection"].shape, np.int32))
+  path = str(tmp_path / "int.safetensors")
+  save_file(ints, path)
+  with pytest.raises(ProclipError, match="text/text_projection is int32, not floating point"):
+    convert(path, str(tmp_path / "o2"), vision_heads=2, text_heads=1)
+  assert not os.path.exists(tmp_path / "o2")

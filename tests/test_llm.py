@@ -332,3 +332,62 @@ def test_bad_preset_and_existing_output(llama, tmp_path):
   with pytest.raises(ProclipError, match="same shape"):
     emb.embed_tokens(emb.params, np.zeros((2, 5), np.int32), np.ones((2, 6), np.int32),
                      np.ones((2, 5), np.int32))
+
+
+# ------------------------------------------------------ release folders as saved (issue #23)
+
+def test_llm2vec_style_full_folder(tmp_path):
+  """A complete LLM2Vec / LLM2CLIP-style encoder folder: LlamaModel keys without "model.", 4+
+  safetensors shards with an index, a custom architecture name in config.json; converted as
+  it is (no LoRA) through the CLI's entry point, bidirectional mean pooling as transformers."""
+  from transformers import LlamaModel  # pylint: disable=import-outside-toplevel
+  from proclip_jax.convert.api import convert  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(5)
+  hf = LlamaModel(tiny_llama_config()).eval()
+  src = tmp_path / "LLM2CLIP-tiny"
+  hf.save_pretrained(src, max_shard_size="60KB")
+  with open(src / "model.safetensors.index.json") as f:
+    weight_map = json.load(f)["weight_map"]
+  assert len(set(weight_map.values())) >= 4 and not any(k.startswith("model.") for k in weight_map)
+  with open(src / "config.json") as f:
+    cfg = json.load(f)
+  cfg.update(architectures=["LlamaEncoderModel"],
+             auto_map={"AutoModel": "modeling_llama_encoder.LlamaEncoderModel"})
+  with open(src / "config.json", "w") as f:
+    json.dump(cfg, f)
+  write_word_tokenizer(src)
+  emb = E.load_embedder(convert(str(src), str(tmp_path / "out"), preset="llm2clip-llama3"))
+  ids, attn, pool = batch("left", 64, seed=6)
+  got = np.asarray(jax.jit(emb.embed_tokens)(emb.params, ids, attn, pool))
+  want = np_pool(hf_hidden(hf, ids, attn, causal=False), attn, pool, "mean")
+  err = np.abs(got - want).max()
+  print(f"LLM2Vec-style sharded folder: max abs err {err:.2e}")
+  assert err <= TOL
+
+
+def test_lora_for_another_base_model_is_refused(llama, tmp_path):
+  from safetensors.numpy import save_file  # pylint: disable=import-outside-toplevel
+  _, _, src = llama  # hidden size 64
+  adapter = tmp_path / "adapter"
+  adapter.mkdir()
+  with open(adapter / "adapter_config.json", "w") as f:
+    json.dump({"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+               "base_model_name_or_path": "someone/other-llama-32"}, f)
+  pre = "base_model.model.model.layers.0.self_attn.q_proj."
+  save_file({pre + "lora_A.weight": np.ones((2, 32), np.float32),
+             pre + "lora_B.weight": np.ones((32, 2), np.float32)},
+            str(adapter / "adapter_model.safetensors"))
+  with pytest.raises(ProclipError, match="made for another base model") as e:
+    convert_embedder(src, tmp_path / "out", lora=adapter)
+  msg = str(e.value)
+  assert "someone/other-llama-32" in msg and "(32, 32)" in msg and "(64, 64)" in msg
+  assert len(msg.splitlines()) == 1 and _no_output(tmp_path, "out")
+  # A module the base model does not have: the same diagnosis.
+  os.remove(adapter / "adapter_model.safetensors")
+  save_file({"base_model.model.model.layers.7.self_attn.q_proj.lora_A.weight":
+             np.ones((2, 64), np.float32),
+             "base_model.model.model.layers.7.self_attn.q_proj.lora_B.weight":
+             np.ones((64, 2), np.float32)}, str(adapter / "adapter_model.safetensors"))
+  with pytest.raises(ProclipError, match="made for another base model"):
+    convert_embedder(src, tmp_path / "out", lora=adapter)
+  assert _no_output(tmp_path, "out")

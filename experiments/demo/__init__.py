@@ -235,7 +235,8 @@ def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
   sd_path = os.path.join(workdir, "clip_openai.safetensors")
   save_file(clip_to_openai(params, config), sd_path + ".tmp")
   os.replace(sd_path + ".tmp", sd_path)
-  convert_api.convert(sd_path, out, overwrite=True)
+  convert_api.convert(sd_path, out, overwrite=True, vision_heads=config.vision.heads,
+                      text_heads=config.text.heads)
   with open(os.path.join(workdir, "clip_metrics.jsonl"), "w") as f:
     for row in history:
       f.write(json.dumps(row) + "\n")

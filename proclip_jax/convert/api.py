@@ -24,6 +24,7 @@ from safetensors import safe_open
 from proclip_jax.convert.clip import convert_hf_clip, convert_openai_clip
 from proclip_jax.convert.common import read_json, read_state_dict
 from proclip_jax.convert.llm import convert_embedder
+from proclip_jax.convert.openclip_arch import resolve_arch
 from proclip_jax.convert.proclip import convert_proclip
 from proclip_jax.errors import ProclipError
 from proclip_jax.storage import load_model, read_model_json
@@ -35,7 +36,8 @@ SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
     "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
-    ".safetensors with visual.* and token_embedding.weight keys); a ProCLIP checkpoint "
+    ".safetensors with visual.* and token_embedding.weight keys, or OpenAI's TorchScript "
+    "archive); a ProCLIP checkpoint "
     "(keys text.text_adaptor.*).")
 
 
@@ -92,38 +94,51 @@ def detect(src: str) -> tuple[str, Mapping | None]:
 
 
 def convert(src: str, out: str, *, lora: str | None = None, preset: str | None = None,
-            overwrite: bool = False, scan_layers: bool = False, act: str | None = None) -> str:
+            overwrite: bool = False, scan_layers: bool = False, act: str | None = None,
+            vision_heads: int | None = None, text_heads: int | None = None) -> str:
   """Converts ``src`` into the folder ``out`` (Orbax params + model.json); returns ``out``.
 
   Args:
     src: Hugging Face folder or checkpoint file (see the module docstring).
     out: output folder; must not exist unless ``overwrite``.
     lora: PEFT adapter folder merged into an LLM embedder (embedders only).
-    preset: embedder preset name (pooling / prompt conventions; embedders only).
+    preset: embedder preset name (pooling / prompt conventions) for an embedder; for an
+      OpenAI-layout CLIP or ProCLIP checkpoint an open_clip model name (``ViT-H-14``) or
+      model config JSON giving the head counts (:mod:`proclip_jax.convert.openclip_arch`).
     overwrite: replace an existing ``out``.
     scan_layers: store CLIP towers in the stacked (``nn.scan``) layout.
-    act: activation of an OpenAI-layout CLIP ("quick_gelu" default, "gelu" for open_clip
-      models trained without QuickGELU).
+    act: activation of an OpenAI-layout CLIP (default: the preset's, else "quick_gelu";
+      "gelu" for open_clip models trained without QuickGELU).
+    vision_heads, text_heads: attention head counts of an OpenAI-layout CLIP's towers, when
+      neither a preset nor the standard OpenAI sizes give them.
   """
   src, out = os.fspath(src), os.fspath(out)
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   family, sd = detect(src)
-  if family in ("hf-clip", "openai-clip", "proclip"):
-    for name, value in (("--lora", lora), ("--preset", preset)):
-      if value is not None:
-        raise ProclipError(f"{name} applies to LLM / sentence embedders, not to a {family} "
-                           f"checkpoint ({src!r}).")
-  if act is not None and family != "openai-clip":
+  if lora is not None and family != "embedder":
+    raise ProclipError(f"--lora applies to LLM / sentence embedders, not to a {family} "
+                       f"checkpoint ({src!r}).")
+  if family == "hf-clip" and preset is not None:
+    raise ProclipError(f"--preset does not apply to a Hugging Face CLIP folder ({src!r}): its "
+                       "config.json gives the architecture.")
+  heads = {"--vision-heads": vision_heads, "--text-heads": text_heads}
+  for name, value in heads.items():
+    if value is not None and family not in ("openai-clip", "proclip"):
+      raise ProclipError(f"{name} applies to OpenAI-layout CLIP / ProCLIP state dicts, not to "
+                         f"{family} ({src!r}), whose config.json gives the head counts.")
+  if act is not None and family not in ("openai-clip", "proclip"):
     raise ProclipError(f"--act applies to OpenAI-layout CLIP state dicts, not to {family}.")
   if family == "hf-clip":
     return convert_hf_clip(src, out, overwrite=overwrite, scan_layers=scan_layers)
-  if family == "openai-clip":
-    return convert_openai_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
-                               act=act or "quick_gelu", state_dict=sd)
   if family == "embedder":
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)
-  return convert_proclip(src, out, overwrite=overwrite)
+  arch = resolve_arch(src, preset, vision_heads, text_heads)
+  if family == "openai-clip":
+    return convert_openai_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
+                               act=act, state_dict=sd, arch=arch)
+  return convert_proclip(src, out, overwrite=overwrite, act=act, scan_layers=scan_layers,
+                         arch=arch)
 
 
 def summary(out: str) -> str:

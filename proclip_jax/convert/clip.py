@@ -7,14 +7,16 @@ Sources:
   or ``pytorch_model.bin``; the architecture comes from ``config.json``.
 * OpenAI / open_clip state dicts (``visual.conv1.weight``, ``visual.transformer.resblocks.N.
   attn.in_proj_weight``, ..., ``token_embedding.weight``, ``text_projection``,
-  ``logit_scale``) in .pt / .bin / .safetensors, possibly wrapped in ``state_dict``; the
-  architecture is inferred from tensor shapes (heads = width // 64, as OpenAI's models).
+  ``logit_scale``) in .pt / .bin / .safetensors or OpenAI's TorchScript archives, possibly
+  wrapped in ``state_dict``; the architecture is inferred from tensor shapes, the head count from a preset / open_clip
+  config / explicit counts (:mod:`proclip_jax.convert.openclip_arch`).
 
 Each tower is converted with a rename table: ``(source key, hook)`` rows, where the hook
 turns the source tensor into ``{flax path: array}`` (transposes, q/k/v splits, head
-reshapes). Every source tensor must be consumed; the result is checked against
-``jax.eval_shape`` of the model (:func:`proclip_jax.tree.check_tree`) before
-anything is written. :func:`clip_to_openai` goes back to an OpenAI-layout state dict.
+reshapes) and back (``hook.inverse``). Every source tensor must be consumed; the result is
+checked against ``jax.eval_shape`` of the model (:func:`proclip_jax.tree.check_tree`)
+and for non-finite values before anything is written. :func:`invert_table` runs a table
+backwards: :func:`clip_to_openai` and :mod:`proclip_jax.convert.export` use it.
 
 The image-tower functions with a ``prefix`` (:func:`openai_visual_config`,
 :func:`convert_openai_visual`, :func:`visual_to_openai`) serve checkpoints that embed an
@@ -32,7 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proclip_jax.convert.common import conv_oihw_to_hwio, linear, read_json, read_state_dict
+from proclip_jax.convert.common import (check_weights, conv_oihw_to_hwio, linear, read_json,
+                                        read_state_dict)
+from proclip_jax.convert.openclip_arch import Arch, TowerArch, resolve_arch, tower_heads
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIPConfig, abstract_params
 from proclip_jax.models.clip_text import TextConfig
@@ -53,13 +57,31 @@ DEFAULT_LOGIT_SCALE = math.log(1 / 0.07)
 
 # ------------------------------------------------------------------------------- hooks
 
+class _Hook:
+  """One rename rule in both directions: ``hook(source tensor) -> {flax path: array}`` and
+  ``hook.inverse({flax path: array}) -> source tensor`` (the export to PyTorch layouts)."""
+
+  def __init__(self, dsts, fwd, inv):
+    self.dsts, self._fwd, self._inv = tuple(dsts), fwd, inv
+
+  def __call__(self, x: np.ndarray) -> dict:
+    return dict(zip(self.dsts, self._fwd(x)))
+
+  def inverse(self, flat: Mapping[str, np.ndarray]) -> np.ndarray:
+    return self._inv(*[np.asarray(flat[d]) for d in self.dsts])
+
+
+def _ident(x):
+  return x
+
+
 def _reshape_if(x: np.ndarray, shape) -> np.ndarray:
   """``x.reshape(shape)`` when sizes agree; otherwise ``x`` unchanged (check_tree reports it)."""
   return x.reshape(shape) if x.size == math.prod(shape) else x
 
 
-def _to(dst: str, fn=lambda x: x) -> Hook:
-  return lambda x: {dst: fn(x)}
+def _to(dst: str, fn=_ident, inv=_ident) -> Hook:
+  return _Hook([dst], lambda x: [fn(x)], inv)
 
 
 def _ln(dst: str, src: str) -> Table:
@@ -67,31 +89,48 @@ def _ln(dst: str, src: str) -> Table:
 
 
 def _dense(dst: str, src: str) -> Table:
-  return [(src + ".weight", _to(dst + "/kernel", linear)), (src + ".bias", _to(dst + "/bias"))]
+  return [(src + ".weight", _to(dst + "/kernel", linear, linear)),
+          (src + ".bias", _to(dst + "/bias"))]
+
+
+def _scalar(dst: str) -> Hook:
+  return _to(dst, lambda x: np.reshape(x, ()), lambda x: np.reshape(x, ()))
+
+
+def _conv_hwio_to_oihw(w: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(np.transpose(w, (3, 2, 0, 1)))
+
+
+def _conv(dst: str) -> Hook:
+  return _to(dst, conv_oihw_to_hwio, _conv_hwio_to_oihw)
 
 
 def _qkv_kernel(dst: str, width: int, heads: int) -> Hook:
-  return _to(dst + "/kernel", lambda w: _reshape_if(linear(w), (width, heads, width // heads)))
+  return _to(dst + "/kernel", lambda w: _reshape_if(linear(w), (width, heads, width // heads)),
+             lambda k: linear(k.reshape(k.shape[0], -1)))
 
 
 def _qkv_bias(dst: str, width: int, heads: int) -> Hook:
-  return _to(dst + "/bias", lambda b: _reshape_if(b, (heads, width // heads)))
+  return _to(dst + "/bias", lambda b: _reshape_if(b, (heads, width // heads)),
+             lambda b: b.reshape(-1))
 
 
 def _out_kernel(dst: str, width: int, heads: int) -> Hook:
-  return _to(dst + "/kernel", lambda w: _reshape_if(linear(w), (heads, width // heads, width)))
+  return _to(dst + "/kernel", lambda w: _reshape_if(linear(w), (heads, width // heads, width)),
+             lambda k: linear(k.reshape(-1, k.shape[-1])))
 
 
 def _fused(dst: str, width: int, heads: int, kind: str) -> Hook:
   """OpenAI's ``in_proj_weight [3w, w]`` / ``in_proj_bias [3w]`` -> query, key, value."""
-  def hook(x):
-    parts = np.split(x, 3, axis=0) if x.shape[0] % 3 == 0 else [x, x, x]
-    make = _qkv_kernel if kind == "kernel" else _qkv_bias
-    out = {}
-    for name, part in zip(("query", "key", "value"), parts):
-      out.update(make(f"{dst}/attn/{name}", width, heads)(part))
-    return out
-  return hook
+  make = _qkv_kernel if kind == "kernel" else _qkv_bias
+  parts = [make(f"{dst}/attn/{name}", width, heads) for name in ("query", "key", "value")]
+
+  def fwd(x):
+    xs = np.split(x, 3, axis=0) if x.shape[0] % 3 == 0 else [x, x, x]
+    return [p(part)[p.dsts[0]] for p, part in zip(parts, xs)]
+
+  return _Hook([p.dsts[0] for p in parts], fwd,
+               lambda *qkv: np.concatenate([p._inv(x) for p, x in zip(parts, qkv)], 0))  # pylint: disable=protected-access
 
 
 def _block_table(dst: str, src: str, width: int, heads: int, layout: str) -> Table:
@@ -116,7 +155,7 @@ def _block_table(dst: str, src: str, width: int, heads: int, layout: str) -> Tab
 
 def hf_vision_table(cfg: VisionConfig, prefix: str, proj_key: str | None, dst: str = "visual") -> Table:
   """Hugging Face ``CLIPVisionTransformer`` keys under ``prefix`` -> ``dst/...``."""
-  t = [(prefix + "embeddings.patch_embedding.weight", _to(dst + "/conv1/kernel", conv_oihw_to_hwio)),
+  t = [(prefix + "embeddings.patch_embedding.weight", _conv(dst + "/conv1/kernel")),
        (prefix + "embeddings.class_embedding", _to(dst + "/class_embedding")),
        (prefix + "embeddings.position_embedding.weight", _to(dst + "/positional_embedding"))]
   t += _ln(dst + "/ln_pre", prefix + "pre_layrnorm")
@@ -125,7 +164,7 @@ def hf_vision_table(cfg: VisionConfig, prefix: str, proj_key: str | None, dst: s
                       cfg.width, cfg.heads, "hf")
   t += _ln(dst + "/ln_post", prefix + "post_layernorm")
   if proj_key is not None:
-    t.append((proj_key, _to(dst + "/proj", linear)))
+    t.append((proj_key, _to(dst + "/proj", linear, linear)))
   return t
 
 
@@ -138,13 +177,13 @@ def hf_text_table(cfg: TextConfig, prefix: str, proj_key: str | None, dst: str =
                       cfg.width, cfg.heads, "hf")
   t += _ln(dst + "/ln_final", prefix + "final_layer_norm")
   if proj_key is not None:
-    t.append((proj_key, _to(dst + "/text_projection", linear)))
+    t.append((proj_key, _to(dst + "/text_projection", linear, linear)))
   return t
 
 
 def openai_vision_table(cfg: VisionConfig, prefix: str = "visual.", dst: str = "visual") -> Table:
   """OpenAI / open_clip ``visual.*`` keys -> ``dst/...`` (``proj`` is already [in, out])."""
-  t = [(prefix + "conv1.weight", _to(dst + "/conv1/kernel", conv_oihw_to_hwio)),
+  t = [(prefix + "conv1.weight", _conv(dst + "/conv1/kernel")),
        (prefix + "class_embedding", _to(dst + "/class_embedding")),
        (prefix + "positional_embedding", _to(dst + "/positional_embedding"))]
   t += _ln(dst + "/ln_pre", prefix + "ln_pre")
@@ -201,8 +240,15 @@ def _need(sd: Mapping, keys: Iterable[str], what: str) -> None:
 
 
 def openai_visual_config(sd: Mapping[str, np.ndarray], prefix: str = "visual.",
-                         act: str = "quick_gelu") -> VisionConfig:
-  """Infers an OpenAI image tower's :class:`VisionConfig` from tensor shapes under ``prefix``."""
+                         act: str | None = None, arch: Arch | None = None,
+                         where: str = "the checkpoint") -> VisionConfig:
+  """Infers an OpenAI image tower's :class:`VisionConfig` from tensor shapes under ``prefix``.
+
+  The head count (and, without ``act``, the activation) comes from ``arch``
+  (:func:`proclip_jax.convert.openclip_arch.resolve_arch`); without one only the standard
+  OpenAI sizes convert. ``act`` None: ``arch``'s activation, else QuickGELU.
+  """
+  arch = arch or Arch()
   if prefix + "layer1.0.conv1.weight" in sd or prefix + "attnpool.positional_embedding" in sd:
     raise ProclipError("This checkpoint holds a modified-ResNet CLIP image tower (RN50 etc.); "
                        "only ViT towers are supported.")
@@ -218,25 +264,37 @@ def openai_visual_config(sd: Mapping[str, np.ndarray], prefix: str = "visual.",
   width, patch = int(conv[0]), int(conv[2])
   mlp = int(np.shape(sd[prefix + "transformer.resblocks.0.mlp.c_fc.weight"])[0])
   proj = sd.get(prefix + "proj")
+  layers = _layer_count(sd, prefix + "transformer.resblocks.")
+  embed = None if proj is None else int(np.shape(proj)[-1])
+  heads = tower_heads("vision", arch, TowerArch(
+      width=width, layers=layers, mlp_dim=mlp, patch_size=patch, image_size=grid * patch,
+      embed_dim=embed), where)
   return VisionConfig(
-      image_size=grid * patch, patch_size=patch, width=width,
-      layers=_layer_count(sd, prefix + "transformer.resblocks."), heads=max(width // 64, 1),
-      mlp_dim=None if mlp == 4 * width else mlp,
-      embed_dim=None if proj is None else int(np.shape(proj)[-1]), act=act)
+      image_size=grid * patch, patch_size=patch, width=width, layers=layers, heads=heads,
+      mlp_dim=None if mlp == 4 * width else mlp, embed_dim=embed,
+      act=act or arch.act or "quick_gelu")
 
 
-def openai_text_config(sd: Mapping[str, np.ndarray], act: str = "quick_gelu") -> TextConfig:
-  """Infers an OpenAI text tower's :class:`TextConfig` from tensor shapes."""
+def openai_text_config(sd: Mapping[str, np.ndarray], act: str | None = None,
+                       arch: Arch | None = None, where: str = "the checkpoint") -> TextConfig:
+  """Infers an OpenAI text tower's :class:`TextConfig` from tensor shapes (heads: as
+  :func:`openai_visual_config`)."""
+  arch = arch or Arch()
   _need(sd, ["token_embedding.weight", "positional_embedding",
              "transformer.resblocks.0.mlp.c_fc.weight"], "text tower")
   vocab, width = (int(s) for s in np.shape(sd["token_embedding.weight"]))
   mlp = int(np.shape(sd["transformer.resblocks.0.mlp.c_fc.weight"])[0])
   proj = sd.get("text_projection")
+  layers = _layer_count(sd, "transformer.resblocks.")
+  context = int(np.shape(sd["positional_embedding"])[0])
+  embed = None if proj is None else int(np.shape(proj)[-1])
+  heads = tower_heads("text", arch, TowerArch(
+      width=width, layers=layers, mlp_dim=mlp, context_length=context, vocab_size=vocab,
+      embed_dim=embed), where)
   return TextConfig(
-      vocab_size=vocab, context_length=int(np.shape(sd["positional_embedding"])[0]),
-      width=width, layers=_layer_count(sd, "transformer.resblocks."), heads=max(width // 64, 1),
-      mlp_dim=None if mlp == 4 * width else mlp,
-      embed_dim=None if proj is None else int(np.shape(proj)[-1]), act=act, eos_token_id=None)
+      vocab_size=vocab, context_length=context, width=width, layers=layers, heads=heads,
+      mlp_dim=None if mlp == 4 * width else mlp, embed_dim=embed,
+      act=act or arch.act or "quick_gelu", eos_token_id=None)
 
 
 def _hf_act(name: str, where: str) -> str:
@@ -294,7 +352,7 @@ def hf_to_clip(sd: Mapping[str, np.ndarray], hf_config: Mapping) -> tuple[CLIPCo
     text = hf_text_config(hf_config.get("text_config") or {}, e)
     table += hf_vision_table(vision, "vision_model.", "visual_projection.weight")
     table += hf_text_table(text, "text_model.", "text_projection.weight")
-    table.append(("logit_scale", _to("logit_scale", lambda x: np.reshape(x, ()))))
+    table.append(("logit_scale", _scalar("logit_scale")))
     vp, tp = "vision_model.", "text_model."
   elif mtype == "clip_vision_model":
     vp = "vision_model." if any(k.startswith("vision_model.") for k in sd) else ""
@@ -324,14 +382,17 @@ def hf_to_clip(sd: Mapping[str, np.ndarray], hf_config: Mapping) -> tuple[CLIPCo
   return config, unflatten(flat), unused
 
 
-def openai_to_clip(sd: Mapping[str, np.ndarray], act: str = "quick_gelu") -> tuple[CLIPConfig, dict, list]:
-  """OpenAI / open_clip state dict -> ``(config, params, unused source keys)``."""
-  vision = openai_visual_config(sd, "visual.", act)
-  text = openai_text_config(sd, act) if "token_embedding.weight" in sd else None
+def openai_to_clip(sd: Mapping[str, np.ndarray], act: str | None = None,
+                   arch: Arch | None = None, where: str = "the checkpoint"
+                   ) -> tuple[CLIPConfig, dict, list]:
+  """OpenAI / open_clip state dict -> ``(config, params, unused source keys)``; head counts
+  and activation as :func:`openai_visual_config`."""
+  vision = openai_visual_config(sd, "visual.", act, arch, where)
+  text = openai_text_config(sd, act, arch, where) if "token_embedding.weight" in sd else None
   table = openai_vision_table(vision)
   if text is not None:
     table += openai_text_table(text)
-  table.append(("logit_scale", _to("logit_scale", lambda x: np.reshape(x, ()))))
+  table.append(("logit_scale", _scalar("logit_scale")))
   config = CLIPConfig(vision=vision, text=text)
   flat, used = apply_table(sd, table)
   if "logit_scale" not in flat:
@@ -341,15 +402,15 @@ def openai_to_clip(sd: Mapping[str, np.ndarray], act: str = "quick_gelu") -> tup
 
 
 def convert_openai_visual(sd: Mapping[str, np.ndarray], prefix: str = "visual.",
-                          act: str = "quick_gelu", scan_layers: bool = False
-                          ) -> tuple[VisionConfig, dict]:
+                          act: str | None = None, scan_layers: bool = False,
+                          arch: Arch | None = None) -> tuple[VisionConfig, dict]:
   """Converts and checks only the OpenAI-layout image tower under ``prefix``.
 
   Keys outside ``prefix`` are left to the caller; keys under it that no rule consumes are
   reported as unexpected. Returns ``(VisionConfig, params)`` with params in the per-layer
   (or, with ``scan_layers``, stacked) layout of :class:`VisionTransformer`.
   """
-  cfg = openai_visual_config(sd, prefix, act)
+  cfg = openai_visual_config(sd, prefix, act, arch)
   flat, used = apply_table(sd, openai_vision_table(cfg, prefix, dst="visual"))
   params = unflatten(flat)["visual"]
   unused = sorted(k for k in sd if k.startswith(prefix) and k not in used)
@@ -363,59 +424,46 @@ def convert_openai_visual(sd: Mapping[str, np.ndarray], prefix: str = "visual.",
   return cfg, params
 
 
-# -------------------------------------------------------------------- export (to OpenAI)
+# ------------------------------------------------------- export (the tables run backwards)
 
-def _block_to_openai(p: Mapping, src: str, width: int) -> dict:
-  a = p["attn"]
-  q, k, v = (np.asarray(a[n]["kernel"]).reshape(width, width).T for n in ("query", "key", "value"))
-  out = {src + "ln_1.weight": p["ln_1"]["scale"], src + "ln_1.bias": p["ln_1"]["bias"],
-         src + "attn.in_proj_weight": np.concatenate([q, k, v], 0),
-         src + "attn.in_proj_bias": np.concatenate(
-             [np.asarray(a[n]["bias"]).reshape(width) for n in ("query", "key", "value")]),
-         src + "attn.out_proj.weight": np.asarray(a["out"]["kernel"]).reshape(width, width).T,
-         src + "attn.out_proj.bias": a["out"]["bias"],
-         src + "ln_2.weight": p["ln_2"]["scale"], src + "ln_2.bias": p["ln_2"]["bias"]}
-  for name in ("c_fc", "c_proj"):
-    out[f"{src}mlp.{name}.weight"] = np.asarray(p["mlp"][name]["kernel"]).T
-    out[f"{src}mlp.{name}.bias"] = p["mlp"][name]["bias"]
+def invert_table(flat: Mapping[str, np.ndarray], table: Iterable, what: str = "parameters"
+                 ) -> dict:
+  """Runs a rename table backwards: ``{flax path: array}`` -> ``{source key: float32 array}``.
+
+  Every path the table reads must be in ``flat`` and every entry of ``flat`` must be read by
+  the table, else one ProclipError lists the differences (nothing is dropped silently).
+  """
+  out, used, missing = {}, set(), []
+  for key, hook in table:
+    lacking = [d for d in hook.dsts if d not in flat]
+    if lacking:
+      missing += lacking
+      continue
+    out[key] = np.array(hook.inverse(flat), np.float32, order="C")  # keeps 0-d
+    used.update(hook.dsts)
+  unread = sorted(set(flat) - used)
+  if missing or unread:
+    raise ProclipError(f"Cannot export the {what}: the model lacks {sorted(missing)[:20]} and has "
+                       f"{unread[:20]} that the layout has no name for; nothing was written.")
   return out
 
 
 def visual_to_openai(params: Mapping, cfg: VisionConfig, prefix: str = "visual.") -> dict:
   """Image-tower params (either layout) -> OpenAI-layout numpy state dict under ``prefix``."""
-  p = unstack_layers(params)
-  out = {prefix + "conv1.weight": np.transpose(np.asarray(p["conv1"]["kernel"]), (3, 2, 0, 1)),
-         prefix + "class_embedding": p["class_embedding"],
-         prefix + "positional_embedding": p["positional_embedding"],
-         prefix + "ln_pre.weight": p["ln_pre"]["scale"], prefix + "ln_pre.bias": p["ln_pre"]["bias"],
-         prefix + "ln_post.weight": p["ln_post"]["scale"],
-         prefix + "ln_post.bias": p["ln_post"]["bias"]}
-  for i in range(cfg.layers):
-    out.update(_block_to_openai(p["transformer"][f"blocks_{i}"],
-                                f"{prefix}transformer.resblocks.{i}.", cfg.width))
-  if "proj" in p:
-    out[prefix + "proj"] = p["proj"]
-  return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+  flat = flatten({"visual": unstack_layers(params)})
+  return invert_table(flat, openai_vision_table(cfg, prefix, "visual"), "image tower")
 
 
 def clip_to_openai(params: Mapping, config: CLIPConfig) -> dict:
   """A whole CLIP (either layout) -> OpenAI / open_clip state dict of float32 numpy arrays."""
-  out = {}
+  tree, table = {"logit_scale": params["logit_scale"]}, [("logit_scale", _scalar("logit_scale"))]
   if config.vision is not None:
-    out.update(visual_to_openai(params["visual"], config.vision))
+    tree["visual"] = unstack_layers(params["visual"])
+    table += openai_vision_table(config.vision)
   if config.text is not None:
-    t = unstack_layers(params["text"])
-    out["token_embedding.weight"] = t["token_embedding"]
-    out["positional_embedding"] = t["positional_embedding"]
-    for i in range(config.text.layers):
-      out.update(_block_to_openai(t["transformer"][f"blocks_{i}"], f"transformer.resblocks.{i}.",
-                                  config.text.width))
-    out["ln_final.weight"] = t["ln_final"]["scale"]
-    out["ln_final.bias"] = t["ln_final"]["bias"]
-    if "text_projection" in t:
-      out["text_projection"] = t["text_projection"]
-  out["logit_scale"] = np.asarray(params["logit_scale"]).reshape(())
-  return {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in out.items()}
+    tree["text"] = unstack_layers(params["text"])
+    table += openai_text_table(config.text)
+  return invert_table(flatten(tree), table, "CLIP")
 
 
 # ------------------------------------------------------------------------ file to folder
@@ -427,6 +475,7 @@ def count_params(tree) -> int:
 def _save(out: str, config: CLIPConfig, params: dict, unused, *, family: str, src: str,
           overwrite: bool, scan_layers: bool) -> str:
   check_clip(params, config, unused, what=f"checkpoint {src!r}")
+  check_weights(params, what=f"checkpoint {src!r}")
   if scan_layers:
     config = config.replace(scan_layers=True)
     params = stack_layers(params)
@@ -444,13 +493,23 @@ def convert_hf_clip(src: str, out: str, *, overwrite: bool = False,
 
 
 def convert_openai_clip(src: str, out: str, *, overwrite: bool = False, scan_layers: bool = False,
-                        act: str = "quick_gelu", state_dict: Mapping | None = None) -> str:
+                        act: str | None = None, state_dict: Mapping | None = None,
+                        arch: Arch | None = None) -> str:
   """OpenAI / open_clip state dict file -> converted folder ``out``.
 
   ``act``: the checkpoint's activation (OpenAI: "quick_gelu"; open_clip models trained
-  without ``-quickgelu``: "gelu"); shapes cannot tell. ``state_dict``: already read tensors.
+  without ``-quickgelu``: "gelu"); shapes cannot tell. None: the preset's, else QuickGELU.
+  ``arch``: head counts and stated sizes (:func:`proclip_jax.convert.openclip_arch.
+  resolve_arch`; default: the config next to ``src``, else the shapes).
+  ``state_dict``: already read tensors.
   """
   sd = read_state_dict(src) if state_dict is None else state_dict
-  config, params, unused = openai_to_clip(sd, act)
+  arch = resolve_arch(src) if arch is None else arch
+  config, params, unused = openai_to_clip(sd, act, arch, where=repr(src))
+  if act is None and arch.act == "gelu" and any(k in sd for k in _OPENAI_SCALARS):
+    raise ProclipError(
+        f"{src!r} is one of OpenAI's own checkpoints (it carries {list(_OPENAI_SCALARS)}), "
+        f"which use QuickGELU, but {arch.source} is an open_clip model with exact GELU: pass "
+        "the preset's '-quickgelu' name (e.g. ViT-B-16-quickgelu), or --act to choose.")
   return _save(out, config, params, unused, family="openai-clip", src=src, overwrite=overwrite,
                scan_layers=scan_layers)

@@ -2,8 +2,11 @@
 
 Reading never runs pickled code: safetensors through ``safe_open(framework="np")``
 (bfloat16 through ml_dtypes), ``.pt/.bin/.pth`` only through
-``torch.load(weights_only=True)``. Converted trees are checked against the model with
-:func:`proclip_jax.tree.check_tree`.
+``torch.load(weights_only=True)``, TorchScript archives (OpenAI's releases) through the
+restricted unpickler of :mod:`proclip_jax.convert.torchscript`. Training checkpoints
+(``{"state_dict", "epoch", "optimizer", ...}``) give their weights; the training state is
+ignored. Converted trees are checked against the model with :func:`proclip_jax.tree.check_tree`
+and for non-finite values with :func:`check_weights`.
 """
 from __future__ import annotations
 
@@ -16,10 +19,15 @@ import numpy as np
 from safetensors import safe_open
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.tree import flatten
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 # Wrappers that training frameworks put around a state dict.
 _WRAPPER_KEYS = ("state_dict", "module", "model", "model_state_dict")
+# Entries of a training checkpoint besides the weights, not model parameters.
+_TRAINING_STATE_KEYS = ("optimizer", "optimizer_state_dict", "optimizer_state", "scaler",
+                        "lr_scheduler", "scheduler", "epoch", "step", "global_step",
+                        "global_steps", "name", "args", "config")
 
 
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
@@ -54,7 +62,33 @@ def _flatten_torch_obj(obj: Any, prefix: str = "") -> dict[str, np.ndarray]:
   return out
 
 
+def _training_payload(obj: Mapping) -> Mapping:
+  """The model weights of a training checkpoint ``{state_dict|module|model: weights, epoch,
+  optimizer, ...}`` (open_clip's ``epoch_N.pt``, DeepSpeed's model states): the wrapped
+  mapping, when every other entry is training state (optimizer moments, scaler, scheduler,
+  counters) or holds no tensors. Anything else is returned whole (its keys then name it)."""
+  wrappers = [k for k in _WRAPPER_KEYS if isinstance(obj.get(k), Mapping)]
+  if len(wrappers) != 1:
+    return obj
+  rest = [k for k in obj if k != wrappers[0] and k not in _TRAINING_STATE_KEYS]
+  if any(_flatten_torch_obj(obj[k]) for k in rest):
+    return obj
+  return obj[wrappers[0]]
+
+
+def _first_sentences(e: BaseException, limit: int = 300) -> str:
+  """The start of an exception's message cut at a sentence end, not mid-sentence."""
+  text = " ".join(str(e).split())
+  if len(text) <= limit:
+    return text if text.endswith(".") else text + "."
+  cut = text.rfind(". ", 0, limit)
+  return text[:cut + 1] + " [...]" if cut > 0 else text[:limit] + " [...]."
+
+
 def _read_torch(path: str) -> dict[str, np.ndarray]:
+  from proclip_jax.convert.torchscript import is_torchscript, read_torchscript  # pylint: disable=import-outside-toplevel
+  if is_torchscript(path):  # OpenAI's releases: tensors only, code/ is never run
+    return read_torchscript(path)
   try:
     import torch  # pylint: disable=import-outside-toplevel
   except ImportError as e:
@@ -65,13 +99,13 @@ def _read_torch(path: str) -> dict[str, np.ndarray]:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # UnpicklingError, RuntimeError (truncated zip), EOFError ...
     raise ProclipError(
-        f"Refusing or unable to read {path!r}: {type(e).__name__}: {str(e)[:300]}. Only "
+        f"Refusing or unable to read {path!r}: {type(e).__name__}: {_first_sentences(e)} Only "
         "plain tensor state dicts are loaded (torch.load(weights_only=True)); a file that "
         "needs arbitrary code to unpickle, or a truncated file, is rejected. Re-save it as "
         "a state dict or as .safetensors.") from e
   if not isinstance(obj, Mapping):
     raise ProclipError(f"{path!r} does not hold a state dict (found {type(obj).__name__}).")
-  return _flatten_torch_obj(obj)
+  return _flatten_torch_obj(_training_payload(obj))
 
 
 def _unwrap(sd: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -139,6 +173,23 @@ def read_json(path: str) -> dict:
     raise ProclipError(f"Missing {path!r}.") from e
   except json.JSONDecodeError as e:
     raise ProclipError(f"{path!r} is not valid JSON: {e}.") from e
+
+
+def check_weights(params: Mapping, what: str = "checkpoint") -> None:
+  """Raises one ProclipError naming the first converted weight that is not floating point or
+  holds NaN / infinity (a damaged file, an overflowed float16 export, quantized integers)."""
+  for path, x in sorted(flatten(params).items()):
+    x = np.asarray(x)
+    if x.dtype.kind != "f" and x.dtype.name != "bfloat16":
+      raise ProclipError(f"The {what}: weight {path} is {x.dtype}, not floating point; "
+                         "quantized or integer weights do not convert (use the float "
+                         "checkpoint). Nothing was written.")
+    bad = ~np.isfinite(x.astype(np.float32))
+    if bad.any():
+      raise ProclipError(f"The {what}: weight {path} has {int(bad.sum())} non-finite values "
+                         f"(NaN / infinity) of {x.size}; the file is damaged or overflowed "
+                         "(e.g. saved in float16): use the original checkpoint. Nothing was "
+                         "written.")
 
 
 def linear(w: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from proclip_jax.convert.common import read_json, read_state_dict
+from proclip_jax.convert.common import check_weights, read_json, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import embedder as emb
 from proclip_jax.models.bert import BertConfig
@@ -141,6 +141,8 @@ def merge_lora(sd: dict[str, np.ndarray], adapter_dir: str) -> dict[str, np.ndar
   if weights is None:
     raise ProclipError(f"No adapter_model.safetensors or adapter_model.bin in {adapter_dir!r}.")
   fan_in_fan_out = bool(acfg.get("fan_in_fan_out", False))
+  made_for = (f"adapter_config.json: base_model_name_or_path "
+              f"{acfg.get('base_model_name_or_path')!r}")
   sd = dict(sd)
   pairs: dict[str, dict[str, np.ndarray]] = {}
   for k, v in weights.items():
@@ -158,8 +160,8 @@ def merge_lora(sd: dict[str, np.ndarray], adapter_dir: str) -> dict[str, np.ndar
     target = next((c for c in candidates if c in sd), None)
     if target is None:
       raise ProclipError(f"LoRA module {module!r} from {adapter_dir!r} has no base weight in "
-                         f"the checkpoint (looked for {candidates}); adapter and base model "
-                         "do not match.")
+                         f"the checkpoint (looked for {candidates}): the adapter was made for "
+                         f"another base model ({made_for}).")
     a = np.asarray(ab["A"], np.float32)
     b = np.asarray(ab["B"], np.float32)
     r = a.shape[0]
@@ -173,8 +175,9 @@ def merge_lora(sd: dict[str, np.ndarray], adapter_dir: str) -> dict[str, np.ndar
       delta = delta.T
     w = np.asarray(sd[target], np.float32)
     if w.shape != delta.shape:
-      raise ProclipError(f"LoRA update for {target!r} has shape {delta.shape}, the weight "
-                         f"{w.shape}.")
+      raise ProclipError(f"The LoRA adapter {adapter_dir!r} was made for another base model "
+                         f"({made_for}): its update for {target!r} is {delta.shape}, the base "
+                         f"weight {w.shape}. Pass the base model the adapter was trained on.")
     sd[target] = w + delta
   return sd
 
@@ -333,5 +336,6 @@ def convert_embedder(src: str, out: str, *, preset: str | Mapping | None = None,
   model = emb.build_model(cfg, preset)
   check_tree(params, abstract_params(model), what=f"checkpoint {src!r}",
              unused_source_keys=source.unused())
+  check_weights(params, what=f"checkpoint {src!r}")
   return emb.save_embedder(out, cfg, preset, params, src, overwrite=overwrite, source=src,
                            lora=[os.fspath(x) for x in loras])

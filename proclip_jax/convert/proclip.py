@@ -26,7 +26,7 @@ import jax
 import numpy as np
 
 from proclip_jax.convert import clip as clip_conv
-from proclip_jax.convert.common import linear, read_state_dict
+from proclip_jax.convert.common import check_weights, linear, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import vit
 from proclip_jax.models.adapter import AdapterConfig, TextProj
@@ -108,10 +108,10 @@ def convert_adapter(sd: Mapping[str, np.ndarray], prefix: str, config: AdapterCo
   return params, used
 
 
-def _convert_visual(sd: Mapping[str, np.ndarray], *, act: str, scan_layers: bool,
-                    dtype: str):
+def _convert_visual(sd: Mapping[str, np.ndarray], *, act: str | None, scan_layers: bool,
+                    dtype: str, arch=None, where: str = "the checkpoint"):
   """The ``visual.*`` tower through the CLIP converter's tables: (VisionConfig, params, used)."""
-  cfg = clip_conv.openai_visual_config(sd, "visual.", act=act)
+  cfg = clip_conv.openai_visual_config(sd, "visual.", act=act, arch=arch, where=where)
   flat, used = clip_conv.apply_table(sd, clip_conv.openai_vision_table(cfg, "visual.", "visual"))
   params = unflatten(flat)["visual"]
   size = cfg.image_size
@@ -126,13 +126,16 @@ def _convert_visual(sd: Mapping[str, np.ndarray], *, act: str, scan_layers: bool
 
 
 def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str = "float32",
-                    act: str = "quick_gelu", scan_layers: bool = False) -> str:
+                    act: str | None = None, scan_layers: bool = False, arch=None) -> str:
   """Converts a ProCLIP / LLM2CLIP checkpoint at ``src`` into the model folder ``out``.
 
   The result has ``kind="proclip"``, ``config`` = ``ProCLIPConfig.to_dict()`` and params
   ``{"visual", "adapter", "logit_scale"}`` (the image tower is optional: a file holding only
   the adapter converts to an adapter-only model). ``act``: the image tower's activation
-  (OpenAI towers: QuickGELU); ``scan_layers``: store its blocks stacked for ``nn.scan``;
+  (None: the preset's, else QuickGELU as OpenAI towers); ``arch``: the image tower's head
+  count and sizes (:func:`proclip_jax.convert.openclip_arch.resolve_arch`; default: the
+  open_clip config next to ``src``, else the standard OpenAI sizes);
+  ``scan_layers``: store its blocks stacked for ``nn.scan``;
   ``dtype``: the compute dtype written into the model config (parameters stay float32).
   """
   sd = read_state_dict(src)
@@ -147,8 +150,11 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   params = {"adapter": adapter}
   vision_cfg = None
   if any(k.startswith("visual.") for k in sd):
+    if arch is None:
+      from proclip_jax.convert.openclip_arch import resolve_arch  # pylint: disable=import-outside-toplevel
+      arch = resolve_arch(src)
     vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
-                                                 dtype=dtype)
+                                                 dtype=dtype, arch=arch, where=repr(src))
     params["visual"] = visual
     used |= set(used_v)
     if vision_cfg.embed_dim != adapter_cfg.out_dim:
@@ -161,6 +167,7 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   if "logit_scale" in sd:
     used.add("logit_scale")
   params["logit_scale"] = np.asarray(logit_scale, np.float32)
+  check_weights(params, what=f"checkpoint {src!r}")
   ignored = sorted(k for k in sd if k not in used)
   config = ProCLIPConfig(vision=vision_cfg, adapter=adapter_cfg, logit_scale_init=logit_scale)
   return save_model(out, "proclip", config.to_dict(), params, overwrite=overwrite,
