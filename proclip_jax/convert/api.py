@@ -8,7 +8,9 @@
   embedder (:mod:`proclip_jax.convert.llm`);
 * otherwise a state dict (file or folder) whose keys include ``text.text_adaptor.`` ->
   a ProCLIP checkpoint (:mod:`proclip_jax.convert.proclip`);
-* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP.
+* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP;
+* an EVA02 image tower (timm, open_clip ``visual.trunk.*`` or EVA-CLIP ``visual.*`` keys, see
+  :mod:`proclip_jax.convert.eva`) -> an EVA02-CLIP.
 
 Anything else is a :class:`ProclipError` naming what was found and the supported forms.
 """
@@ -27,8 +29,9 @@ SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
     "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
-    ".safetensors with visual.* and token_embedding.weight keys); a ProCLIP checkpoint "
-    "(keys text.text_adaptor.*).")
+    ".safetensors with visual.* and token_embedding.weight keys); an EVA02-CLIP state dict "
+    "(timm / open_clip / EVA-CLIP, e.g. blocks.N.mlp.fc1_g or visual.blocks.N.mlp.w1 keys); a "
+    "ProCLIP checkpoint (keys text.text_adaptor.*).")
 
 
 def _model_type(src: str) -> str | None:
@@ -62,7 +65,7 @@ def _describe(keys) -> str:
 
 
 def detect(src: str) -> tuple[str, Mapping | None]:
-  """Returns ``(family, state_dict or None)``; family in hf-clip, embedder, proclip, openai-clip."""
+  """``(family, state_dict or None)``; family: hf-clip, embedder, proclip, openai-clip, eva-clip."""
   src = os.fspath(src)
   if not os.path.exists(src):
     raise ProclipError(f"Source {src!r} does not exist. {SUPPORTED}")
@@ -80,6 +83,9 @@ def detect(src: str) -> tuple[str, Mapping | None]:
     return "proclip", None
   if any(k.startswith("visual.") for k in keys) and "token_embedding.weight" in keys:
     return "openai-clip", sd
+  from proclip_jax.convert.eva import find_eva  # pylint: disable=import-outside-toplevel
+  if find_eva(keys) is not None:
+    return "eva-clip", sd
   found = f"config.json model_type {mtype!r} and " if mtype is not None else ""
   raise ProclipError(f"Cannot tell what {src!r} is: found {found}{_describe(keys)}. {SUPPORTED}")
 
@@ -102,7 +108,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   family, sd = detect(src)
-  if family in ("hf-clip", "openai-clip", "proclip"):
+  if family in ("hf-clip", "openai-clip", "proclip", "eva-clip"):
     for name, value in (("--lora", lora), ("--preset", preset)):
       if value is not None:
         raise ProclipError(f"{name} applies to LLM / sentence embedders, not to a {family} "
@@ -116,6 +122,10 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     from proclip_jax.convert.clip import convert_openai_clip  # pylint: disable=import-outside-toplevel
     return convert_openai_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
                                act=act or "quick_gelu", state_dict=sd)
+  if family == "eva-clip":
+    from proclip_jax.convert.eva import convert_eva_clip  # pylint: disable=import-outside-toplevel
+    return convert_eva_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
+                            state_dict=sd)
   if family == "embedder":
     from proclip_jax.convert.llm import convert_embedder  # pylint: disable=import-outside-toplevel
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)

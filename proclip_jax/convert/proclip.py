@@ -4,6 +4,7 @@ Source layout (PyTorch, saved as a plain state dict, ``{"state_dict": ...}`` or 
 ``{"module": ...}``; ``read_state_dict`` removes the wrapper)::
 
     visual.*                            OpenAI CLIP image tower (converted by convert/clip.py)
+                                        or EVA02 image tower (EVA-CLIP layout, convert/eva.py)
     text.text_adaptor.{i}.ln.{weight,bias}       block i: LayerNorm(D)
     text.text_adaptor.{i}.fn.0.{weight,bias}     block i: Linear(D, expansion*D)
     text.text_adaptor.{i}.fn.3.{weight,bias}     block i: Linear(expansion*D, D)
@@ -150,8 +151,13 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   params = {"adapter": adapter}
   vision_cfg = None
   if any(k.startswith("visual.") for k in sd):
-    vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
-                                                 dtype=dtype)
+    from proclip_jax.convert import eva  # pylint: disable=import-outside-toplevel
+    if eva.find_eva(sd) is not None:  # an EVA02 image tower (EVA-CLIP layout under visual.)
+      vision_cfg, visual, used_v = eva.convert_eva_visual(sd, scan_layers=scan_layers,
+                                                          dtype=dtype)
+    else:
+      vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
+                                                   dtype=dtype)
     params["visual"] = visual
     used |= set(used_v)
     if vision_cfg.embed_dim != adapter_cfg.out_dim:
