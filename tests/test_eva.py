@@ -308,3 +308,24 @@ def test_configs_round_trip_and_refuse():
     EvaVisionConfig.from_dict({"arch": "eva02", "act": "gelu"})
   with pytest.raises(ProclipError, match="28x28"):
     EvaTower(TINY).init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+
+
+def test_stage2_setup_with_eva_tower():
+  """A stage-2 config whose image tower is EVA02 (a plain dict, as from a JSON config): the
+  model, born shardings on a (data, fsdp, tensor) mesh and layer-wise lr multipliers."""
+  from proclip_jax.train.optimizer import lr_multipliers  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.state import setup  # pylint: disable=import-outside-toplevel
+  vision = dataclasses.replace(TINY, scan_layers=True).to_dict()
+  config = {"stage": 2, "total_steps": 10,
+            "model": {"vision": vision, "adapter": {"in_dim": 8, "out_dim": TINY.embed_dim}},
+            "optim": {"lr": 1e-3, "layer_decay": 0.5}}
+  mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
+  s = setup(config, mesh)
+  assert isinstance(s.model.config.vision, EvaVisionConfig)
+  kernel = s.param_shardings["visual"]["transformer"]["blocks"]["mlp"]["fc1_g"]["kernel"]
+  assert tuple(kernel.spec) == (None, "fsdp", "tensor")  # (layers, embed, mlp)
+  mults = lr_multipliers(s.abstract, s.names, layer_decay=0.5)
+  blocks = mults["visual"]["transformer"]["blocks"]["attn"]["query"]["kernel"]
+  np.testing.assert_allclose(np.ravel(blocks), [0.5 ** 2, 0.5])  # decay**(L - i)
+  assert mults["visual"]["patch_embed"]["kernel"] == 0.5 ** 3
+  assert mults["visual"]["head"]["kernel"] == 1.0 and mults["adapter"]["proj"]["kernel"] == 1.0
