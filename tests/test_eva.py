@@ -162,6 +162,29 @@ def test_gradients_match_pytorch(ref, converted):
   assert errors[worst] <= 1e-5
 
 
+@pytest.mark.parametrize("timm_name,name,embed", [
+    ("eva02_base_patch16_clip_224", "EVA02-B/16", 512),
+    ("eva02_large_patch14_clip_336", "EVA02-L/14-336", 768)])
+def test_other_variants_match_timm(timm_name, name, embed):
+  """EVA02-CLIP-B/16 (RoPE grid 14 scaled to 16) and L/14-336 (24 scaled to 16), one block
+  each at their real sizes: inferred config and forward against timm."""
+  torch.manual_seed(7)
+  model = timm.create_model(timm_name, pretrained=False, depth=1, num_classes=embed).eval()
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(0.02 * torch.randn(p.shape))
+  size = model.patch_embed.img_size[0]
+  pixels = np.random.default_rng(8).normal(size=(1, size, size, 3)).astype(np.float32)
+  with torch.no_grad():
+    feats = model(torch.tensor(pixels.transpose(0, 3, 1, 2))).numpy()
+  cfg, params, _ = convert_eva_visual(_torch_sd(model))
+  assert cfg == EvaVisionConfig.named(name, layers=1)
+  got = jax.jit(EvaTower(cfg).apply)({"params": params}, pixels)
+  err = np.abs(_unit(got) - _unit(feats)).max()
+  print(f"{name} forward parity: max abs error of normalised features {err:.2e}")
+  assert err <= 1e-5
+
+
 @pytest.mark.parametrize("grid,ref_grid", [(16, 16), (24, 16), (14, 16), (3, 5)])
 def test_rope_tables_match_timm(grid, ref_grid):
   """L/14 (16), L/14-336 (24) and B/16 (14) grids against timm's RotaryEmbeddingCat."""
