@@ -16,9 +16,11 @@ from flax.core import meta
 from timm.layers import RotaryEmbeddingCat
 
 from proclip_jax.convert.api import convert, detect
+from proclip_jax.convert.clip import clip_to_openai
 from proclip_jax.convert.eva import convert_eva_visual, find_eva
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.clip import CLIPConfig, load_clip
+from proclip_jax.models.clip import CLIPConfig, init_clip, load_clip
+from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.eva import EvaTower, EvaVisionConfig, rope_tables
 from proclip_jax.models.proclip import ProCLIPConfig
 from proclip_jax.models.vit import stack_layers, unstack_layers
@@ -196,9 +198,16 @@ def test_rope_tables_match_timm(grid, ref_grid):
 
 
 def test_convert_cli_path_and_load_clip(small, tmp_path):
-  """An EVA-CLIP checkpoint file (image tower + logit_scale) through convert() and load_clip."""
+  """A whole EVA-CLIP checkpoint file (image tower, ``text.*`` tower in OpenAI layout,
+  logit_scale) through convert() and load_clip."""
   sd, rope, pixels, feats = small
+  text_cfg = TextConfig(vocab_size=50, context_length=7, width=64, layers=1, heads=1,
+                        embed_dim=feats.shape[-1], act="gelu")
+  text_clip = CLIPConfig(vision=None, text=text_cfg)
+  text_params = init_clip(text_clip, seed=9)
+  exported = clip_to_openai(text_params, text_clip)
   state = {k: torch.tensor(v) for k, v in eva_clip_layout(sd, rope).items()}
+  state.update({"text." + k: torch.tensor(v) for k, v in exported.items() if k != "logit_scale"})
   state["logit_scale"] = torch.tensor(4.0)
   src = tmp_path / "eva02_clip.pt"
   torch.save({"state_dict": state}, src)
@@ -208,6 +217,9 @@ def test_convert_cli_path_and_load_clip(small, tmp_path):
   assert isinstance(clip.config.vision, EvaVisionConfig) and clip.config.vision.scan_layers
   assert clip.config.vision.heads == 2 and clip.config.vision.mlp_dim == int(128 * 8 / 3)
   assert clip.logit_scale == pytest.approx(4.0)
+  assert clip.config.text == dataclasses.replace(text_cfg, scan_layers=True)
+  jax.tree.map(np.testing.assert_array_equal, unstack_layers(clip.params["text"]),
+               text_params["text"])
   assert np.abs(clip.encode_image(pixels) - _unit(feats)).max() <= 1e-5
 
 
