@@ -15,31 +15,7 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
-def _let_torchvision_import_without_its_ops():
-  """PyPI's torchvision wheels are CUDA builds: beside the CPU torch their C++ ops library does
-  not load, and torchvision 0.28 then fails at import, registering fake kernels for two of
-  those ops (nms, qnms), which breaks ``import timm`` and transformers' model imports. Declaring
-  the two schemas first lets it import; its detection ops stay unavailable (torchvision raises
-  when one is called). Nothing is done where torchvision is absent or its library loads."""
-  import glob  # pylint: disable=import-outside-toplevel
-  import importlib.util  # pylint: disable=import-outside-toplevel
-  spec = importlib.util.find_spec("torchvision")
-  if spec is None or spec.origin is None:
-    return None
-  import torch  # pylint: disable=import-outside-toplevel
-  try:
-    for lib_path in glob.glob(os.path.join(os.path.dirname(spec.origin), "_C*.so")):
-      torch.ops.load_library(lib_path)
-      return None
-  except OSError:
-    pass
-  lib = torch.library.Library("torchvision", "DEF")
-  for op in ("nms", "qnms"):
-    lib.define(f"{op}(Tensor dets, Tensor scores, float iou_threshold) -> Tensor")
-  return lib
-
-
-_TORCHVISION_SCHEMAS = _let_torchvision_import_without_its_ops()
+import proclip_jax  # noqa: E402,F401  (lets torchvision import: proclip_jax/torchvision_compat.py)
 
 
 @pytest.fixture
