@@ -23,7 +23,7 @@ from proclip_jax.models.clip import CLIPConfig, init_clip, load_clip
 from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.eva import EvaTower, EvaVisionConfig, rope_tables
 from proclip_jax.models.proclip import ProCLIPConfig
-from proclip_jax.models.vit import stack_layers, unstack_layers
+from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
 from proclip_jax.train import mesh as mesh_lib
 from proclip_jax.train.optimizer import layer_ids
 
@@ -221,6 +221,16 @@ def test_convert_cli_path_and_load_clip(small, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, unstack_layers(clip.params["text"]),
                text_params["text"])
   assert np.abs(clip.encode_image(pixels) - _unit(feats)).max() <= 1e-5
+  # Stage 2 starts from it (train/checkpoints.load_clip_tower): restacked to the run's layout;
+  # an OpenAI ViT of the same size in the config is refused.
+  from proclip_jax.train.checkpoints import load_clip_tower  # pylint: disable=import-outside-toplevel
+  vision = dataclasses.replace(clip.config.vision, scan_layers=False)
+  tower = load_clip_tower(out, vision)
+  assert "blocks_1" in tower["visual"]["transformer"] and tower["logit_scale"] == 4.0
+  vit_like = VisionConfig(image_size=28, patch_size=7, width=128, layers=LAYERS, heads=2,
+                          embed_dim=8)
+  with pytest.raises(ProclipError, match="does not match config.model.vision"):
+    load_clip_tower(out, vit_like)
 
 
 def test_proclip_release_with_eva_tower(small, tmp_path):
