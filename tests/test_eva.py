@@ -304,12 +304,18 @@ def test_scan_and_remat_same_values_and_grads(tiny):
     assert float(jnp.abs(a - b).max()) <= 1e-5 * scale
 
 
-def test_bf16_compute_close(tiny):
+def test_bf16_and_fused_attention(tiny):
+  """bfloat16 compute within bf16 rounding of float32; attention="xla" (jax.nn's fused
+  attention on padded tokens) equal to the dense path; "cudnn" refused without a GPU."""
   params, images = tiny
   run = lambda cfg: jax.jit(EvaTower(cfg).apply)({"params": params}, images)  # noqa: E731
   f32, bf16 = run(TINY), run(dataclasses.replace(TINY, dtype="bfloat16"))
   assert bf16.dtype == jnp.float32
   assert np.abs(_unit(bf16) - _unit(f32)).max() <= 3e-2
+  assert np.abs(np.asarray(run(dataclasses.replace(TINY, attention="xla"))) - f32).max() <= 1e-5
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ProclipError, match="cuDNN"):
+      run(dataclasses.replace(TINY, dtype="bfloat16", attention="cudnn"))
 
 
 def test_axis_names_and_layer_decay_groups():
