@@ -9,7 +9,10 @@ Public API (imported lazily so that ``import proclip_jax`` stays cheap)::
 """
 import importlib
 
+from proclip_jax import torchvision_compat as _torchvision_compat
 from proclip_jax.errors import ProclipError
+
+_torchvision_compat.install()  # torchvision beside the CPU torch (timm needs it)
 
 __version__ = "0.1.0"
 

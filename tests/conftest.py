@@ -27,6 +27,9 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
+import proclip_jax  # noqa: E402,F401  (lets torchvision import: proclip_jax/torchvision_compat.py)
+
+
 @pytest.fixture
 def rng():
   return np.random.default_rng(0)

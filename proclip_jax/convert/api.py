@@ -8,7 +8,9 @@
   embedder (:mod:`proclip_jax.convert.llm`);
 * otherwise a state dict (file or folder) whose keys include ``text.text_adaptor.`` ->
   a ProCLIP checkpoint (:mod:`proclip_jax.convert.proclip`);
-* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP.
+* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP;
+* an EVA02 image tower (timm, open_clip ``visual.trunk.*`` or EVA-CLIP ``visual.*`` keys, see
+  :mod:`proclip_jax.convert.eva`) -> an EVA02-CLIP.
 
 Anything else is a :class:`ProclipError` naming what was found and the supported forms.
 """
@@ -22,6 +24,7 @@ import numpy as np
 from safetensors import safe_open
 
 from proclip_jax.convert.clip import convert_hf_clip, convert_openai_clip
+from proclip_jax.convert.eva import convert_eva_clip
 from proclip_jax.convert.common import read_json, read_state_dict
 from proclip_jax.convert.llm import convert_embedder
 from proclip_jax.convert.openclip_arch import resolve_arch
@@ -37,8 +40,8 @@ SUPPORTED = (
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
     "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
     ".safetensors with visual.* and token_embedding.weight keys, or OpenAI's TorchScript "
-    "archive); a ProCLIP checkpoint "
-    "(keys text.text_adaptor.*).")
+    "archive); an EVA02-CLIP state dict (timm / open_clip / EVA-CLIP, e.g. blocks.N.mlp.fc1_g "
+    "or visual.blocks.N.mlp.w1 keys); a ProCLIP checkpoint (keys text.text_adaptor.*).")
 
 
 def _model_type(src: str) -> str | None:
@@ -71,7 +74,7 @@ def _describe(keys) -> str:
 
 
 def detect(src: str) -> tuple[str, Mapping | None]:
-  """Returns ``(family, state_dict or None)``; family in hf-clip, embedder, proclip, openai-clip."""
+  """``(family, state_dict or None)``; family: hf-clip, embedder, proclip, openai-clip, eva-clip."""
   src = os.fspath(src)
   if not os.path.exists(src):
     raise ProclipError(f"Source {src!r} does not exist. {SUPPORTED}")
@@ -89,6 +92,9 @@ def detect(src: str) -> tuple[str, Mapping | None]:
     return "proclip", None
   if any(k.startswith("visual.") for k in keys) and "token_embedding.weight" in keys:
     return "openai-clip", sd
+  from proclip_jax.convert.eva import find_eva  # pylint: disable=import-outside-toplevel
+  if find_eva(keys) is not None:
+    return "eva-clip", sd
   found = f"config.json model_type {mtype!r} and " if mtype is not None else ""
   raise ProclipError(f"Cannot tell what {src!r} is: found {found}{_describe(keys)}. {SUPPORTED}")
 
@@ -119,9 +125,9 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if lora is not None and family != "embedder":
     raise ProclipError(f"--lora applies to LLM / sentence embedders, not to a {family} "
                        f"checkpoint ({src!r}).")
-  if family == "hf-clip" and preset is not None:
-    raise ProclipError(f"--preset does not apply to a Hugging Face CLIP folder ({src!r}): its "
-                       "config.json gives the architecture.")
+  if family in ("hf-clip", "eva-clip") and preset is not None:
+    raise ProclipError(f"--preset does not apply to a {family} checkpoint ({src!r}): its "
+                       "config.json or tensor shapes give the architecture.")
   heads = {"--vision-heads": vision_heads, "--text-heads": text_heads}
   for name, value in heads.items():
     if value is not None and family not in ("openai-clip", "proclip"):
@@ -131,6 +137,9 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     raise ProclipError(f"--act applies to OpenAI-layout CLIP state dicts, not to {family}.")
   if family == "hf-clip":
     return convert_hf_clip(src, out, overwrite=overwrite, scan_layers=scan_layers)
+  if family == "eva-clip":
+    return convert_eva_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
+                            state_dict=sd)
   if family == "embedder":
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)
   arch = resolve_arch(src, preset, vision_heads, text_heads)

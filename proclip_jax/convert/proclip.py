@@ -4,6 +4,7 @@ Source layout (PyTorch, saved as a plain state dict, ``{"state_dict": ...}`` or 
 ``{"module": ...}``; ``read_state_dict`` removes the wrapper)::
 
     visual.*                            OpenAI CLIP image tower (converted by convert/clip.py)
+                                        or EVA02 image tower (EVA-CLIP layout, convert/eva.py)
     text.text_adaptor.{i}.ln.{weight,bias}       block i: LayerNorm(D)
     text.text_adaptor.{i}.fn.0.{weight,bias}     block i: Linear(D, expansion*D)
     text.text_adaptor.{i}.fn.3.{weight,bias}     block i: Linear(expansion*D, D)
@@ -26,7 +27,9 @@ import jax
 import numpy as np
 
 from proclip_jax.convert import clip as clip_conv
+from proclip_jax.convert import eva
 from proclip_jax.convert.common import check_weights, linear, read_state_dict
+from proclip_jax.convert.openclip_arch import resolve_arch
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import vit
 from proclip_jax.models.adapter import AdapterConfig, TextProj
@@ -150,11 +153,13 @@ def convert_proclip(src: str, out: str, *, overwrite: bool = False, dtype: str =
   params = {"adapter": adapter}
   vision_cfg = None
   if any(k.startswith("visual.") for k in sd):
-    if arch is None:
-      from proclip_jax.convert.openclip_arch import resolve_arch  # pylint: disable=import-outside-toplevel
-      arch = resolve_arch(src)
-    vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
-                                                 dtype=dtype, arch=arch, where=repr(src))
+    if eva.find_eva(sd) is not None:  # an EVA02 image tower (EVA-CLIP layout under visual.)
+      vision_cfg, visual, used_v = eva.convert_eva_visual(sd, scan_layers=scan_layers,
+                                                          dtype=dtype)
+    else:
+      vision_cfg, visual, used_v = _convert_visual(sd, act=act, scan_layers=scan_layers,
+                                                   dtype=dtype, arch=arch or resolve_arch(src),
+                                                   where=repr(src))
     params["visual"] = visual
     used |= set(used_v)
     if vision_cfg.embed_dim != adapter_cfg.out_dim:

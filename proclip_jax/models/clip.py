@@ -2,7 +2,7 @@
 
 Parameter tree of :class:`CLIP`::
 
-    visual        VisionTransformer parameters (see vit.py)
+    visual        image tower parameters (VisionTransformer, vit.py, or EvaTower, eva.py)
     text          TextTransformer parameters (see clip_text.py; absent for an image-only model)
     logit_scale   []  log of the contrastive temperature's inverse (scale = exp(logit_scale))
 
@@ -24,7 +24,8 @@ import flax.linen as nn
 from proclip_jax.batched import BatchedEncoder
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip_text import TextConfig, TextTransformer
-from proclip_jax.models.vit import VisionConfig, VisionTransformer, stack_layers, unstack_layers
+from proclip_jax.models.eva import vision_config_from_dict, vision_tower
+from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
 from proclip_jax.storage import load_model
 from proclip_jax.text.clip_tokenizer import ClipTokenizer
 
@@ -67,7 +68,7 @@ class CLIPConfig:
     unknown = sorted(set(d) - {"vision", "text", "logit_scale_init"})
     if unknown:
       raise ProclipError(f"CLIPConfig: unknown fields {unknown}.")
-    return cls(vision=None if d.get("vision") is None else VisionConfig.from_dict(d["vision"]),
+    return cls(vision=None if d.get("vision") is None else vision_config_from_dict(d["vision"]),
                text=None if d.get("text") is None else TextConfig.from_dict(d["text"]),
                logit_scale_init=float(d.get("logit_scale_init", math.log(1 / 0.07))))
 
@@ -77,7 +78,7 @@ class CLIP(nn.Module):
   config: CLIPConfig
 
   def setup(self):
-    self.visual = None if self.config.vision is None else VisionTransformer(self.config.vision)
+    self.visual = None if self.config.vision is None else vision_tower(self.config.vision)
     self.text = None if self.config.text is None else TextTransformer(self.config.text)
     self.logit_scale = self.param(
         "logit_scale", nn.with_logical_partitioning(

@@ -2,7 +2,7 @@
 
 Parameters are one plain tree::
 
-    {"visual": <VisionTransformer params>,     # image tower incl. projection to E
+    {"visual": <VisionTransformer / EvaTower params>,  # image tower incl. projection to E
      "adapter": <TextProj params>,             # LLM feature (D) -> E
      "logit_scale": float32 scalar}            # s = exp(logit_scale), init ln 100
 
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 from flax.core import meta
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.models import vit
 from proclip_jax.models.adapter import AdapterConfig, TextProj, l2_normalize
+from proclip_jax.models.eva import vision_config_from_dict, vision_tower
 
 PARTS = ("visual", "adapter", "logit_scale")
 LOGIT_SCALE_INIT = math.log(100.0)
@@ -34,7 +34,8 @@ class ProCLIPConfig:
   """The two towers' configurations.
 
   Attributes:
-    vision: the image tower's ``VisionConfig`` (None for an adapter-only model, stage 1).
+    vision: the image tower's ``VisionConfig`` or ``EvaVisionConfig`` (None for an
+      adapter-only model, stage 1).
     adapter: the ``AdapterConfig``; ``adapter.out_dim`` must equal the vision projection E.
     logit_scale_init: initial ``logit_scale`` (ln 100, as pretrained CLIP) when not loaded.
   """
@@ -63,7 +64,7 @@ class ProCLIPConfig:
       raise ProclipError("ProCLIPConfig needs an 'adapter' entry.")
     vision = d.get("vision")
     if vision is not None and not hasattr(vision, "to_dict"):
-      vision = vit.VisionConfig.from_dict(dict(vision))
+      vision = vision_config_from_dict(vision)
     adapter = d["adapter"]
     if not isinstance(adapter, AdapterConfig):
       adapter = AdapterConfig.from_dict(dict(adapter))
@@ -90,7 +91,7 @@ class ProCLIPModel:
   def __init__(self, config: ProCLIPConfig):
     self.config = config
     self.adapter = TextProj(config.adapter)
-    self.vision = None if config.vision is None else vit.VisionTransformer(config.vision)
+    self.vision = None if config.vision is None else vision_tower(config.vision)
 
   # ------------------------------------------------------------------ init
   def init_boxed(self, rng: jax.Array, parts: Sequence[str] = PARTS) -> dict:

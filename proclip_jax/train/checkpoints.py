@@ -82,7 +82,8 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
   return jax.tree.map(np.asarray, full)
 
 
-_ARCH = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim", "act")
+_ARCH = ("arch", "image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim",
+         "act")
 
 
 def load_clip_tower(path, expect_vision: Any = None) -> dict:
