@@ -26,6 +26,10 @@ def main(argv=None) -> int:
   p.add_argument("--limit", type=int, default=None, help="first N images of each set")
   args = p.parse_args(argv)
   try:
+    out_dir = os.path.dirname(os.path.abspath(args.out)) if args.out else None
+    if out_dir and not os.path.isdir(out_dir):
+      raise ProclipError(f"--out {args.out}: the folder {out_dir} does not exist. Create it "
+                         "or choose another --out.")
     from proclip_jax.eval import evaluators  # pylint: disable=import-outside-toplevel
     from proclip_jax.inference import load_any  # pylint: disable=import-outside-toplevel
     names = [n.strip() for n in args.eval.split(",") if n.strip()]

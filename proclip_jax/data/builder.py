@@ -30,6 +30,7 @@ import dataclasses
 import io
 import itertools
 import json
+import os
 import time
 import warnings
 from concurrent import futures
@@ -280,6 +281,17 @@ def _move_into_place(built: epath.Path, out: epath.Path) -> None:
   trash.rmtree(missing_ok=True)
 
 
+def _check_output_apart(out: epath.Path, plan: sources.Plan) -> None:
+  """Refuses an ``out`` that is, contains or lies inside a source, or is or contains a
+  manifest's folder or the folder of one of its images (``overwrite`` would delete them)."""
+  roots = []
+  for s in plan.sources:
+    if s.kind == "manifest":
+      roots.append(("manifest's folder", os.path.dirname(paths.absolute(s.path))))
+      roots += [("image folder", d) for d in s.schema.image_dirs]
+  paths.check_output_apart(os.fspath(out), [("source", s.path) for s in plan.sources], roots)
+
+
 # ---------------------------------------------------------------------------------------
 # The public entry point.
 
@@ -337,7 +349,8 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
 
   Raises:
     ProclipError: missing/unknown source, no image/caption column, ``out`` exists without
-      ``overwrite``, a split with no valid example.
+      ``overwrite``, ``out`` is, contains or lies inside an input (see
+      ``paths.check_output_apart``), a damaged shard or CSV, a split with no valid example.
   """
   t0 = time.time()
   out = epath.Path(paths.absolute(out))
@@ -345,6 +358,7 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
     raise ProclipError(f"{out} already exists. Pass overwrite=True (--overwrite) to replace it "
                        f"or choose another output folder.")
   plan = sources.plan_sources(src, split=split, fields=fields, int_fields=int_fields)
+  _check_output_apart(out, plan)
   schema = plan.schema
   tally = _Tally()
 
