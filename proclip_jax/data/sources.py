@@ -35,6 +35,7 @@ live wherever epath can read.
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -42,6 +43,7 @@ import re
 import tarfile
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 from etils import epath
 
 from proclip_jax.data import paths
@@ -95,6 +97,7 @@ class Source:
   kind: str
   schema: Schema | None = None
   id_offset: int = 0
+  repeated_keys: frozenset = frozenset()  # shards: hashes of the keys seen more than once
 
 
 @dataclasses.dataclass
@@ -256,9 +259,10 @@ def _csv_rows(raw, path: str) -> Iterator[tuple[int, dict | None, BadExample | N
       last = reader.line_num
       if last > first:  # one row ran over several lines: the rows after it were swallowed
         raise ProclipError(
-            f"The CSV manifest {path}: the row starting on line {first} does not end before line {last} (csv: {e}); a quoted field is "
-            f"not closed properly and would swallow {last - first} lines. Fix its quotes "
-            "(a quote inside a quoted field is written twice: \"\").") from None
+            f"The CSV manifest {path}: the row starting on line {first} does not end before "
+            f"line {last} (csv: {e}); a quoted field is not closed properly and would swallow "
+            f"{last - first} lines. Fix its quotes (a quote inside a quoted field is written "
+            "twice: \"\").") from None
       if header is None:
         raise ProclipError(f"The header line of the CSV manifest {path} cannot be read: "
                            f"{e}.") from None
@@ -402,14 +406,22 @@ def _open_tar(path: str) -> Iterator[tarfile.TarFile]:
 
 
 def _tar_groups(shards: Sequence[str], read_images: bool = True):
-  """Yields ``(location, key, {ext: bytes}, first)`` per example, in shard and member order;
-  ``first`` is the location of an earlier example with the same key (else None)."""
-  seen = {}
+  """Yields ``(location, key, {ext: bytes})`` per example, in shard and member order."""
   for path in shards:
     with _open_tar(path) as tf:
-      for location, key, parts in _tar_members(path, tf, read_images):
-        yield location, key, parts, seen.get(key)
-        seen.setdefault(key, location)
+      yield from _tar_members(path, tf, read_images)
+
+
+def _key_hash(key: str) -> int:
+  return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"),
+                                        digest_size=8).digest(), "little")
+
+
+def _repeated_hashes(hashes: np.ndarray) -> frozenset:
+  """The values that occur more than once in ``hashes`` (uint64: 8 bytes per example, so
+  that finding repeated keys costs little memory however many examples there are)."""
+  values, counts = np.unique(hashes, return_counts=True)
+  return frozenset(values[counts > 1].tolist())
 
 
 def _damaged_shard(path: str, examples: int, last_key, what: str) -> ProclipError:
@@ -471,7 +483,7 @@ def scan_tars(shards, fields, split) -> Schema:
   """The schema of a set of shards: the json members' keys decide the extra text fields."""
   kinds = {}
   has_txt = False
-  for _, _, parts, _ in _tar_groups(shards, read_images=False):
+  for _, _, parts in _tar_groups(shards, read_images=False):
     has_txt |= "txt" in parts
     if "json" in parts:
       try:
@@ -491,13 +503,17 @@ def scan_tars(shards, fields, split) -> Schema:
 
 
 def tar_examples(shards, schema: Schema, split_name: str, id_offset: int,
-                 default_lang: str) -> Iterator[RawExample]:
-  """Yields every example of ``shards`` (all in ``split_name``)."""
-  for ordinal, (location, key, parts, first) in enumerate(_tar_groups(shards)):
+                 default_lang: str, repeated_keys=frozenset()) -> Iterator[RawExample]:
+  """Yields every example of ``shards`` (all in ``split_name``); a key seen before is a bad
+  example (``repeated_keys``: the hashes of the keys that occur more than once)."""
+  first_seen = {}  # repeated key -> (ordinal, location) of its first example
+  for ordinal, (location, key, parts) in enumerate(_tar_groups(shards)):
     ex_id = id_offset + ordinal
     try:
-      if first is not None:
-        raise BadExample("duplicate key", f"key {key} appears again (first at {first})")
+      if repeated_keys and _key_hash(key) in repeated_keys:
+        first = first_seen.setdefault(key, (ordinal, location))
+        if first[0] != ordinal:
+          raise BadExample("duplicate key", f"key {key} appears again (first at {first[1]})")
       row = {}
       if "json" in parts:
         try:
@@ -523,14 +539,17 @@ def tar_examples(shards, schema: Schema, split_name: str, id_offset: int,
 # Planning: every source scanned, schemas merged, ids assigned.
 
 
-def _scan(source: Source, fields, int_fields) -> tuple[Schema, int]:
-  """A source's schema and its example count (the ids it takes)."""
+def _scan(source: Source, fields, int_fields) -> tuple[Source, int]:
+  """``source`` with its schema, example count (the ids it takes) and repeated keys."""
   if source.kind == "tars":
     shards = tar_paths(source.path)
     schema = scan_tars(shards, fields, source.split)
-    return schema, sum(1 for _ in _tar_groups(shards, read_images=False))
+    keys = (key for _, key, _ in _tar_groups(shards, read_images=False))
+    hashes = np.fromiter(map(_key_hash, keys), np.uint64)
+    repeated = _repeated_hashes(hashes)
+    return dataclasses.replace(source, schema=schema, repeated_keys=repeated), hashes.size
   schema = scan_manifest(source.path, fields, int_fields, source.split)
-  return schema, sum(1 for _ in _manifest_rows(source.path))
+  return dataclasses.replace(source, schema=schema), sum(1 for _ in _manifest_rows(source.path))
 
 
 def _merge_schemas(sources: Sequence[Source]) -> Schema:
@@ -559,8 +578,8 @@ def plan_sources(src, *, split: str | None = None, fields: Sequence[str] | None 
   fields = list(fields) if fields else None
   sources, offset = [], 0
   for source in resolve_sources(src, split):
-    schema, count = _scan(source, fields, int_fields)
-    sources.append(dataclasses.replace(source, schema=schema, id_offset=offset))
+    source, count = _scan(source, fields, int_fields)
+    sources.append(dataclasses.replace(source, id_offset=offset))
     offset += count
   splits = []
   for source in sources:
@@ -576,7 +595,7 @@ def examples(plan: Plan, split_name: str, default_lang: str) -> Iterator[RawExam
     if source.kind == "tars":
       if source.split == split_name:
         yield from tar_examples(tar_paths(source.path), plan.schema, split_name,
-                                source.id_offset, default_lang)
+                                source.id_offset, default_lang, source.repeated_keys)
     elif source.split == split_name or (source.split is None and
                                         split_name in source.schema.splits):
       schema = dataclasses.replace(plan.schema, image_key=source.schema.image_key,
