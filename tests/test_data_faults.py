@@ -17,6 +17,8 @@ from PIL import Image
 from proclip_jax.data import builder, paths, pipeline
 from proclip_jax.errors import ProclipError
 
+from tests.test_data import _write_tar
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,14 +27,6 @@ def _png(seed):
   Image.fromarray(np.random.default_rng(seed).integers(0, 256, (8, 8, 3), np.uint8)).save(
       buf, "PNG")
   return buf.getvalue()
-
-
-def _tar(path, members):
-  with tarfile.open(path, "w") as tf:
-    for name, data in members:
-      info = tarfile.TarInfo(name)
-      info.size = len(data)
-      tf.addfile(info, io.BytesIO(data))
 
 
 def _members(keys):
@@ -70,7 +64,7 @@ def _nothing_written(folder, out):
 
 def test_truncated_or_damaged_shard_is_refused(tmp_path, capsys):
   whole = tmp_path / "whole.tar"
-  _tar(whole, _members(["000", "001", "002", "003"]))
+  _write_tar(whole, _members(["000", "001", "002", "003"]))
   data = whole.read_bytes()
   with tarfile.open(whole) as tf:
     offsets = {m.name: m.offset for m in tf.getmembers()}
@@ -103,8 +97,8 @@ def test_truncated_or_damaged_shard_is_refused(tmp_path, capsys):
 def test_duplicate_shard_keys_are_skipped_and_counted(tmp_path):
   shards = tmp_path / "shards"
   shards.mkdir()
-  _tar(shards / "0.tar", _members(["000", "001"]) + _members(["000"]))  # 000 again
-  _tar(shards / "1.tar", _members(["001", "002"]))  # 001 again, in another shard
+  _write_tar(shards / "0.tar", _members(["000", "001"]) + _members(["000"]))  # 000 again
+  _write_tar(shards / "1.tar", _members(["001", "002"]))  # 001 again, in another shard
   r = _build(shards, tmp_path / "ds")
   assert r.num_examples == {"train": 3} and r.num_skipped == 2
   assert r.report["by_reason"] == {"duplicate key": 2}
@@ -212,7 +206,7 @@ def test_overwrite_never_deletes_an_input(tmp_path, capsys):
   os.symlink(data, tmp_path / "data_link")
   shards = tmp_path / "shards"
   shards.mkdir()
-  _tar(shards / "0.tar", _members(["000"]))
+  _write_tar(shards / "0.tar", _members(["000"]))
   before = sorted(str(p) for p in tmp_path.rglob("*"))
   cases = [(data / "m.jsonl", data, "contains the source"),
            (data / "m.jsonl", tmp_path, "contains the source"),
@@ -241,7 +235,7 @@ def test_overwrite_never_deletes_an_input(tmp_path, capsys):
                    progress=False)
   _cli_error(capsys, _tool("precompute"), ["--data", str(data / "ds"), "--model", str(model),
                                            "--fields", "caption", "--out", str(model),
-                                           "--overwrite"], "is the model")
+                                           "--overwrite", "--no-progress"], "is the model")
   assert (model / "model.json").read_text() == "{}"
 
   from proclip_jax.convert.api import convert  # pylint: disable=import-outside-toplevel

@@ -652,7 +652,6 @@ def precompute(data: str, model, out: str, *, split: str = "train",
   if isinstance(fields, str):
     fields = [f for f in fields.split(",") if f]
   fields = list(dict.fromkeys(fields))
-  _check_out(out, data, model)
   ids, caps = read_captions(data, split, fields, progress=progress)
   dataset = {"fingerprint": C.dataset_fingerprint(data, split), "split": split,
              "path": paths.absolute(data)}
