@@ -359,6 +359,29 @@ def test_disk_full_while_writing_a_cache_then_rerun(text_clip, tmp_path, monkeyp
   assert _files(out) == _files(ref)
 
 
+def test_disk_full_while_building_a_dataset_then_rerun(tmp_path, monkeypatch):
+  (tmp_path / "a.png").write_bytes(_png(0))
+  (tmp_path / "m.jsonl").write_text(json.dumps({"image": "a.png", "caption": "c"}) + "\n")
+  real = builder._prepare_quietly  # pylint: disable=protected-access
+  # What the ArrayRecord writer raises when the disk fills as it closes a shard, and a plain
+  # OSError (a JSON file of tfds).
+  for err in (RuntimeError('Failed to finalize writing of split "train": write() failed: No '
+                           'space left on device; writing x; at byte 32768'),
+              OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))):
+
+    def full(b, err=err):
+      real(b)
+      raise err
+
+    monkeypatch.setattr(builder, "_prepare_quietly", full)
+    with pytest.raises(ProclipError, match=r"Writing .*ds failed \(.*No space left on device.*"
+                                           r"nothing was kept"):
+      _build(tmp_path / "m.jsonl", tmp_path / "ds")
+    _nothing_written(tmp_path, tmp_path / "ds")
+  monkeypatch.undo()
+  assert _build(tmp_path / "m.jsonl", tmp_path / "ds").num_examples == {"train": 1}
+
+
 def test_damaged_model_json_is_one_line(tmp_path):
   from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
   from proclip_jax.data import precompute as P  # pylint: disable=import-outside-toplevel

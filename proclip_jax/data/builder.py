@@ -263,6 +263,12 @@ def _prepare_quietly(builder: tfds.core.DatasetBuilder) -> None:
     tfds.display_progress_bar(was_active)
 
 
+def _write_failed(e: BaseException) -> bool:
+  """Whether ``e`` is a failed write: an OSError, or the RuntimeError the ArrayRecord writer
+  raises for one (it carries the OS message, e.g. "write() failed: No space left on device")."""
+  return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write() failed" in str(e))
+
+
 def _fresh_dir(path: epath.Path) -> epath.Path:
   path.rmtree(missing_ok=True)
   path.mkdir(parents=True)
@@ -350,7 +356,8 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
   Raises:
     ProclipError: missing/unknown source, no image/caption column, ``out`` exists without
       ``overwrite``, ``out`` is, contains or lies inside an input (see
-      ``paths.check_output_apart``), a damaged shard or CSV, a split with no valid example.
+      ``paths.check_output_apart``), a damaged shard or CSV, a split with no valid example,
+      a failed write (disk full; nothing is kept).
   """
   t0 = time.time()
   out = epath.Path(paths.absolute(out))
@@ -377,19 +384,22 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
       features=_features(schema), split_records={s: records_of(s) for s in plan.splits},
       description=f"Built by proclip_jax.data.builder from {[s.path for s in plan.sources]}.",
       metadata=meta, data_dir=tmp, file_format="array_record")
+  built = tmp / DATASET_NAME / VERSION
   try:
     _prepare_quietly(builder)
+    report = _report(plan, tally, max_pixels)
+    (built / REPORT_NAME).write_text(json.dumps(report, indent=1))
   except _EmptySplit as e:
     tmp.rmtree(missing_ok=True)
     raise ProclipError(f"No valid example in split(s) {[str(e)]} of {src}; every example was "
                        f"skipped ({tally.by_reason()}). Fix the inputs.") from None
-  except BaseException:
+  except BaseException as e:
     tmp.rmtree(missing_ok=True)
+    if _write_failed(e):
+      raise ProclipError(f"Writing {out} failed ({' '.join(str(e).split())}); nothing was "
+                         "kept. Free space on that disk (or fix its permissions) and run the "
+                         "command again.") from e
     raise
-
-  report = _report(plan, tally, max_pixels)
-  built = tmp / DATASET_NAME / VERSION
-  (built / REPORT_NAME).write_text(json.dumps(report, indent=1))
   _move_into_place(built, out)
   tmp.rmtree(missing_ok=True)
   return BuildResult(str(out), {s: c["written"] for s, c in tally.counts.items()},
