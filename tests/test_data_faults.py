@@ -288,6 +288,22 @@ def test_features_json_naming_another_module_is_refused(small_dataset, tmp_path,
   (tmp_path / "ds3" / "dataset_info.json").write_text('{"name": "x", "spl')
   with pytest.raises(ProclipError, match="dataset_info.json is not valid JSON"):
     pipeline.open_source(tmp_path / "ds3", "train")
+  (tmp_path / "ds3" / "dataset_info.json").write_text("[]")
+  with pytest.raises(ProclipError, match=r"dataset_info.json is not valid JSON \(a JSON list"):
+    pipeline.open_source(tmp_path / "ds3", "train")
+  ds4 = tmp_path / "ds4"
+  shutil.copytree(small_dataset, ds4)
+  (ds4 / "features.json").unlink()
+  with pytest.raises(ProclipError, match="has no features.json"):
+    pipeline.open_source(ds4, "train")
+  from proclip_jax.data.cache import dataset_fingerprint  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ProclipError, match="names feature classes"):
+    dataset_fingerprint(str(ds), "train")  # what a cache check reads
+  ds5 = tmp_path / "ds5"
+  shutil.copytree(small_dataset, ds5)
+  (ds5 / "ingest_report.json").write_text('{"splits": ')
+  with pytest.raises(ProclipError, match="ingest_report.json is damaged"):
+    dataset_fingerprint(str(ds5), "train")
   assert not marker.exists() and name not in sys.modules
   assert len(pipeline.open_source(small_dataset, "train")) == 1  # our own features pass
 

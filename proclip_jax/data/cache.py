@@ -90,12 +90,10 @@ def dataset_fingerprint(path: str, split: str) -> str:
   Covers the dataset name and version, the split's name, byte count and shard lengths, the
   feature spec and the ingest report's counts; not the folder's location.
   """
+  from proclip_jax.data.pipeline import check_dataset_files  # pylint: disable=import-outside-toplevel
+  check_dataset_files(path)  # present, JSON objects
   root = epath.Path(path)
-  info_path = root / "dataset_info.json"
-  if not info_path.exists():
-    raise ProclipError(f"No tfds dataset at {path} (no dataset_info.json). Build one with "
-                       f"`python tools/build_dataset.py SRC {path}`.")
-  info = json.loads(info_path.read_text())
+  info = json.loads((root / "dataset_info.json").read_text())
   splits = {s.get("name"): s for s in info.get("splits", [])}
   if split not in splits:
     raise ProclipError(f"The dataset {path} has no split {split!r}; it has {sorted(splits)}.")
@@ -107,7 +105,13 @@ def dataset_fingerprint(path: str, split: str) -> str:
     ident["features"] = json.loads(features.read_text())
   report = root / "ingest_report.json"
   if report.exists():
-    r = json.loads(report.read_text())
+    try:
+      r = json.loads(report.read_text())
+    except ValueError:
+      r = None
+    if not isinstance(r, dict):
+      raise ProclipError(f"{report} is damaged (not a JSON object); build the dataset again "
+                         "with tools/build_dataset.py.")
     ident["report"] = {"splits": r.get("splits"), "skipped": r.get("skipped"),
                        "caption_fields": r.get("caption_fields")}
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()

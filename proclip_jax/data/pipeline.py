@@ -88,22 +88,30 @@ def _feature_classes(node) -> Iterator[str]:
 
 def check_dataset_files(path) -> None:
   """Refuses a dataset folder whose metadata tfds could not read safely: ``dataset_info.json``
-  missing or not JSON, ``features.json`` not JSON, or a feature class (in either) other than
-  those the builder writes."""
+  or ``features.json`` missing or not a JSON object, or a feature class (in either) other
+  than those the builder writes."""
   from etils import epath  # pylint: disable=g-import-not-at-top
   root = epath.Path(path)
   if not (root / "dataset_info.json").exists():
     raise ProclipError(f"No tfds dataset at {path} (no dataset_info.json). Build one with "
                        f"`python tools/build_dataset.py SRC {path}`.")
+  trees = {}
   for name in ("dataset_info.json", "features.json"):
     f = root / name
     if not f.exists():
       continue
     try:
-      tree = json.loads(f.read_text())
+      trees[name] = json.loads(f.read_text())
+      if not isinstance(trees[name], dict):
+        raise ValueError(f"a JSON {type(trees[name]).__name__}, not an object")
     except (ValueError, UnicodeDecodeError) as e:
       raise ProclipError(f"{f} is not valid JSON ({e}); the dataset is damaged: build it "
                          "again with tools/build_dataset.py.") from None
+  if "features.json" not in trees and "features" not in trees["dataset_info.json"]:
+    raise ProclipError(f"The dataset {path} has no features.json; it is damaged or incomplete: "
+                       "build it again with tools/build_dataset.py.")
+  for name, tree in trees.items():
+    f = root / name
     bad = sorted(set(_feature_classes(tree)) - _FEATURE_CLASSES)
     if bad:
       raise ProclipError(f"{f} names feature classes {bad}; a dataset built by "
