@@ -399,7 +399,6 @@ def test_disk_full_while_building_a_dataset_then_rerun(tmp_path, monkeypatch):
 
 
 def test_damaged_model_json_is_one_line(tmp_path):
-  from proclip_jax.checkpoint import read_model_json  # pylint: disable=import-outside-toplevel
   from proclip_jax.data import precompute as P  # pylint: disable=import-outside-toplevel
   bad = tmp_path / "model"
   bad.mkdir()
@@ -409,7 +408,7 @@ def test_damaged_model_json_is_one_line(tmp_path):
     P.load_precompute_model(str(bad))
   (bad / "model.json").write_text("[1, 2]")
   with pytest.raises(ProclipError, match=r"model.json is damaged \(a JSON list"):
-    read_model_json(str(bad))
+    P.load_precompute_model(str(bad))
 
 
 def test_malformed_converter_json_is_one_line(tmp_path, capsys):

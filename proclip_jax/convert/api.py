@@ -18,7 +18,6 @@ import os
 from typing import Mapping
 
 from proclip_jax.convert.common import read_json, read_state_dict
-from proclip_jax.data.paths import check_output_apart
 from proclip_jax.errors import ProclipError
 
 CLIP_TYPES = ("clip", "clip_vision_model", "clip_text_model")
@@ -99,6 +98,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     act: activation of an OpenAI-layout CLIP ("quick_gelu" default, "gelu" for open_clip
       models trained without QuickGELU).
   """
+  from proclip_jax.data.paths import check_output_apart  # pylint: disable=import-outside-toplevel
   src, out = os.fspath(src), os.fspath(out)
   loras = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or ())
   check_output_apart(out, [("source", src), *[("LoRA folder", p) for p in loras]])
