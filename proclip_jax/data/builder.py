@@ -23,7 +23,10 @@ report; nothing else is dropped.
 
 The build writes into ``.OUT_NAME.incomplete`` beside ``OUT`` and renames it at the end, so a
 killed run never leaves a folder that looks complete; running again starts that split
-from scratch (the leftover temporary folder is removed). Paths go through ``etils.epath``.
+from scratch (the leftover temporary folder is removed). A write that fails (disk full) is a
+ProclipError and leaves nothing. ``OUT`` must lie apart from the inputs: it may not be,
+contain or lie inside a source, nor be or contain a manifest's folder or its images' folders
+(``--overwrite`` would delete them). Paths go through ``etils.epath``.
 """
 import contextlib
 import dataclasses
