@@ -267,8 +267,16 @@ def read_model_json(path: str) -> dict:
     raise ProclipError(
         f"{path!r} is not a converted model folder (no {MODEL_JSON}). Make one with "
         "`python tools/convert.py SRC OUT`.")
-  with open(p) as f:
-    return json.load(f)
+  try:
+    with open(p) as f:
+      meta = json.load(f)
+  except (ValueError, UnicodeDecodeError) as e:
+    raise ProclipError(f"{p} is damaged (not valid JSON: {e}). Convert the model again with "
+                       "`python tools/convert.py SRC OUT`.") from None
+  if not isinstance(meta, dict):
+    raise ProclipError(f"{p} is damaged (a JSON {type(meta).__name__}, not an object). Convert "
+                       "the model again with `python tools/convert.py SRC OUT`.")
+  return meta
 
 
 def load_model(path: str, *, kind: str | None = None, target: Any = None):

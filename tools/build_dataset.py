@@ -6,7 +6,7 @@
 
 SRC is a .jsonl/.csv manifest (image paths relative to it) or a folder of webdataset .tar
 shards; OUT becomes a tfds dataset folder plus OUT/ingest_report.json (skipped examples and
-why). ``--demo`` writes the demo world (images, manifest, classes.json, OUT/data) instead.
+why). OUT may not be, contain or lie inside an input (--overwrite would delete it). ``--demo`` writes the demo world (images, manifest, classes.json, OUT/data) instead.
 """
 import argparse
 import json

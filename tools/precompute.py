@@ -6,7 +6,9 @@
       [--cpu-devices auto|N] [--overwrite]
 
 DATA comes from tools/build_dataset.py; MODEL is a folder from tools/convert.py (a text
-embedder gives LLM features, a CLIP gives the stage-1 teacher's text features). Killed and
+embedder gives LLM features, a CLIP gives the stage-1 teacher's text features). CACHE may
+not be, contain or lie inside DATA or MODEL. A disk that fills up is reported in one line;
+after freeing space, the same command goes on from the finished parts. Killed and
 run again with the same arguments, it resumes where it stopped. On several hosts run the
 same command on every host (CACHE on a shared file system); each does its share.
 

@@ -118,7 +118,10 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     vision_heads, text_heads: attention head counts of an OpenAI-layout CLIP's towers, when
       neither a preset nor the standard OpenAI sizes give them.
   """
+  from proclip_jax.data.paths import check_output_apart  # pylint: disable=import-outside-toplevel
   src, out = os.fspath(src), os.fspath(out)
+  loras = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or ())
+  check_output_apart(out, [("source", src), *[("LoRA folder", p) for p in loras]])
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   family, sd = detect(src)

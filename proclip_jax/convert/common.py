@@ -141,8 +141,7 @@ def read_state_dict(src: str) -> dict[str, np.ndarray]:
   for index_name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
     index = os.path.join(src, index_name)
     if os.path.exists(index):
-      with open(index) as f:
-        weight_map = json.load(f).get("weight_map", {})
+      weight_map = read_json(index).get("weight_map", {})
       out = {}
       for shard in sorted(set(weight_map.values())):
         shard_path = os.path.join(src, shard)
@@ -168,11 +167,15 @@ def read_state_dict(src: str) -> dict[str, np.ndarray]:
 def read_json(path: str) -> dict:
   try:
     with open(path) as f:
-      return json.load(f)
+      obj = json.load(f)
   except FileNotFoundError as e:
     raise ProclipError(f"Missing {path!r}.") from e
-  except json.JSONDecodeError as e:
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
     raise ProclipError(f"{path!r} is not valid JSON: {e}.") from e
+  if not isinstance(obj, dict):
+    raise ProclipError(f"{path!r} holds a JSON {type(obj).__name__}, not an object; it is "
+                       "damaged or not the file expected there.")
+  return obj
 
 
 def check_weights(params: Mapping, what: str = "checkpoint") -> None:

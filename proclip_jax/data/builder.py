@@ -23,13 +23,17 @@ report; nothing else is dropped.
 
 The build writes into ``.OUT_NAME.incomplete`` beside ``OUT`` and renames it at the end, so a
 killed run never leaves a folder that looks complete; running again starts that split
-from scratch (the leftover temporary folder is removed). Paths go through ``etils.epath``.
+from scratch (the leftover temporary folder is removed). A write that fails (disk full) is a
+ProclipError and leaves nothing. ``OUT`` must lie apart from the inputs: it may not be,
+contain or lie inside a source, nor be or contain a manifest's folder or its images' folders
+(``--overwrite`` would delete them). Paths go through ``etils.epath``.
 """
 import contextlib
 import dataclasses
 import io
 import itertools
 import json
+import os
 import time
 import warnings
 from concurrent import futures
@@ -262,6 +266,12 @@ def _prepare_quietly(builder: tfds.core.DatasetBuilder) -> None:
     tfds.display_progress_bar(was_active)
 
 
+def _write_failed(e: BaseException) -> bool:
+  """Whether ``e`` is a failed write: an OSError, or the RuntimeError the ArrayRecord writer
+  raises for one (it carries the OS message, e.g. "write() failed: No space left on device")."""
+  return isinstance(e, OSError) or (isinstance(e, RuntimeError) and "write() failed" in str(e))
+
+
 def _fresh_dir(path: epath.Path) -> epath.Path:
   path.rmtree(missing_ok=True)
   path.mkdir(parents=True)
@@ -278,6 +288,17 @@ def _move_into_place(built: epath.Path, out: epath.Path) -> None:
   out.rename(trash)
   built.rename(out)
   trash.rmtree(missing_ok=True)
+
+
+def _check_output_apart(out: epath.Path, plan: sources.Plan) -> None:
+  """Refuses an ``out`` that is, contains or lies inside a source, or is or contains a
+  manifest's folder or the folder of one of its images (``overwrite`` would delete them)."""
+  roots = []
+  for s in plan.sources:
+    if s.kind == "manifest":
+      roots.append(("manifest's folder", os.path.dirname(paths.absolute(s.path))))
+      roots += [("image folder", d) for d in s.schema.image_dirs]
+  paths.check_output_apart(os.fspath(out), [("source", s.path) for s in plan.sources], roots)
 
 
 # ---------------------------------------------------------------------------------------
@@ -337,7 +358,9 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
 
   Raises:
     ProclipError: missing/unknown source, no image/caption column, ``out`` exists without
-      ``overwrite``, a split with no valid example.
+      ``overwrite``, ``out`` is, contains or lies inside an input (see
+      ``paths.check_output_apart``), a damaged shard or CSV, a split with no valid example,
+      a failed write (disk full; nothing is kept).
   """
   t0 = time.time()
   out = epath.Path(paths.absolute(out))
@@ -345,6 +368,7 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
     raise ProclipError(f"{out} already exists. Pass overwrite=True (--overwrite) to replace it "
                        f"or choose another output folder.")
   plan = sources.plan_sources(src, split=split, fields=fields, int_fields=int_fields)
+  _check_output_apart(out, plan)
   schema = plan.schema
   tally = _Tally()
 
@@ -363,19 +387,22 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
       features=_features(schema), split_records={s: records_of(s) for s in plan.splits},
       description=f"Built by proclip_jax.data.builder from {[s.path for s in plan.sources]}.",
       metadata=meta, data_dir=tmp, file_format="array_record")
+  built = tmp / DATASET_NAME / VERSION
   try:
     _prepare_quietly(builder)
+    report = _report(plan, tally, max_pixels)
+    (built / REPORT_NAME).write_text(json.dumps(report, indent=1))
   except _EmptySplit as e:
     tmp.rmtree(missing_ok=True)
     raise ProclipError(f"No valid example in split(s) {[str(e)]} of {src}; every example was "
                        f"skipped ({tally.by_reason()}). Fix the inputs.") from None
-  except BaseException:
+  except BaseException as e:
     tmp.rmtree(missing_ok=True)
+    if _write_failed(e):
+      raise ProclipError(f"Writing {out} failed ({' '.join(str(e).split())}); nothing was "
+                         "kept. Free space on that disk (or fix its permissions) and run the "
+                         "command again.") from e
     raise
-
-  report = _report(plan, tally, max_pixels)
-  built = tmp / DATASET_NAME / VERSION
-  (built / REPORT_NAME).write_text(json.dumps(report, indent=1))
   _move_into_place(built, out)
   tmp.rmtree(missing_ok=True)
   return BuildResult(str(out), {s: c["written"] for s, c in tally.counts.items()},

@@ -40,10 +40,12 @@ Paths go through ``etils.epath``: a local cache is memory-mapped, one elsewhere 
 is read into memory.
 Damage is refused with a ProclipError: a truncated or unreadable array file, a row count
 other than the manifest's, and non-finite rows (checked on every lookup; precompute never
-writes them).
+writes them). A write that fails (disk full) leaves no temporary file and is a ProclipError;
+the finished parts stay, so running the same command again goes on.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -88,12 +90,10 @@ def dataset_fingerprint(path: str, split: str) -> str:
   Covers the dataset name and version, the split's name, byte count and shard lengths, the
   feature spec and the ingest report's counts; not the folder's location.
   """
+  from proclip_jax.data.pipeline import check_dataset_files  # pylint: disable=import-outside-toplevel
+  check_dataset_files(path)  # present, JSON objects
   root = epath.Path(path)
-  info_path = root / "dataset_info.json"
-  if not info_path.exists():
-    raise ProclipError(f"No tfds dataset at {path} (no dataset_info.json). Build one with "
-                       f"`python tools/build_dataset.py SRC {path}`.")
-  info = json.loads(info_path.read_text())
+  info = json.loads((root / "dataset_info.json").read_text())
   splits = {s.get("name"): s for s in info.get("splits", [])}
   if split not in splits:
     raise ProclipError(f"The dataset {path} has no split {split!r}; it has {sorted(splits)}.")
@@ -105,7 +105,13 @@ def dataset_fingerprint(path: str, split: str) -> str:
     ident["features"] = json.loads(features.read_text())
   report = root / "ingest_report.json"
   if report.exists():
-    r = json.loads(report.read_text())
+    try:
+      r = json.loads(report.read_text())
+    except ValueError:
+      r = None
+    if not isinstance(r, dict):
+      raise ProclipError(f"{report} is damaged (not a JSON object); build the dataset again "
+                         "with tools/build_dataset.py.")
     ident["report"] = {"splits": r.get("splits"), "skipped": r.get("skipped"),
                        "caption_fields": r.get("caption_fields")}
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
@@ -152,18 +158,32 @@ def _temporary(path: str) -> epath.Path:
   return epath.Path(f"{path}.tmp-{os.getpid()}")
 
 
+@contextlib.contextmanager
+def _writing(path: str):
+  """Yields the temporary name of ``path`` and renames it to ``path`` at the end; a failed
+  write (disk full, no permission) removes it and becomes a ProclipError: what was renamed
+  into place before stays, so the same command run again goes on from there."""
+  tmp = _temporary(path)
+  try:
+    yield tmp
+    tmp.replace(path)
+  except OSError as e:
+    with contextlib.suppress(OSError):
+      tmp.unlink(missing_ok=True)
+    raise ProclipError(f"Cannot write {path}: {e.strerror or e}. Free space on that disk (or "
+                       "fix its permissions) and run the same command again; finished parts "
+                       "are kept.") from e
+
+
 def atomic_save_npy(path: str, array: np.ndarray) -> None:
   """``np.save`` to ``path`` through a temporary name and a rename."""
-  tmp = _temporary(path)
-  with tmp.open("wb") as f:
+  with _writing(path) as tmp, tmp.open("wb") as f:
     np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-  tmp.replace(path)
 
 
 def atomic_write_json(path: str, obj: Any) -> None:
-  tmp = _temporary(path)
-  tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-  tmp.replace(path)
+  with _writing(path) as tmp:
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def read_json(path: str) -> Any:
@@ -180,24 +200,23 @@ def merge_parts(parts: Sequence[str], out: str, rows: int, dim: int, dtype: np.d
   The ``.npy`` header goes first and the parts' rows are streamed after it, one part in
   memory at a time, so the file is the one ``np.save`` writes for the whole array.
   """
-  tmp = _temporary(out)
   written = 0
-  with tmp.open("wb") as f:
-    np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
-                                             "fortran_order": False, "shape": (rows, dim)})
-    for p in parts:
-      with epath.Path(p).open("rb") as pf:
-        a = np.load(pf, allow_pickle=False)
-      if a.ndim != 2 or a.shape[1] != dim or written + a.shape[0] > rows:
-        written = -1  # never equal to rows: refused below
-        break
-      f.write(np.ascontiguousarray(a, dtype).tobytes())
-      written += a.shape[0]
-  if written != rows:
-    tmp.unlink()
-    raise ProclipError(f"The parts of {out} do not make {rows} rows of {dim} values; remove "
-                       f"{os.path.dirname(parts[0]) if parts else out} and run again.")
-  tmp.replace(out)
+  with _writing(out) as tmp:
+    with tmp.open("wb") as f:
+      np.lib.format.write_array_header_1_0(f, {"descr": np.lib.format.dtype_to_descr(dtype),
+                                               "fortran_order": False, "shape": (rows, dim)})
+      for p in parts:
+        with epath.Path(p).open("rb") as pf:
+          a = np.load(pf, allow_pickle=False)
+        if a.ndim != 2 or a.shape[1] != dim or written + a.shape[0] > rows:
+          written = -1  # never equal to rows: refused below
+          break
+        f.write(np.ascontiguousarray(a, dtype).tobytes())
+        written += a.shape[0]
+    if written != rows:
+      tmp.unlink()
+      raise ProclipError(f"The parts of {out} do not make {rows} rows of {dim} values; remove "
+                         f"{os.path.dirname(parts[0]) if parts else out} and run again.")
 
 
 # ------------------------------------------------------------------------- reading

@@ -54,7 +54,7 @@ process).
 import dataclasses
 import json
 import threading
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -65,14 +65,72 @@ from proclip_jax.errors import ProclipError
 _FOREVER_EPOCHS = 1 << 20
 
 
-def open_source(path, split: str):
-  """The tfds ArrayRecord data source of ``split`` in the dataset folder ``path``."""
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+# The feature classes tools/build_dataset.py writes. tfds imports the module named by every
+# "pythonClassName" of a dataset's features.json (or dataset_info.json) while it reads the
+# folder, so a dataset could run any installed module; anything else is refused first.
+_FEATURE_CLASSES = frozenset(f"tensorflow_datasets.core.features.{c}" for c in (
+    "features_dict.FeaturesDict", "text_feature.Text", "scalar.Scalar", "tensor_feature.Tensor"))
+_CLASS_KEYS = ("pythonClassName", "python_class_name")
+
+
+def _feature_classes(node) -> Iterator[str]:
+  """Every feature class name in a JSON tree (values of ``pythonClassName`` keys)."""
+  if isinstance(node, dict):
+    for k, v in node.items():
+      if k in _CLASS_KEYS:
+        yield v if isinstance(v, str) else repr(v)
+      else:
+        yield from _feature_classes(v)
+  elif isinstance(node, list):
+    for v in node:
+      yield from _feature_classes(v)
+
+
+def check_dataset_files(path) -> None:
+  """Refuses a dataset folder whose metadata tfds could not read safely: ``dataset_info.json``
+  or ``features.json`` missing or not a JSON object, or a feature class (in either) other
+  than those the builder writes."""
   from etils import epath  # pylint: disable=g-import-not-at-top
-  if not (epath.Path(path) / "dataset_info.json").exists():
+  root = epath.Path(path)
+  if not (root / "dataset_info.json").exists():
     raise ProclipError(f"No tfds dataset at {path} (no dataset_info.json). Build one with "
                        f"`python tools/build_dataset.py SRC {path}`.")
-  builder = tfds.builder_from_directory(path)
+  trees = {}
+  for name in ("dataset_info.json", "features.json"):
+    f = root / name
+    if not f.exists():
+      continue
+    try:
+      trees[name] = json.loads(f.read_text())
+      if not isinstance(trees[name], dict):
+        raise ValueError(f"a JSON {type(trees[name]).__name__}, not an object")
+    except (ValueError, UnicodeDecodeError) as e:
+      raise ProclipError(f"{f} is not valid JSON ({e}); the dataset is damaged: build it "
+                         "again with tools/build_dataset.py.") from None
+  if "features.json" not in trees and "features" not in trees["dataset_info.json"]:
+    raise ProclipError(f"The dataset {path} has no features.json; it is damaged or incomplete: "
+                       "build it again with tools/build_dataset.py.")
+  for name, tree in trees.items():
+    f = root / name
+    bad = sorted(set(_feature_classes(tree)) - _FEATURE_CLASSES)
+    if bad:
+      raise ProclipError(f"{f} names feature classes {bad}; a dataset built by "
+                         "tools/build_dataset.py only has "
+                         f"{sorted(c.rsplit('.', 1)[1] for c in _FEATURE_CLASSES)}. Refusing "
+                         "to read it (tfds would import the modules it names); build the "
+                         "dataset again with tools/build_dataset.py.")
+
+
+def open_builder(path):
+  """The tfds builder of the dataset folder ``path``, after :func:`check_dataset_files`."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  check_dataset_files(path)
+  return tfds.builder_from_directory(path)
+
+
+def open_source(path, split: str):
+  """The tfds ArrayRecord data source of ``split`` in the dataset folder ``path``."""
+  builder = open_builder(path)
   if split not in builder.info.splits:
     raise ProclipError(f"The dataset {path} has no split {split!r}; it has "
                        f"{sorted(builder.info.splits)}.")

@@ -348,6 +348,14 @@ def _check_options(fields: Sequence[str], dtype: str, batch_size, unit_size) -> 
     raise ProclipError(f"Field names {bad} cannot name cache files; rename them.")
 
 
+def _check_out(out: str, data: str | None, model) -> None:
+  """Refuses a cache folder that is, contains or lies inside the dataset or the model folder
+  (``overwrite`` deletes the cache folder)."""
+  model_path = (model.info.get("model", {}).get("path") if isinstance(model, PrecomputeModel)
+                else model)
+  paths.check_output_apart(out, [("dataset", data), ("model", model_path)])
+
+
 def _in_id_order(ids, captions: Mapping[str, Sequence[str]],
                  fields: Sequence[str]) -> tuple[np.ndarray, dict[str, list[str]]]:
   """``(ids int64 sorted, {field: captions in that order})``; the ids must be unique."""
@@ -596,6 +604,7 @@ def precompute_captions(ids, captions: Mapping[str, Sequence[str]], model, out: 
     The absolute cache path.
   """
   out = paths.absolute(out)
+  _check_out(out, dataset.get("path"), model)
   fields = list(captions)
   _check_options(fields, dtype, batch_size, unit_size)
   ids, caps = _in_id_order(ids, captions, fields)

@@ -20,14 +20,22 @@ included); for shards, the position of the example in (sorted shard name, member
 With a ``{split: source}`` mapping the sources are numbered one after another in the order
 given. The same input always gets the same ids.
 
-Captions must be present, valid UTF-8 and non-empty after stripping; a row that breaks a
-rule becomes an example carrying a :class:`BadExample` (the builder reports it), so nothing
-is dropped silently. Paths go through ``etils.epath``: a manifest, its images and shards may
+Captions must be present, valid UTF-8 and non-empty after stripping; ids and int fields
+must fit int64; a row that breaks a rule becomes an example carrying a :class:`BadExample`
+(the builder reports it), so nothing is dropped silently. So does a CSV row the csv module
+cannot parse on its own line, a field over its size limit included; a quoted CSV field that
+is never closed properly (it would swallow the rows after it) is refused with a ProclipError
+naming its first and last line. In shards, a key seen before (in the same source) is a
+skipped ``duplicate key`` example; a shard that ends without the tar end-of-archive marker
+(cut at a member boundary, which tarfile takes for a clean end), is cut inside a member or
+has a damaged header is refused with a ProclipError naming it and the examples read before
+the damage. Paths go through ``etils.epath``: a manifest, its images and shards may
 live wherever epath can read.
 """
 import contextlib
 import csv
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -35,6 +43,7 @@ import re
 import tarfile
 from typing import Iterator, Mapping, Sequence
 
+import numpy as np
 from etils import epath
 
 from proclip_jax.data import paths
@@ -76,6 +85,7 @@ class Schema:
   ignored: list
   splits: list
   image_key: str | None = None
+  image_dirs: list = dataclasses.field(default_factory=list)  # folders of a manifest's images
 
 
 @dataclasses.dataclass
@@ -87,6 +97,7 @@ class Source:
   kind: str
   schema: Schema | None = None
   id_offset: int = 0
+  repeated_keys: frozenset = frozenset()  # shards: hashes of the keys seen more than once
 
 
 @dataclasses.dataclass
@@ -159,14 +170,19 @@ def _check_text(name: str, value) -> str:
   return value
 
 
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
 def _parse_int(name: str, value) -> int:
   if isinstance(value, bool):
     raise BadExample("bad int field", f"field {name!r} is a boolean")
-  if isinstance(value, int):
-    return value
   if isinstance(value, str) and re.fullmatch(r"\s*-?\d+\s*", value):
-    return int(value)
-  raise BadExample("bad int field", f"field {name!r} = {value!r} is not an integer")
+    value = int(value)
+  if not isinstance(value, int):
+    raise BadExample("bad int field", f"field {name!r} = {value!r} is not an integer")
+  if not INT64_MIN <= value <= INT64_MAX:
+    raise BadExample("bad int field", f"field {name!r} = {value} does not fit int64")
+  return value
 
 
 def _fields_of(row: dict, schema: Schema, default_lang: str) -> dict:
@@ -221,21 +237,46 @@ def _manifest_rows(path: str) -> Iterator[tuple[int, dict | None, BadExample | N
   """
   with epath.Path(path).open("rb") as raw:
     if path.endswith(".csv"):
-      yield from _csv_rows(raw)
+      yield from _csv_rows(raw, path)
     else:
       yield from _jsonl_rows(raw)
 
 
-def _csv_rows(raw) -> Iterator[tuple[int, dict, None]]:
+def _csv_rows(raw, path: str) -> Iterator[tuple[int, dict | None, BadExample | None]]:
+  """The rows of a CSV manifest as dicts keyed by its header (missing cells None, extra cells
+  dropped), read strictly so that a badly closed quoted field is an error, not a field that
+  swallows the rows after it."""
   f = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="")
-  reader = csv.DictReader(f)
-  if reader.fieldnames is None:
-    return
-  for row in reader:
-    if not any((v or "").strip() for v in row.values() if isinstance(v, str)):
+  reader = csv.reader(f, strict=True)
+  header = None
+  while True:
+    first = reader.line_num + 1
+    try:
+      cells = next(reader)
+    except StopIteration:
+      return
+    except csv.Error as e:
+      last = reader.line_num
+      if last > first:  # one row ran over several lines: the rows after it were swallowed
+        raise ProclipError(
+            f"The CSV manifest {path}: the row starting on line {first} does not end before "
+            f"line {last} (csv: {e}); a quoted field is not closed properly and would swallow "
+            f"{last - first} lines. Fix its quotes (a quote inside a quoted field is written "
+            "twice: \"\").") from None
+      if header is None:
+        raise ProclipError(f"The header line of the CSV manifest {path} cannot be read: "
+                           f"{e}.") from None
+      yield first, None, BadExample("bad manifest row", f"line {first}: {e}")
       continue
-    row.pop(None, None)  # extra cells without a header
-    yield reader.line_num, row, None
+    if header is None:
+      header = cells
+      continue
+    if not any(c.strip() for c in cells):
+      continue
+    row = dict(zip(header, cells))
+    for k in header[len(cells):]:
+      row.setdefault(k, None)
+    yield first, row, None
 
 
 def _jsonl_rows(raw) -> Iterator[tuple[int, dict | None, BadExample | None]]:
@@ -263,11 +304,15 @@ def scan_manifest(path: str, fields, int_fields, split) -> Schema:
   """The schema of a manifest: its columns' kinds decide what is stored and how."""
   kinds = {}  # column -> set of value kinds
   splits = []
+  root = os.path.dirname(paths.absolute(path))
+  image_dirs = {k: set() for k in IMAGE_KEYS}  # per candidate image column
   for _, row, err in _manifest_rows(path):
     if err is not None:
       continue
     for k, v in row.items():
       kinds.setdefault(k, set()).add(_value_kind(v, blank_is_none=True))
+      if k in image_dirs and isinstance(v, str) and v.strip():
+        image_dirs[k].add(os.path.dirname(_join(root, v)))
     if split is None and _row_split(row) not in splits:
       splits.append(_row_split(row))
   if not kinds:
@@ -289,7 +334,8 @@ def scan_manifest(path: str, fields, int_fields, split) -> Schema:
                        f"its columns are {sorted(kinds)}.")
   ints = [k for k in int_fields if k in kinds and k not in captions]
   texts, ignored = _other_columns(kinds, {image_key, "id", "split", "image", *captions, *ints})
-  return Schema(captions, ints, texts, ignored, [split] if split else splits, image_key)
+  return Schema(captions, ints, texts, ignored, [split] if split else splits, image_key,
+                sorted(image_dirs[image_key]))
 
 
 def manifest_examples(path: str, schema: Schema, split_name: str, by_column: bool,
@@ -366,26 +412,69 @@ def _tar_groups(shards: Sequence[str], read_images: bool = True):
       yield from _tar_members(path, tf, read_images)
 
 
+def _key_hash(key: str) -> int:
+  return int.from_bytes(hashlib.blake2b(key.encode("utf-8", "surrogateescape"),
+                                        digest_size=8).digest(), "little")
+
+
+def _repeated_hashes(hashes: np.ndarray) -> frozenset:
+  """The values that occur more than once in ``hashes`` (uint64: 8 bytes per example, so
+  that finding repeated keys costs little memory however many examples there are)."""
+  values, counts = np.unique(hashes, return_counts=True)
+  return frozenset(values[counts > 1].tolist())
+
+
+def _damaged_shard(path: str, examples: int, last_key, what: str) -> ProclipError:
+  read = f"{examples} examples were read up to key {last_key}" if examples else "nothing was read"
+  return ProclipError(f"The shard {path} is {what}: {read}, what followed is lost. "
+                      "Re-download the shard, or remove it from the folder to build without it.")
+
+
+def _check_end_of_archive(path: str, tf: tarfile.TarFile, examples: int, last_key):
+  """Refuses a shard whose members end without the end-of-archive block (zeros).
+
+  tarfile stops quietly at end of file and at an unreadable header after the first, so a
+  shard cut at a member boundary or with a damaged header would read as a shorter one.
+  """
+  tf.fileobj.seek(tf.offset)
+  block = tf.fileobj.read(tarfile.BLOCKSIZE)
+  if not block:
+    raise _damaged_shard(path, examples, last_key, "truncated: it ends without the tar "
+                         "end-of-archive marker")
+  if any(block):
+    raise _damaged_shard(path, examples, last_key,
+                         f"damaged: the tar header at byte {tf.offset} cannot be read")
+
+
 def _tar_members(path: str, tf: tarfile.TarFile, read_images: bool):
   """The examples of one shard: consecutive members with the same key form one example."""
-  key, parts = None, {}
-  for member in tf:
-    if not member.isfile():
-      continue
-    base = os.path.basename(member.name)
-    if base.startswith("."):
-      continue
-    stem, _, ext = base.partition(".")
-    k = os.path.join(os.path.dirname(member.name), stem)
-    if k != key and key is not None:
-      yield f"{path}:{key}", key, parts
-      parts = {}
+  key, parts, groups = None, {}, 0
+  members = iter(tf)
+  while True:
+    try:
+      member = next(members, None)
+      if member is None:
+        break
+      if not member.isfile():
+        continue
+      base = os.path.basename(member.name)
+      if base.startswith("."):
+        continue
+      stem, _, ext = base.partition(".")
+      k = os.path.join(os.path.dirname(member.name), stem)
+      ext = ext.lower()
+      data = tf.extractfile(member).read() if read_images or ext in ("json", "txt") else b""
+    except (tarfile.TarError, OSError, EOFError) as e:
+      raise _damaged_shard(path, groups, key, "cut inside a member or unreadable "
+                           f"({type(e).__name__}: {e})") from None
+    if k != key:
+      if key is not None:
+        yield f"{path}:{key}", key, parts
+        parts = {}
+      groups += 1
     key = k
-    ext = ext.lower()
-    if read_images or ext in ("json", "txt"):
-      parts[ext] = tf.extractfile(member).read()
-    else:
-      parts[ext] = b""
+    parts[ext] = data
+  _check_end_of_archive(path, tf, groups, key)
   if key is not None:
     yield f"{path}:{key}", key, parts
 
@@ -414,11 +503,17 @@ def scan_tars(shards, fields, split) -> Schema:
 
 
 def tar_examples(shards, schema: Schema, split_name: str, id_offset: int,
-                 default_lang: str) -> Iterator[RawExample]:
-  """Yields every example of ``shards`` (all in ``split_name``)."""
+                 default_lang: str, repeated_keys=frozenset()) -> Iterator[RawExample]:
+  """Yields every example of ``shards`` (all in ``split_name``); a key seen before is a bad
+  example (``repeated_keys``: the hashes of the keys that occur more than once)."""
+  first_seen = {}  # repeated key -> (ordinal, location) of its first example
   for ordinal, (location, key, parts) in enumerate(_tar_groups(shards)):
     ex_id = id_offset + ordinal
     try:
+      if repeated_keys and _key_hash(key) in repeated_keys:
+        first = first_seen.setdefault(key, (ordinal, location))
+        if first[0] != ordinal:
+          raise BadExample("duplicate key", f"key {key} appears again (first at {first[1]})")
       row = {}
       if "json" in parts:
         try:
@@ -444,14 +539,17 @@ def tar_examples(shards, schema: Schema, split_name: str, id_offset: int,
 # Planning: every source scanned, schemas merged, ids assigned.
 
 
-def _scan(source: Source, fields, int_fields) -> tuple[Schema, int]:
-  """A source's schema and its example count (the ids it takes)."""
+def _scan(source: Source, fields, int_fields) -> tuple[Source, int]:
+  """``source`` with its schema, example count (the ids it takes) and repeated keys."""
   if source.kind == "tars":
     shards = tar_paths(source.path)
     schema = scan_tars(shards, fields, source.split)
-    return schema, sum(1 for _ in _tar_groups(shards, read_images=False))
+    keys = (key for _, key, _ in _tar_groups(shards, read_images=False))
+    hashes = np.fromiter(map(_key_hash, keys), np.uint64)
+    repeated = _repeated_hashes(hashes)
+    return dataclasses.replace(source, schema=schema, repeated_keys=repeated), hashes.size
   schema = scan_manifest(source.path, fields, int_fields, source.split)
-  return schema, sum(1 for _ in _manifest_rows(source.path))
+  return dataclasses.replace(source, schema=schema), sum(1 for _ in _manifest_rows(source.path))
 
 
 def _merge_schemas(sources: Sequence[Source]) -> Schema:
@@ -480,8 +578,8 @@ def plan_sources(src, *, split: str | None = None, fields: Sequence[str] | None 
   fields = list(fields) if fields else None
   sources, offset = [], 0
   for source in resolve_sources(src, split):
-    schema, count = _scan(source, fields, int_fields)
-    sources.append(dataclasses.replace(source, schema=schema, id_offset=offset))
+    source, count = _scan(source, fields, int_fields)
+    sources.append(dataclasses.replace(source, id_offset=offset))
     offset += count
   splits = []
   for source in sources:
@@ -497,7 +595,7 @@ def examples(plan: Plan, split_name: str, default_lang: str) -> Iterator[RawExam
     if source.kind == "tars":
       if source.split == split_name:
         yield from tar_examples(tar_paths(source.path), plan.schema, split_name,
-                                source.id_offset, default_lang)
+                                source.id_offset, default_lang, source.repeated_keys)
     elif source.split == split_name or (source.split is None and
                                         split_name in source.schema.splits):
       schema = dataclasses.replace(plan.schema, image_key=source.schema.image_key,

@@ -249,8 +249,8 @@ def demo_zero_shot(model, path: str, *, split: str = "classification_test", batc
     with open(classes_file, encoding="utf-8") as f:
       info = json.load(f)
   else:
-    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-    info = dict(tfds.builder_from_directory(data_dir).info.metadata or {}).get("demo_world")
+    from proclip_jax.data.pipeline import open_builder  # pylint: disable=import-outside-toplevel
+    info = dict(open_builder(data_dir).info.metadata or {}).get("demo_world")
     if not info:
       raise ProclipError(f"No classes.json beside {data_dir} and no demo_world metadata.")
   data = ds.ClassificationData("demo", [], rows["label"], info["classes"], info["templates"])
