@@ -24,11 +24,12 @@ import numpy as np
 from safetensors import safe_open
 
 from proclip_jax.convert.clip import convert_hf_clip, convert_openai_clip
-from proclip_jax.convert.eva import convert_eva_clip
+from proclip_jax.convert.eva import convert_eva_clip, find_eva
 from proclip_jax.convert.common import read_json, read_state_dict
 from proclip_jax.convert.llm import convert_embedder
 from proclip_jax.convert.openclip_arch import resolve_arch
 from proclip_jax.convert.proclip import convert_proclip
+from proclip_jax.data.paths import check_output_apart
 from proclip_jax.errors import ProclipError
 from proclip_jax.storage import load_model, read_model_json
 
@@ -92,7 +93,6 @@ def detect(src: str) -> tuple[str, Mapping | None]:
     return "proclip", None
   if any(k.startswith("visual.") for k in keys) and "token_embedding.weight" in keys:
     return "openai-clip", sd
-  from proclip_jax.convert.eva import find_eva  # pylint: disable=import-outside-toplevel
   if find_eva(keys) is not None:
     return "eva-clip", sd
   found = f"config.json model_type {mtype!r} and " if mtype is not None else ""
@@ -118,7 +118,6 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     vision_heads, text_heads: attention head counts of an OpenAI-layout CLIP's towers, when
       neither a preset nor the standard OpenAI sizes give them.
   """
-  from proclip_jax.data.paths import check_output_apart  # pylint: disable=import-outside-toplevel
   src, out = os.fspath(src), os.fspath(out)
   loras = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or ())
   check_output_apart(out, [("source", src), *[("LoRA folder", p) for p in loras]])
