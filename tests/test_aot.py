@@ -6,6 +6,7 @@ JAX_PLATFORMS=cpu, so libtpu is only loaded for the compile). The per-chip argum
 checked against the sharded state and batch computed from the shapes and shardings, the
 FLOP count against the model's, and the collectives parser against hand-written HLO.
 """
+import dataclasses
 import os
 import subprocess
 import sys
@@ -58,8 +59,9 @@ def test_memory_is_the_sharded_state_and_batch(report):
   m = report["memory"]
   assert report["chips"] == 4 and report["device_kind"].startswith("TPU v5")
   assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
-  # XLA:TPU pads tiny arrays to its tiles; the sharded sizes are a lower bound, within 2x.
-  assert expected <= m["argument_bytes"] <= 2 * expected
+  # XLA:TPU pads arrays to its (8, 128) tiles, which roughly doubles this tiny model's
+  # small leaves; the sharded sizes are a lower bound (a ViT-L/14 state is within a few %).
+  assert expected <= m["argument_bytes"] <= 2.5 * expected
   assert m["total_bytes"] == (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
                               + m["temp_bytes"] + m["code_bytes"])
   assert m["alias_bytes"] > 0  # the donated state is updated in place
@@ -69,7 +71,15 @@ def test_memory_is_the_sharded_state_and_batch(report):
 def test_flops_against_the_model_count(report):
   f = report["flops"]
   assert f["step"] == f["per_chip"] * 4
-  assert f["model"] == aot.model_step_flops(tiny_config())
+  config = tiny_config()
+  assert f["model"] == aot.model_step_flops(config)
+  # Scanned: the loop body once; remat nothing_saveable: one more forward of that layer.
+  from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
+  one = aot.model_config(tiny_config(**{"model.vision.layers": 1})).vision
+  layer = (common.vit_forward_flops(one, BATCH)
+           - common.vit_forward_flops(dataclasses.replace(one, layers=0), BATCH))
+  once = tiny_config(**{"model.vision.layers": 1, "model.vision.remat": "none"})
+  assert f["model_as_compiled"] == aot.model_step_flops(once) + layer
   # The tiny model's elementwise work is a large share; the matmuls dominate at real sizes
   # (docs/scale.md), here only the order of magnitude is checked.
   assert 0.5 < f["ratio"] < 2.0
@@ -100,7 +110,10 @@ def test_collectives_parser():
   assert coll["reduce-scatter"] == {"count": 1, "bytes": 4 * 16 * 2 + 2 * 4}
   assert coll["collective-permute"] == {"count": 1, "bytes": 12}
   assert coll["all-to-all"] == {"count": 0, "bytes": 0}
-  assert [op["kind"] for op in batch_ops] == ["all-gather", "all-gather", "all-reduce"]
+  assert [(op["kind"], op["shape"]) for op in batch_ops] == [
+      ("all-gather", "bf16[8, 128]"), ("all-gather", "f32[8, 4]"), ("all-reduce", "f32[8]")]
+  _, batch_ops = aot.collectives(hlo, 8, frozenset({(8, 128)}))
+  assert [op["shape"] for op in batch_ops] == ["f32[8, 4]", "f32[8]"]
 
 
 def test_bad_topology():

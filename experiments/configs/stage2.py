@@ -10,7 +10,9 @@ tower, grad clip 5.0, no warmup then cosine, global batch 4096, bf16 compute.
 Args (``stage2.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336, ``embedder``
 (llm2clip_llama3_8b, D = 4096), ``root``, ``dataset``, ``stage1`` (the stage-1 workdir;
 default ROOT/runs/stage1-SIZE-EMBEDDER), ``steps``, ``batch``, ``bf16``, ``impl``
-(contrastive loss: dense | blockwise | sharded), ``scan`` (scan the ViT blocks).
+(contrastive loss: dense | blockwise | sharded), ``scan`` (scan the ViT blocks), ``remat``
+(rematerialisation of each block: none | full | a ``jax.checkpoint_policies`` name such as
+nothing_saveable; also ``--config.model.vision.remat=...``).
 On NVIDIA GPUs in bf16, ``--config.model.vision.attention=cudnn`` runs the image tower's
 attention through cuDNN's fused kernel (``VisionConfig.attention``); a model trained so still
 loads and runs on a CPU (``ProCLIP.load`` falls back to the dense path).
@@ -39,7 +41,7 @@ from experiments.configs import common
 
 
 def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps: int,
-          batch: int, bf16: bool, impl: str, scan: bool):
+          batch: int, bf16: bool, impl: str, scan: bool, remat: str = "none"):
   """The stage-2 ConfigDict (shared with the Qwen3 variant)."""
   e, _ = common.backbone(size)
   stem, preset, d = common.embedder(embedder)
@@ -48,6 +50,7 @@ def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps:
   c.total_steps = steps
   common.model_config(c, d=d, e=e, size=size, dtype="bfloat16" if bf16 else "float32",
                       scan_layers=scan)
+  c.model.vision.remat = remat
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
   c.data.worker_count = 8
@@ -75,6 +78,6 @@ def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps:
 def get_config(arg=None):
   a = common.parse_arg(arg, size="B/16", embedder="llm2clip_llama3_8b", root=".",
                        dataset="cc3m", stage1="", steps=10_000, batch=4096, bf16=True,
-                       impl="dense", scan=False)
+                       impl="dense", scan=False, remat="none")
   return build(a.size, a.embedder, a.root, a.dataset, a.stage1, a.steps, a.batch, a.bf16,
-               a.impl, a.scan)
+               a.impl, a.scan, a.remat)

@@ -20,7 +20,10 @@ The report (a JSON-ready dict):
 * ``fits``: ``total <= hbm``.
 * ``flops``: ``per_chip`` from ``cost_analysis()`` (the SPMD program is one chip's share),
   ``step`` = per chip × chips, ``model`` (matmul FLOPs of the step from
-  ``proclip_jax.bench.common``) and ``ratio = step / model``.
+  ``proclip_jax.bench.common``), ``model_as_compiled`` (the same count as the compiled
+  program runs it: a scanned loop's body once, since the cost analysis does not multiply by
+  trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
+  model_as_compiled``.
 * ``collectives``: count and result bytes per kind in the optimized HLO; an op inside a
   loop body (the scanned layers) counts once. ``batch_collectives``: the collectives whose
   result has a dimension equal to the global batch (what crosses the chips per example:
@@ -29,6 +32,7 @@ The report (a JSON-ready dict):
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -55,7 +59,7 @@ _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16
 # async collectives appear as op-start / op-done pairs: the -done carries the result.
 _OP_RE = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+"
                     r"(" + "|".join(COLLECTIVES) + r")(-done)?\(")
-_OFF_VM_ENV = {"TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0",
+_OFF_VM_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0",
                "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
 _SHAPE_RE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
 
@@ -74,7 +78,8 @@ def topology_devices(topology: str) -> list:
   """The devices of a named TPU slice, from XLA:TPU's topology description (no TPU needed)."""
   kind = chip_kind(topology)
   # Off a TPU VM libtpu looks for the VM's metadata (accelerator type, worker hostnames) and
-  # logs errors when it finds none; the compile needs none of it.
+  # logs errors when it finds none; the compile needs none of it. Compile-only processes
+  # share no TPU, so libtpu's one-process lock (/tmp/libtpu_lockfile) is not taken.
   for name, value in _OFF_VM_ENV.items():
     os.environ.setdefault(name, value)
   try:
@@ -112,17 +117,37 @@ def batch_structs(config: Any, mesh) -> dict:
   return {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sh) for k, v in shapes.items()}
 
 
-def model_step_flops(config: Any) -> int:
-  """Matmul FLOPs of one global step of this config (``proclip_jax.bench.common``)."""
+def model_step_flops(config: Any, as_compiled: bool = False) -> int:
+  """Matmul FLOPs of one global step of this config (``proclip_jax.bench.common``).
+
+  With ``as_compiled``, the count that XLA's cost analysis of the compiled step should
+  give: a scanned tower's loop body counted once (the analysis does not multiply by the trip
+  count), plus the forward the backward recomputes under a remat policy that saves no
+  matmul outputs.
+  """
   from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.vit import remat_policy  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.state import uses_teacher  # pylint: disable=import-outside-toplevel
   mc = model_config(config)
   b = int(_get(config, "data.batch_size"))
   if stage_of(config) == 1:
     return common.stage1_step_flops(mc.adapter, b,
                                     len(tuple(_get(config, "stage1.fields", ("short", "raw")))))
-  return common.stage2_step_flops(mc.vision, mc.adapter, b,
-                                  teacher=uses_teacher(config))["total"]
+  vis = mc.vision
+  recompute = 0
+  if as_compiled:
+    if vis.scan_layers:
+      vis = dataclasses.replace(vis, layers=1)
+    policy = remat_policy(vis.remat)
+    if policy is not None and not _saves_dots(vis.remat):
+      recompute = (common.vit_forward_flops(vis, b)
+                   - common.vit_forward_flops(dataclasses.replace(vis, layers=0), b))
+  return common.stage2_step_flops(vis, mc.adapter, b,
+                                  teacher=uses_teacher(config))["total"] + recompute
+
+
+def _saves_dots(remat) -> bool:
+  return isinstance(remat, str) and "dots" in remat
 
 
 def _shape_bytes(shape_text: str) -> tuple[int, list[tuple[int, ...]]]:
@@ -134,11 +159,13 @@ def _shape_bytes(shape_text: str) -> tuple[int, list[tuple[int, ...]]]:
   return total, dims
 
 
-def collectives(hlo_text: str, global_batch: int | None = None) -> tuple[dict, list]:
+def collectives(hlo_text: str, global_batch: int | None = None,
+                weight_shapes=frozenset()) -> tuple[dict, list]:
   """``({kind: {"count", "bytes"}}, batch_ops)`` from optimized HLO text.
 
-  ``batch_ops``: ``{"kind", "shape"}`` of each collective whose result has a dimension equal
-  to ``global_batch``.
+  ``batch_ops``: ``{"kind", "shape", "bytes"}`` of each collective with a result array that
+  has a dimension equal to ``global_batch`` and is not shaped like a weight (a shape in
+  ``weight_shapes``: D = 4096 is also the paper's batch).
   """
   out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
   batch_ops = []
@@ -152,10 +179,11 @@ def collectives(hlo_text: str, global_batch: int | None = None) -> tuple[dict, l
     nbytes, dims = _shape_bytes(shape_text)
     out[kind]["count"] += 1
     out[kind]["bytes"] += nbytes
-    if global_batch and any(global_batch in d for d in dims):
-      dtype = _SHAPE_RE.search(shape_text).group(1)
-      batch_ops.append({"kind": kind, "shape": f"{dtype}{list(dims[0])}",
-                        "bytes": nbytes})
+    for dtype, ds in _SHAPE_RE.findall(shape_text):
+      d = tuple(int(x) for x in ds.split(",") if x)
+      if global_batch and global_batch in d and d not in weight_shapes:
+        batch_ops.append({"kind": kind, "shape": f"{dtype}{list(d)}",
+                          "bytes": _DTYPE_BYTES.get(dtype, 4) * int(np.prod(d))})
   return out, batch_ops
 
 
@@ -231,13 +259,18 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
   memory = _memory(compiled, HBM_BYTES[kind])
   per_chip = _cost_flops(compiled)
   model = model_step_flops(config)
+  as_compiled = model_step_flops(config, as_compiled=True)
   hlo = compiled.as_text()
-  coll, batch_ops = collectives(hlo, b)
+  # Weights as gathered: whole, one layer of a scanned stack ([1, ...] or without the axis).
+  weights = set()
+  for x in jax.tree.leaves(abstract.params):
+    weights |= {tuple(x.shape), tuple(x.shape[1:]), (1,) + tuple(x.shape[1:])}
+  coll, batch_ops = collectives(hlo, b, frozenset(weights))
   report = {
       **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
       "flops": {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
-                "model": model,
-                "ratio": None if per_chip is None else round(per_chip * n / model, 4)},
+                "model": model, "model_as_compiled": as_compiled,
+                "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)},
       "collectives": coll, "batch_collectives": batch_ops,
       "compile_s": round(compile_s, 2),
   }
