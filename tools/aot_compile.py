@@ -42,7 +42,7 @@ def main(argv=None):
       apply_override(config, field, text)
     from proclip_jax.train import aot  # pylint: disable=import-outside-toplevel
     report = aot.compile_step(config, args.topology, keep_hlo=bool(args.hlo))
-    if args.hlo:
+    if args.hlo and "hlo" in report:  # none when the compiler refused the program
       tmp = args.hlo + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:
         f.write(report["hlo"])

@@ -261,10 +261,12 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
   model = model_step_flops(config)
   as_compiled = model_step_flops(config, as_compiled=True)
   hlo = compiled.as_text()
-  # Weights as gathered: whole, one layer of a scanned stack ([1, ...] or without the axis).
+  # Weights and their gradients as gathered or reduced: whole, one chip's shard, one layer
+  # of a scanned stack ([1, ...] or without the axis).
   weights = set()
   for x in jax.tree.leaves(abstract.params):
-    weights |= {tuple(x.shape), tuple(x.shape[1:]), (1,) + tuple(x.shape[1:])}
+    for shape in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
+      weights |= {shape, shape[1:], (1,) + shape[1:]}
   coll, batch_ops = collectives(hlo, b, frozenset(weights))
   report = {
       **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
