@@ -142,3 +142,29 @@ def test_remat_policy_from_the_command_line():
   assert remat_policy(True) == "full" and remat_policy("full") == "full"
   with pytest.raises(ProclipError, match="no_such_policy"):
     remat_policy("no_such_policy")
+
+
+def test_compute_cast_leaves_bf16_outputs_unchanged():
+  """Casting the matmul weights before the step (for bf16 gathers) changes no value."""
+  from proclip_jax.models.proclip import ProCLIPModel  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.state import model_config  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.steps import compute_cast  # pylint: disable=import-outside-toplevel
+  config = tiny_config(**{"model.vision.remat": "none"})
+  model = ProCLIPModel(model_config(config))
+  params = jax.tree.map(lambda x: getattr(x, "value", x),
+                        model.init_boxed(jax.random.key(0)),
+                        is_leaf=lambda x: hasattr(x, "value"))
+  cast = compute_cast(params["visual"], "bfloat16")
+  dtypes = {"/".join(str(getattr(k, "key", k)) for k in p): x.dtype
+            for p, x in jax.tree_util.tree_leaves_with_path(cast)}
+  assert dtypes["conv1/kernel"] == jax.numpy.bfloat16 and dtypes["proj"] == jax.numpy.bfloat16
+  assert dtypes["ln_pre/scale"] == np.float32 and dtypes["positional_embedding"] == np.float32
+  assert dtypes["transformer/blocks/ln_1/bias"] == np.float32
+  assert dtypes["transformer/blocks/attn/query/bias"] == jax.numpy.bfloat16
+  pixels = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  np.testing.assert_array_equal(np.asarray(model.image_features(cast, pixels)),
+                                np.asarray(model.image_features(params["visual"], pixels)))
+  feats = np.random.default_rng(1).standard_normal((2, 96)).astype(np.float32)
+  np.testing.assert_array_equal(
+      np.asarray(model.text_features(compute_cast(params["adapter"], "bfloat16"), feats)),
+      np.asarray(model.text_features(params["adapter"], feats)))
