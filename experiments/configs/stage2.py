@@ -32,8 +32,8 @@ Single host::
         --workdir /runs/stage2-b16
 
 ViT-L/14 on a TPU pod slice (the same command on every worker). Scanned layers with
-``remat=nothing_saveable`` and fsdp 8 compile into 6.0 GiB per v5e chip at batch 4096 on
-v5e-64 and 9.8 GiB at 32,768 on v5e-256; check a slice before launching with
+``remat=nothing_saveable`` compile into 6.0 GiB per v5e chip at batch 4096 on v5e-64 (fsdp
+8) and 9.8 GiB at 32,768 on v5e-256 (fsdp 16); check a slice before launching with
 ``python tools/aot_compile.py --config stage2.py:size=L/14,scan,remat=nothing_saveable
 --topology v5e:8x8 --config.mesh.fsdp=8`` (no TPU needed; docs/scale.md)::
 
