@@ -109,8 +109,8 @@ def apply_override(config, field: str, text: str) -> None:
     raise ProclipError(f"--config.{field}={text!r}: {e}") from None
 
 
-def parse_args(argv: list[str]):
-  """``(args, overrides)``; overrides are ``[(dotted_field, text), ...]`` in order."""
+def split_overrides(argv: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+  """``(other_args, overrides)``: the ``--config.a.b=VALUE`` pairs taken out of ``argv``."""
   rest, overrides = [], []
   i = 0
   while i < len(argv):
@@ -128,6 +128,12 @@ def parse_args(argv: list[str]):
     else:
       rest.append(a)
     i += 1
+  return rest, overrides
+
+
+def parse_args(argv: list[str]):
+  """``(args, overrides)``; overrides are ``[(dotted_field, text), ...]`` in order."""
+  rest, overrides = split_overrides(argv)
   parser = argparse.ArgumentParser(
       prog="experiments/run.py", description=__doc__.split("\n")[0],
       epilog="Any config field: --config.a.b=VALUE.")

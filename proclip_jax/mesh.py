@@ -18,6 +18,8 @@ deprecated and silently disables logical constraints).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Mapping, Sequence
 
@@ -125,6 +127,35 @@ def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], mesh: Mes
   while out and out[-1] is None:
     out.pop()
   return P(*out)
+
+
+_RULES: contextvars.ContextVar = contextvars.ContextVar("proclip_axis_rules", default=None)
+
+
+@contextlib.contextmanager
+def axis_rules(rules):
+  """Makes ``rules`` the rules :func:`constrain` uses while tracing under this context."""
+  token = _RULES.set(normalize_rules(rules))
+  try:
+    yield
+  finally:
+    _RULES.reset(token)
+
+
+def constrain(x, names: Sequence[str | None]):
+  """``x`` constrained to the sharding its logical axis ``names`` give under the rules.
+
+  Inside a step (a mesh set with ``jax.set_mesh`` and rules with :func:`axis_rules`) it is
+  ``with_sharding_constraint``; elsewhere (inference, tests, one device) it returns ``x``.
+  Activations use it to stay split over the batch axes (``("batch", "length", "embed")``):
+  without it XLA may keep a scanned layer's carry split over its width instead and run
+  every layer on the whole global batch.
+  """
+  rules = _RULES.get()
+  mesh = jax.sharding.get_abstract_mesh()
+  if rules is None or mesh is None or mesh.empty or mesh.size == 1:
+    return x
+  return jax.lax.with_sharding_constraint(x, logical_to_spec(names, x.shape, mesh, rules))
 
 
 def _is_box(x) -> bool:

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.train.mesh import constrain
 
 LN_EPS = 1e-5
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -119,6 +120,8 @@ class TextProj(nn.Module):
           f"shape {t.shape}; the cache was made by a different embedder than the adapter's.")
     t = t.astype(jnp.float32)
     x = t * jax.lax.rsqrt(jnp.maximum(jnp.sum(t * t, axis=-1, keepdims=True), 1e-24))
+    # Rows stay split over the batch axes in a sharded step (a no-op elsewhere).
+    x = constrain(x, ("batch",) + (None,) * (x.ndim - 2) + ("embed",))
     for i in range(cfg.n_blocks):
       x = AdapterBlock(cfg, name=f"block_{i}")(x)
     x = _layer_norm("ln_final")(x)

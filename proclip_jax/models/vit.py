@@ -37,6 +37,11 @@ import numpy as np
 import flax.linen as nn
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.train.mesh import constrain
+
+# Logical axes of the residual stream [batch, tokens, width]: in a sharded step the rules put
+# the batch over the data and fsdp axes, so each chip runs its own examples through every layer.
+ACT_AXES = ("batch", "length", "embed")
 
 # ------------------------------------------------------------------------- configuration
 
@@ -66,10 +71,35 @@ def check_options(name: str, width: int, heads: int, act: str, dtype: str, remat
     raise ProclipError(f"{name}: unknown act {act!r}; use one of {ACTIVATIONS}.")
   if dtype not in DTYPES:
     raise ProclipError(f"{name}: unknown dtype {dtype!r}; use one of {DTYPES}.")
-  if not isinstance(remat, bool) and not hasattr(jax.checkpoint_policies, str(remat)):
+  remat_policy(remat, name)
+
+
+# ``remat`` values besides the jax.checkpoint_policies names: no rematerialisation, or
+# recompute everything in the backward (jax.checkpoint without a policy). Booleans (and their
+# command-line spellings) are the older form of the same two.
+REMAT_NONE = ("none", "false", "off", "no", "0")
+REMAT_FULL = ("full", "true", "on", "yes", "1")
+
+
+def remat_policy(remat, name: str = "remat"):
+  """``remat`` -> ``None`` (no remat), ``"full"`` or a ``jax.checkpoint_policies`` function.
+
+  ``remat`` is a bool (False / True) or a string: "none", "full", or a policy name such as
+  "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable".
+  """
+  if isinstance(remat, bool):
+    return "full" if remat else None
+  text = str(remat).strip().lower()
+  if text in REMAT_NONE:
+    return None
+  if text in REMAT_FULL:
+    return "full"
+  policy = getattr(jax.checkpoint_policies, str(remat).strip(), None)
+  if policy is None or str(remat).startswith("_"):
     raise ProclipError(
-        f"{name}: remat={remat!r} is neither a bool nor a jax.checkpoint_policies name "
-        "(e.g. 'nothing_saveable', 'dots_with_no_batch_dims_saveable').")
+        f"{name}: remat={remat!r} is not 'none', 'full' or a jax.checkpoint_policies name "
+        "(e.g. 'nothing_saveable', 'dots_saveable', 'dots_with_no_batch_dims_saveable').")
+  return policy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +117,9 @@ class VisionConfig:
     act: "quick_gelu" (OpenAI), "gelu" (exact) or "gelu_tanh".
     ln_eps: LayerNorm epsilon.
     dtype: compute dtype of matmuls ("float32" / "bfloat16"); parameters stay float32.
-    remat: False, True (recompute everything) or a ``jax.checkpoint_policies`` name.
+    remat: rematerialisation of each block in the backward: "none", "full" (recompute
+      everything) or a ``jax.checkpoint_policies`` name ("nothing_saveable",
+      "dots_saveable", ...); False / True are accepted as "none" / "full".
     scan_layers: run the blocks with ``nn.scan`` (parameters stacked on a "layers" axis).
     attention: how self-attention is computed, one of ``ATTENTIONS`` (same parameters and,
       to rounding, the same result): "dense" by default, "cudnn" for cuDNN's fused kernel on
@@ -103,7 +135,7 @@ class VisionConfig:
   act: str = "quick_gelu"
   ln_eps: float = 1e-5
   dtype: str = "float32"
-  remat: bool | str = False
+  remat: str = "none"
   scan_layers: bool = False
   attention: str = "dense"
 
@@ -347,12 +379,13 @@ class ResidualBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x, mask=None):
+    x = constrain(x, ACT_AXES)
     x = x + Attention(self.width, self.heads, self.dtype, self.depth, self.attention,
                       name="attn")(
         layer_norm(self.ln_eps, "ln_1")(x), mask)
     x = x + Mlp(self.width, self.mlp_dim, self.act, self.dtype, self.depth, name="mlp")(
         layer_norm(self.ln_eps, "ln_2")(x))
-    return x
+    return constrain(x, ACT_AXES)
 
 
 class _ScanBlock(ResidualBlock):
@@ -362,8 +395,12 @@ class _ScanBlock(ResidualBlock):
     return super().__call__(x, mask), None
 
 
-def _remat_policy(remat):
-  return None if remat is True else getattr(jax.checkpoint_policies, remat)
+def _remat(block, remat, **kw):
+  """``block`` wrapped in ``nn.remat`` with the policy ``remat`` names (or as is for "none")."""
+  policy = remat_policy(remat)
+  if policy is None:
+    return block
+  return nn.remat(block, policy=None if policy == "full" else policy, **kw)
 
 
 class Transformer(nn.Module):
@@ -375,7 +412,7 @@ class Transformer(nn.Module):
   act: str = "quick_gelu"
   ln_eps: float = 1e-5
   dtype: Any = jnp.float32
-  remat: bool | str = False
+  remat: bool | str = "none"
   scan_layers: bool = False
   attention: str = "dense"
 
@@ -384,17 +421,13 @@ class Transformer(nn.Module):
     kw = dict(width=self.width, heads=self.heads, mlp_dim=self.mlp_dim, act=self.act,
               ln_eps=self.ln_eps, dtype=self.dtype, depth=self.layers, attention=self.attention)
     if self.scan_layers:
-      block = _ScanBlock
-      if self.remat is not False:
-        block = nn.remat(block, policy=_remat_policy(self.remat), prevent_cse=False)
+      block = _remat(_ScanBlock, self.remat, prevent_cse=False)
       scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
                         in_axes=(nn.broadcast,), length=self.layers,
                         metadata_params={nn.PARTITION_NAME: "layers"})
       x, _ = scanned(name="blocks", **kw)(x, mask)
       return x
-    block = ResidualBlock
-    if self.remat is not False:
-      block = nn.remat(block, policy=_remat_policy(self.remat))
+    block = _remat(ResidualBlock, self.remat)
     for i in range(self.layers):
       x = block(name=f"blocks_{i}", **kw)(x, mask)
     return x
@@ -428,7 +461,7 @@ class VisionTransformer(nn.Module):
                 kernel_init=partitioned(nn.initializers.lecun_normal(), (None, None, None, "embed")),
                 name="conv1")(images.astype(jnp.float32))
     n = x.shape[0]
-    x = x.reshape(n, -1, cfg.width).astype(jnp.float32)
+    x = constrain(x.reshape(n, -1, cfg.width).astype(jnp.float32), ACT_AXES)
     cls = self.param("class_embedding", partitioned(nn.initializers.normal(std), ("embed",)),
                      (cfg.width,), jnp.float32)
     pos = self.param("positional_embedding", partitioned(nn.initializers.normal(std), (None, "embed")),
@@ -437,7 +470,7 @@ class VisionTransformer(nn.Module):
     x = layer_norm(cfg.ln_eps, "ln_pre")(x)
     x = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_width, cfg.act, cfg.ln_eps,
                     dtype, cfg.remat, cfg.scan_layers, cfg.attention, name="transformer")(x)
-    pooled = layer_norm(cfg.ln_eps, "ln_post")(x[:, 0])
+    pooled = constrain(layer_norm(cfg.ln_eps, "ln_post")(x[:, 0]), ("batch", "embed"))
     if cfg.embed_dim is None:
       return pooled
     proj = self.param("proj", partitioned(nn.initializers.normal(std), ("embed", "joint")),

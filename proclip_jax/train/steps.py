@@ -99,10 +99,35 @@ def _jit(fn, mesh: Mesh, rules, shardings: TrainState, select) -> StepFn:
   @functools.wraps(fn)
   def step(state, batch):
     batch = select(batch)
-    with jax.set_mesh(mesh):
+    with jax.set_mesh(mesh), mesh_lib.axis_rules(rules):
       return jitted(state, batch)
-  step.jitted = jitted  # for .lower(...) / cost analysis
+
+  def lower(state, batch):
+    """``jitted.lower`` in the step's mesh and rules (state / batch may be abstract)."""
+    with jax.set_mesh(mesh), mesh_lib.axis_rules(rules):
+      return jitted.lower(state, select(batch))
+  step.jitted = jitted  # for cost analysis
+  step.lower = lower    # ahead-of-time compile (train/aot.py)
   return step
+
+
+def compute_cast(tree: Any, dtype: str) -> Any:
+  """The matmul weights of ``tree`` (``kernel`` / ``bias`` / ``proj`` leaves outside the
+  LayerNorms) in the compute ``dtype``; the rest as is.
+
+  The modules cast these weights to ``dtype`` before each product anyway, so the values are
+  unchanged; casting them first puts the cast before FSDP's all-gather of a weight (and the
+  gradient's reduce-scatter after the cast back), so those move ``dtype``, not float32.
+  """
+  if jnp.dtype(dtype) == jnp.float32:
+    return tree
+
+  def one(path, x):
+    keys = [str(getattr(k, "key", k)) for k in path]
+    if keys[-1] in ("kernel", "bias", "proj") and not any(k.startswith("ln") for k in keys):
+      return x.astype(dtype)
+    return x
+  return jax.tree_util.tree_map_with_path(one, tree)
 
 
 def _check_chunk(config) -> int:
@@ -125,6 +150,7 @@ def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
 
   def loss_fn(params, frozen, batch):
     full = optim_lib.merge(params, frozen)
+    full["adapter"] = compute_cast(full["adapter"], s.model.config.adapter.dtype)
     # Both caption fields through the adapter in one pass on [B, 2, D] (stacked on a new axis,
     # so the batch sharding is kept): every weight is read once per product, not once per
     # field, and the products are twice as tall.
@@ -191,10 +217,12 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
   seed = int(config.seed)
   teacher_on = uses_teacher(config)
 
+  vis_dtype, ad_dtype = s.model.config.vision.dtype, s.model.config.adapter.dtype
+
   def loss_fn(params, frozen, batch, txt_in, teacher_img):
     full = optim_lib.merge(params, frozen)
-    img = s.model.image_features(full["visual"], batch["image"])
-    txt = s.model.text_features(full["adapter"], txt_in)
+    img = s.model.image_features(compute_cast(full["visual"], vis_dtype), batch["image"])
+    txt = s.model.text_features(compute_cast(full["adapter"], ad_dtype), txt_in)
     clip = losses.contrastive_loss(img, txt, full["logit_scale"], impl, block=block,
                                    mesh=mesh)
     terms = {"clip": clip}
@@ -212,7 +240,8 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
     txt_in = _pick_text(batch, fields, rng)
     teacher_img = None
     if teacher_on:
-      teacher_img = jax.lax.stop_gradient(s.model.image_features(state.ema, batch["image"]))
+      teacher_img = jax.lax.stop_gradient(
+          s.model.image_features(compute_cast(state.ema, vis_dtype), batch["image"]))
     (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state.params, state.frozen, batch, txt_in, teacher_img)
 

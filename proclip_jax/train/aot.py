@@ -1,0 +1,286 @@
+"""Ahead-of-time compile of the train step for a TPU slice, on a machine without TPUs.
+
+XLA:TPU's compiler (the ``libtpu`` wheel, ``requirements-tpu.txt``) runs on any host:
+``jax.experimental.topologies.get_topology_desc`` describes the devices of a named slice
+(``v5e:16x16`` is 256 v5e chips) and ``jit(...).lower(...).compile()`` on a mesh of those
+devices returns the compiler's own per-chip memory and cost analysis. :func:`compile_step`
+does that for the trainer's own step: the state from :func:`abstract_train_state`, the step
+from :func:`make_train_step`, the batch as ``ShapeDtypeStruct`` s with the trainer's batch
+sharding, so what compiles here is what runs on the slice::
+
+    report = compile_step(config, "v5e:8x8")
+    report["memory"]["total_bytes"], report["fits"], report["collectives"]
+
+The report (a JSON-ready dict):
+
+* ``memory``: per-chip bytes from ``memory_analysis()``: ``argument`` (state and batch
+  shards), ``output``, ``alias`` (outputs written into donated arguments), ``temp``
+  (activations and workspaces), ``code``, and ``total = argument + output - alias + temp +
+  code``, the chip's peak need; ``hbm_bytes`` of the chip kind (:data:`HBM_BYTES`).
+* ``fits``: ``total <= hbm``.
+* ``flops``: ``per_chip`` from ``cost_analysis()`` (the SPMD program is one chip's share),
+  ``step`` = per chip × chips, ``model`` (matmul FLOPs of the step from
+  ``proclip_jax.bench.common``), ``model_as_compiled`` (the same count as the compiled
+  program runs it: a scanned loop's body once, since the cost analysis does not multiply by
+  trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
+  model_as_compiled``.
+* ``collectives``: count and result bytes per kind in the optimized HLO; an op inside a
+  loop body (the scanned layers) counts once. ``batch_collectives``: the collectives whose
+  result has a dimension equal to the global batch (what crosses the chips per example:
+  the InfoNCE features should be the only ones).
+* ``compile_s``: lower + compile wall time.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from proclip_jax.errors import ProclipError
+from proclip_jax.train import mesh as mesh_lib
+from proclip_jax.train.state import _get, abstract_train_state, model_config, stage_of
+from proclip_jax.train.steps import TEXT_KEY, make_train_step
+
+GiB = 1 << 30
+# HBM per chip of the TPU generations a topology name starts with.
+HBM_BYTES = {"v4": 32 * GiB, "v5e": 16 * GiB, "v5p": 95 * GiB, "v6e": 32 * GiB}
+COLLECTIVES = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all",
+               "collective-permute")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "bf16": 2, "f16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8,
+                "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1, "s4": 1, "u4": 1}
+# "%name = SHAPE op(" where SHAPE is "f32[4,8]{1,0...}" or a tuple "(f32[..], bf16[..])";
+# async collectives appear as op-start / op-done pairs: the -done carries the result.
+_OP_RE = re.compile(r"=\s*(\(.*?\)|[a-z0-9]+\[[^\]]*\](?:\{[^}]*\})?)\s+"
+                    r"(" + "|".join(COLLECTIVES) + r")(-done)?\(")
+_OFF_VM_ENV = {"ALLOW_MULTIPLE_LIBTPU_LOAD": "1", "TPU_SKIP_MDS_QUERY": "1", "TPU_WORKER_ID": "0",
+               "TPU_WORKER_HOSTNAMES": "localhost", "TPU_ACCELERATOR_TYPE": "v5litepod-4"}
+_SHAPE_RE = re.compile(r"([a-z0-9]+)\[([0-9,]*)\]")
+
+
+def chip_kind(topology: str) -> str:
+  """``"v5e:8x8"`` -> ``"v5e"`` (a key of :data:`HBM_BYTES`)."""
+  kind = topology.partition(":")[0].lower()
+  if kind not in HBM_BYTES or ":" not in topology:
+    raise ProclipError(
+        f"Topology {topology!r}: expected GENERATION:SHAPE with GENERATION one of "
+        f"{', '.join(HBM_BYTES)}, e.g. v5e:8x8 (64 chips), v4:4x4x4, v5p:4x4x4, v6e:16x16.")
+  return kind
+
+
+def topology_devices(topology: str) -> list:
+  """The devices of a named TPU slice, from XLA:TPU's topology description (no TPU needed)."""
+  kind = chip_kind(topology)
+  # Off a TPU VM libtpu looks for the VM's metadata (accelerator type, worker hostnames) and
+  # logs errors when it finds none; the compile needs none of it. Compile-only processes
+  # share no TPU, so libtpu's one-process lock (/tmp/libtpu_lockfile) is not taken.
+  for name, value in _OFF_VM_ENV.items():
+    os.environ.setdefault(name, value)
+  try:
+    from jax.experimental import topologies  # pylint: disable=import-outside-toplevel
+    # A v4 chip is two TensorCores run as one device ("megacore"), as on a v4 VM.
+    extra = {"chip_config_name": "megacore"} if kind == "v4" else {}
+    desc = topologies.get_topology_desc(platform="tpu", topology_name=topology, **extra)
+  except Exception as e:  # pylint: disable=broad-except
+    raise ProclipError(
+        f"Could not describe TPU topology {topology!r} ({type(e).__name__}: {e}). The "
+        "ahead-of-time compile needs XLA:TPU: `pip install -r requirements-tpu.txt` (the libtpu "
+        "that matches the pinned jax).") from None
+  return list(desc.devices)
+
+
+def batch_structs(config: Any, mesh) -> dict:
+  """The step's batch as sharded ``ShapeDtypeStruct`` s (what the trainer's pipeline feeds)."""
+  stage = stage_of(config)
+  b = int(_get(config, "data.batch_size", 0))
+  shards = mesh_lib.batch_divisor(mesh, _get(config, "logical_axis_rules"))
+  if b < 1 or b % shards:
+    raise ProclipError(f"config.data.batch_size={b} must be a positive multiple of the batch "
+                       f"shards ({shards}) of this mesh.")
+  sh = mesh_lib.batch_sharding(mesh, _get(config, "logical_axis_rules"))
+  mc = model_config(config)
+  d, e = mc.adapter.in_dim, mc.adapter.out_dim
+  if stage == 1:
+    shapes = {}
+    for f in tuple(_get(config, "stage1.fields", ("short", "raw"))):
+      shapes[f"llm_{f}"] = (b, d)
+      shapes[f"clip_{f}"] = (b, e)
+  else:
+    s = mc.vision.image_size
+    shapes = {"image": (b, s, s, 3), TEXT_KEY: (b, d)}
+  return {k: jax.ShapeDtypeStruct(v, jnp.float32, sharding=sh) for k, v in shapes.items()}
+
+
+def model_step_flops(config: Any, as_compiled: bool = False) -> int:
+  """Matmul FLOPs of one global step of this config (``proclip_jax.bench.common``).
+
+  With ``as_compiled``, the count that XLA's cost analysis of the compiled step should
+  give: a scanned tower's loop body counted once (the analysis does not multiply by the trip
+  count), plus the forward the backward recomputes under a remat policy that saves no
+  matmul outputs.
+  """
+  from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.vit import remat_policy  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.state import uses_teacher  # pylint: disable=import-outside-toplevel
+  mc = model_config(config)
+  b = int(_get(config, "data.batch_size"))
+  if stage_of(config) == 1:
+    return common.stage1_step_flops(mc.adapter, b,
+                                    len(tuple(_get(config, "stage1.fields", ("short", "raw")))))
+  vis = mc.vision
+  recompute = 0
+  if as_compiled:
+    if vis.scan_layers:
+      vis = dataclasses.replace(vis, layers=1)
+    policy = remat_policy(vis.remat)
+    if policy is not None and not _saves_dots(vis.remat):
+      recompute = (common.vit_forward_flops(vis, b)
+                   - common.vit_forward_flops(dataclasses.replace(vis, layers=0), b))
+  return common.stage2_step_flops(vis, mc.adapter, b,
+                                  teacher=uses_teacher(config))["total"] + recompute
+
+
+def _saves_dots(remat) -> bool:
+  return isinstance(remat, str) and "dots" in remat
+
+
+def _shape_bytes(shape_text: str) -> tuple[int, list[tuple[int, ...]]]:
+  total, dims = 0, []
+  for dtype, ds in _SHAPE_RE.findall(shape_text):
+    d = tuple(int(x) for x in ds.split(",") if x)
+    dims.append(d)
+    total += _DTYPE_BYTES.get(dtype, 4) * int(np.prod(d, dtype=np.int64))
+  return total, dims
+
+
+def collectives(hlo_text: str, global_batch: int | None = None,
+                weight_shapes=frozenset()) -> tuple[dict, list]:
+  """``({kind: {"count", "bytes"}}, batch_ops)`` from optimized HLO text.
+
+  ``batch_ops``: ``{"kind", "shape", "bytes"}`` of each collective with a result array that
+  has a dimension equal to ``global_batch`` and is not shaped like a weight (a shape in
+  ``weight_shapes``: D = 4096 is also the paper's batch).
+  """
+  out = {k: {"count": 0, "bytes": 0} for k in COLLECTIVES}
+  batch_ops = []
+  for line in hlo_text.splitlines():
+    m = _OP_RE.search(line)
+    if not m:
+      continue
+    shape_text, kind, done = m.group(1), m.group(2), m.group(3)
+    if not done and f"{kind}-start" in line:
+      continue
+    nbytes, dims = _shape_bytes(shape_text)
+    out[kind]["count"] += 1
+    out[kind]["bytes"] += nbytes
+    for dtype, ds in _SHAPE_RE.findall(shape_text):
+      d = tuple(int(x) for x in ds.split(",") if x)
+      if global_batch and global_batch in d and d not in weight_shapes:
+        batch_ops.append({"kind": kind, "shape": f"{dtype}{list(d)}",
+                          "bytes": _DTYPE_BYTES.get(dtype, 4) * int(np.prod(d))})
+  return out, batch_ops
+
+
+def _memory(compiled, hbm: int) -> dict:
+  ma = compiled.memory_analysis()
+  m = {"argument_bytes": int(ma.argument_size_in_bytes),
+       "output_bytes": int(ma.output_size_in_bytes),
+       "alias_bytes": int(ma.alias_size_in_bytes),
+       "temp_bytes": int(ma.temp_size_in_bytes),
+       "code_bytes": int(ma.generated_code_size_in_bytes)}
+  m["total_bytes"] = (m["argument_bytes"] + m["output_bytes"] - m["alias_bytes"]
+                      + m["temp_bytes"] + m["code_bytes"])
+  m["hbm_bytes"] = hbm
+  m["total_gib"] = round(m["total_bytes"] / GiB, 3)
+  m["hbm_gib"] = round(hbm / GiB, 3)
+  return m
+
+
+_OOM_RE = re.compile(r"required for ([^(]*?)\s*\(([0-9.]+)([KMGT]?)\)")
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _oom(message: str, hbm: int) -> dict:
+  """The memory entry of a compile that XLA:TPU refused for lack of HBM."""
+  out = {"hbm_bytes": hbm, "hbm_gib": round(hbm / GiB, 3),
+         "error": message.strip().splitlines()[0][:500]}
+  m = _OOM_RE.search(message)
+  if m:
+    out["required_for"] = m.group(1).strip()
+    out["required_bytes"] = int(float(m.group(2)) * _UNITS[m.group(3)])
+    out["required_gib"] = round(out["required_bytes"] / GiB, 3)
+  return out
+
+
+def _cost_flops(compiled) -> float | None:
+  cost = compiled.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
+def compile_step(config: Any, topology: str, *, devices: list | None = None,
+                 keep_hlo: bool = False) -> dict:
+  """Compiles the train step of ``config`` for the TPU slice ``topology`` (module doc).
+
+  ``devices`` replaces the topology's devices (e.g. the host's own, for a comparison).
+  With ``keep_hlo`` the report also holds the optimized HLO text (``"hlo"``).
+  """
+  kind = chip_kind(topology)
+  devices = topology_devices(topology) if devices is None else list(devices)
+  mesh = mesh_lib.make_mesh(_get(config, "mesh"), devices=devices)
+  t0 = time.perf_counter()
+  abstract, shardings = abstract_train_state(config, mesh)
+  step = make_train_step(config, mesh, shardings)
+  batch = batch_structs(config, mesh)
+  lowered = step.lower(abstract, batch)
+  n = len(devices)
+  b = int(_get(config, "data.batch_size"))
+  head = {"topology": topology, "chips": n,
+          "device_kind": getattr(devices[0], "device_kind", ""),
+          "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+          "stage": stage_of(config), "global_batch": b}
+  try:
+    compiled = lowered.compile()
+  except Exception as e:  # pylint: disable=broad-except
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    # XLA:TPU refuses a program whose buffers exceed the chip's HBM: that is the answer
+    # "does not fit", with what the compiler found it needs.
+    return {**head, "fits": False, "memory": _oom(str(e), HBM_BYTES[kind]),
+            "compile_s": round(time.perf_counter() - t0, 2)}
+  compile_s = time.perf_counter() - t0
+  memory = _memory(compiled, HBM_BYTES[kind])
+  per_chip = _cost_flops(compiled)
+  model = model_step_flops(config)
+  as_compiled = model_step_flops(config, as_compiled=True)
+  hlo = compiled.as_text()
+  # Weights and their gradients as gathered or reduced: whole, one chip's shard, one layer
+  # of a scanned stack ([1, ...] or without the axis).
+  weights = set()
+  for x in jax.tree.leaves(abstract.params):
+    for shape in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
+      weights |= {shape, shape[1:], (1,) + shape[1:]}
+  coll, batch_ops = collectives(hlo, b, frozenset(weights))
+  report = {
+      **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
+      "flops": {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
+                "model": model, "model_as_compiled": as_compiled,
+                "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)},
+      "collectives": coll, "batch_collectives": batch_ops,
+      "compile_s": round(compile_s, 2),
+  }
+  if keep_hlo:
+    report["hlo"] = hlo
+  return report
+
+
+def summary(report: Mapping[str, Any]) -> dict:
+  """The report without the HLO text (what the CLI prints)."""
+  return {k: v for k, v in report.items() if k != "hlo"}
