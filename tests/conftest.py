@@ -7,6 +7,8 @@ cache (tests/test_reliability.py).
 """
 import os
 
+# The suite runs on the CPU; libtpu (requirements-tpu.txt) serves only as the TPU compiler.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

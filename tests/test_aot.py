@@ -20,7 +20,7 @@ import pytest  # noqa: E402
 from experiments.run import apply_override, load_config  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
 from proclip_jax.train import aot  # noqa: E402
-from proclip_jax.train import mesh as mesh_lib  # noqa: E402
+from proclip_jax import mesh as mesh_lib  # noqa: E402
 from proclip_jax.train.state import abstract_train_state  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -24,7 +24,7 @@ from proclip_jax.models.clip_text import TextConfig
 from proclip_jax.models.eva import EvaTower, EvaVisionConfig, rope_tables
 from proclip_jax.models.proclip import ProCLIPConfig
 from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
-from proclip_jax.train import mesh as mesh_lib
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.train.optimizer import layer_ids
 
 LAYERS = 2

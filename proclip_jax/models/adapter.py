@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.train.mesh import constrain
+from proclip_jax.mesh import constrain
 
 LN_EPS = 1e-5
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}

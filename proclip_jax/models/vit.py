@@ -37,7 +37,7 @@ import numpy as np
 import flax.linen as nn
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.train.mesh import constrain
+from proclip_jax.mesh import constrain
 
 # Logical axes of the residual stream [batch, tokens, width]: in a sharded step the rules put
 # the batch over the data and fsdp axes, so each chip runs its own examples through every layer.

@@ -42,9 +42,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proclip_jax import mesh as mesh_lib
 from proclip_jax.errors import ProclipError
-from proclip_jax.train import mesh as mesh_lib
-from proclip_jax.train.state import _get, abstract_train_state, model_config, stage_of
+from proclip_jax.train.state import abstract_train_state, model_config, stage_of
 from proclip_jax.train.steps import TEXT_KEY, make_train_step
 
 GiB = 1 << 30
@@ -98,17 +98,17 @@ def topology_devices(topology: str) -> list:
 def batch_structs(config: Any, mesh) -> dict:
   """The step's batch as sharded ``ShapeDtypeStruct`` s (what the trainer's pipeline feeds)."""
   stage = stage_of(config)
-  b = int(_get(config, "data.batch_size", 0))
-  shards = mesh_lib.batch_divisor(mesh, _get(config, "logical_axis_rules"))
+  b = int(config.data.batch_size)
+  shards = mesh_lib.batch_divisor(mesh, config.logical_axis_rules)
   if b < 1 or b % shards:
     raise ProclipError(f"config.data.batch_size={b} must be a positive multiple of the batch "
                        f"shards ({shards}) of this mesh.")
-  sh = mesh_lib.batch_sharding(mesh, _get(config, "logical_axis_rules"))
+  sh = mesh_lib.batch_sharding(mesh, config.logical_axis_rules)
   mc = model_config(config)
   d, e = mc.adapter.in_dim, mc.adapter.out_dim
   if stage == 1:
     shapes = {}
-    for f in tuple(_get(config, "stage1.fields", ("short", "raw"))):
+    for f in tuple(config.stage1.fields):
       shapes[f"llm_{f}"] = (b, d)
       shapes[f"clip_{f}"] = (b, e)
   else:
@@ -129,10 +129,10 @@ def model_step_flops(config: Any, as_compiled: bool = False) -> int:
   from proclip_jax.models.vit import remat_policy  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.state import uses_teacher  # pylint: disable=import-outside-toplevel
   mc = model_config(config)
-  b = int(_get(config, "data.batch_size"))
+  b = int(config.data.batch_size)
   if stage_of(config) == 1:
     return common.stage1_step_flops(mc.adapter, b,
-                                    len(tuple(_get(config, "stage1.fields", ("short", "raw")))))
+                                    len(tuple(config.stage1.fields)))
   vis = mc.vision
   recompute = 0
   if as_compiled:
@@ -234,14 +234,14 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
   """
   kind = chip_kind(topology)
   devices = topology_devices(topology) if devices is None else list(devices)
-  mesh = mesh_lib.make_mesh(_get(config, "mesh"), devices=devices)
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
   t0 = time.perf_counter()
   abstract, shardings = abstract_train_state(config, mesh)
   step = make_train_step(config, mesh, shardings)
   batch = batch_structs(config, mesh)
   lowered = step.lower(abstract, batch)
   n = len(devices)
-  b = int(_get(config, "data.batch_size"))
+  b = int(config.data.batch_size)
   head = {"topology": topology, "chips": n,
           "device_kind": getattr(devices[0], "device_kind", ""),
           "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
