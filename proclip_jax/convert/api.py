@@ -8,7 +8,10 @@
   embedder (:mod:`proclip_jax.convert.llm`);
 * otherwise a state dict (file or folder) whose keys include ``text.text_adaptor.`` ->
   a ProCLIP checkpoint (:mod:`proclip_jax.convert.proclip`);
-* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP.
+* keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP;
+* ``model_type`` "siglip" / "siglip_vision_model" (a Hugging Face folder) or an ``.npz``
+  file (a big_vision parameter tree) -> a SigLIP / SigLIP 2 image tower
+  (:mod:`proclip_jax.convert.siglip`).
 
 Anything else is a :class:`ProclipError` naming what was found and the supported forms.
 """
@@ -22,13 +25,15 @@ from proclip_jax.errors import ProclipError
 
 CLIP_TYPES = ("clip", "clip_vision_model", "clip_text_model")
 EMBEDDER_TYPES = ("llama", "qwen3", "qwen2", "bert", "mistral")
+# SigLIP 2 NaFlex types are detected so that the SigLIP converter refuses them by name.
+SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 
 SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
-    "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
+    "qwen3, qwen2, bert, mistral, siglip, siglip_vision_model}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
     ".safetensors with visual.* and token_embedding.weight keys); a ProCLIP checkpoint "
-    "(keys text.text_adaptor.*).")
+    "(keys text.text_adaptor.*); a big_vision SigLIP / SigLIP 2 .npz.")
 
 
 def _model_type(src: str) -> str | None:
@@ -62,7 +67,8 @@ def _describe(keys) -> str:
 
 
 def detect(src: str) -> tuple[str, Mapping | None]:
-  """Returns ``(family, state_dict or None)``; family in hf-clip, embedder, proclip, openai-clip."""
+  """Returns ``(family, state_dict or None)``; family in hf-clip, embedder, proclip, openai-clip,
+  hf-siglip, big-vision-siglip."""
   src = os.fspath(src)
   if not os.path.exists(src):
     raise ProclipError(f"Source {src!r} does not exist. {SUPPORTED}")
@@ -71,6 +77,10 @@ def detect(src: str) -> tuple[str, Mapping | None]:
     return "hf-clip", None
   if mtype in EMBEDDER_TYPES:
     return "embedder", None
+  if mtype in SIGLIP_TYPES:
+    return "hf-siglip", None
+  if os.path.isfile(src) and src.endswith(".npz"):
+    return "big-vision-siglip", None
   sd = None
   keys = _safetensors_keys(src)
   if keys is None:
@@ -94,7 +104,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     lora: PEFT adapter folder merged into an LLM embedder (embedders only).
     preset: embedder preset name (pooling / prompt conventions; embedders only).
     overwrite: replace an existing ``out``.
-    scan_layers: store CLIP towers in the stacked (``nn.scan``) layout.
+    scan_layers: store CLIP / SigLIP towers in the stacked (``nn.scan``) layout.
     act: activation of an OpenAI-layout CLIP ("quick_gelu" default, "gelu" for open_clip
       models trained without QuickGELU).
   """
@@ -102,7 +112,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if os.path.exists(out) and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   family, sd = detect(src)
-  if family in ("hf-clip", "openai-clip", "proclip"):
+  if family in ("hf-clip", "openai-clip", "proclip", "hf-siglip", "big-vision-siglip"):
     for name, value in (("--lora", lora), ("--preset", preset)):
       if value is not None:
         raise ProclipError(f"{name} applies to LLM / sentence embedders, not to a {family} "
@@ -116,6 +126,10 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     from proclip_jax.convert.clip import convert_openai_clip  # pylint: disable=import-outside-toplevel
     return convert_openai_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
                                act=act or "quick_gelu", state_dict=sd)
+  if family in ("hf-siglip", "big-vision-siglip"):
+    from proclip_jax.convert import siglip  # pylint: disable=import-outside-toplevel
+    fn = siglip.convert_hf_siglip if family == "hf-siglip" else siglip.convert_big_vision
+    return fn(src, out, overwrite=overwrite, scan_layers=scan_layers)
   if family == "embedder":
     from proclip_jax.convert.llm import convert_embedder  # pylint: disable=import-outside-toplevel
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)
@@ -134,6 +148,9 @@ def summary(out: str) -> str:
     import jax  # pylint: disable=import-outside-toplevel
     n = int(sum(np.size(x) for x in jax.tree.leaves(load_model(out)[1])))
   family = meta.get("family", meta.get("kind"))
+  skipped = meta.get("skipped") or {}
+  skip = ("; skipped on purpose: " + ", ".join(f"{k} ({v} tensors)" for k, v in
+                                              sorted(skipped.items()))) if skipped else ""
   return (f"converted {family} ({meta.get('kind')}): {n:,} parameters -> "
-          f"{os.path.abspath(out)}")
+          f"{os.path.abspath(out)}{skip}")
 

@@ -1,8 +1,8 @@
-"""The ProCLIP two-tower model: a CLIP image tower, the TextProj adapter, a logit scale.
+"""The ProCLIP two-tower model: an image tower, the TextProj adapter, a logit scale.
 
 Parameters are one plain tree::
 
-    {"visual": <VisionTransformer params>,     # image tower incl. projection to E
+    {"visual": <image tower params>,           # CLIP ViT (vit.py) or SigLIP (siglip.py)
      "adapter": <TextProj params>,             # LLM feature (D) -> E
      "logit_scale": float32 scalar}            # s = exp(logit_scale), init ln 100
 
@@ -34,12 +34,34 @@ def _vit():
   return vit
 
 
+def vision_config_from_dict(d: Mapping[str, Any]):
+  """A saved image-tower config -> its config class, chosen by ``arch`` ("clip" if absent)."""
+  d = dict(d)
+  arch = d.get("arch", "clip")
+  if arch == "siglip":
+    from proclip_jax.models.siglip import SiglipConfig  # pylint: disable=import-outside-toplevel
+    return SiglipConfig.from_dict(d)
+  if arch != "clip":
+    raise ProclipError(f"Unknown image tower arch {arch!r}; known: 'clip', 'siglip'.")
+  d.pop("arch", None)
+  return _vit().VisionConfig.from_dict(d)
+
+
+def vision_module(config) -> nn.Module:
+  """The Flax image tower for a ``VisionConfig`` or ``SiglipConfig``."""
+  if getattr(config, "arch", "clip") == "siglip":
+    from proclip_jax.models.siglip import SiglipVisionTransformer  # pylint: disable=import-outside-toplevel
+    return SiglipVisionTransformer(config)
+  return _vit().VisionTransformer(config)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProCLIPConfig:
   """The two towers' configurations.
 
   Attributes:
-    vision: the image tower's ``VisionConfig`` (None for an adapter-only model, stage 1).
+    vision: the image tower's ``VisionConfig`` (CLIP) or ``SiglipConfig`` (SigLIP), chosen by
+      ``arch`` in a dict; None for an adapter-only model (stage 1).
     adapter: the ``AdapterConfig``; ``adapter.out_dim`` must equal the vision projection E.
     logit_scale_init: initial ``logit_scale`` (ln 100, as pretrained CLIP) when not loaded.
   """
@@ -68,7 +90,7 @@ class ProCLIPConfig:
       raise ProclipError("ProCLIPConfig needs an 'adapter' entry.")
     vision = d.get("vision")
     if vision is not None and not hasattr(vision, "to_dict"):
-      vision = _vit().VisionConfig.from_dict(dict(vision))
+      vision = vision_config_from_dict(vision)
     adapter = d["adapter"]
     if not isinstance(adapter, AdapterConfig):
       adapter = AdapterConfig.from_dict(dict(adapter))
@@ -95,7 +117,7 @@ class ProCLIPModel:
   def __init__(self, config: ProCLIPConfig):
     self.config = config
     self.adapter = TextProj(config.adapter)
-    self.vision = None if config.vision is None else _vit().VisionTransformer(config.vision)
+    self.vision = None if config.vision is None else vision_module(config.vision)
 
   # ------------------------------------------------------------------ init
   def init_boxed(self, rng: jax.Array, parts: Sequence[str] = PARTS) -> dict:

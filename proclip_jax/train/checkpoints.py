@@ -269,7 +269,7 @@ def load_clip_tower(path, expect_vision: Any = None) -> dict:
                        f"CLIP with `python tools/convert.py SRC {path}` (SRC: an OpenAI .pt "
                        "or a Hugging Face CLIP folder).")
   meta, params = load_model(path)
-  if meta.get("kind") not in ("clip", "proclip"):
+  if meta.get("kind") not in ("clip", "proclip", "siglip"):
     raise ProclipError(f"config.init.clip={path!r} holds a {meta.get('kind')!r} model; it must "
                        "be a converted CLIP (or ProCLIP / LLM2CLIP release) checkpoint.")
   have = (meta.get("config") or {}).get("vision")
@@ -279,6 +279,8 @@ def load_clip_tower(path, expect_vision: Any = None) -> dict:
     want = expect_vision.to_dict() if hasattr(expect_vision, "to_dict") else dict(expect_vision)
     diff = [f"{k}: {have.get(k)} there, {want.get(k)} here" for k in _ARCH
             if k in want and have.get(k) != want.get(k)]
+    if have.get("arch", "clip") != want.get("arch", "clip"):  # a CLIP or a SigLIP tower
+      diff.insert(0, f"arch: {have.get('arch', 'clip')} there, {want.get('arch', 'clip')} here")
     if diff:
       raise ProclipError(f"The converted CLIP {path} does not match config.model.vision ("
                          + "; ".join(diff) + "). Set the config's size to that CLIP's or "
