@@ -61,7 +61,8 @@ class SiglipConfig:
   """Architecture and compute options of a SigLIP image tower.
 
   Attributes:
-    image_size: input resolution (square); ``image_size // patch_size`` is the grid.
+    image_size: input resolution (square); ``image_size // patch_size`` is the grid (the
+      remainder, if any, is not seen, as in the reference implementations).
     patch_size: patch (and conv stride) size.
     width: residual stream width (the pooled feature size).
     layers: number of residual blocks.
@@ -100,13 +101,14 @@ class SiglipConfig:
     if self.pixel_norm not in PIXEL_NORMS:
       raise ProclipError(f"SiglipConfig: unknown pixel_norm {self.pixel_norm!r}; use one of "
                          f"{PIXEL_NORMS}.")
-    if self.image_size % self.patch_size:
-      raise ProclipError(
-          f"SiglipConfig: image_size {self.image_size} is not a multiple of patch_size "
-          f"{self.patch_size}.")
+    if self.image_size < self.patch_size:
+      raise ProclipError(f"SiglipConfig: image_size {self.image_size} is smaller than "
+                         f"patch_size {self.patch_size}.")
 
   @property
   def grid(self) -> int:
+    """Patches per side. As in big_vision and transformers, the stride-``patch_size`` conv
+    drops a remainder: So400m/14 at 384 px sees 27 x 27 patches (378 px)."""
     return self.image_size // self.patch_size
 
   @property
