@@ -19,6 +19,7 @@ import torch
 from transformers import SiglipConfig as HFSiglipConfig, SiglipModel
 
 from proclip_jax.convert.api import convert, detect, summary
+from proclip_jax.convert.common import flatten
 from proclip_jax.convert.siglip import load_siglip_tower
 from proclip_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from proclip_jax.errors import ProclipError
@@ -248,7 +249,7 @@ def test_proclip_hook_and_layer_decay(ref, converted_vision):
   model = ProCLIPModel(config)
   loaded = load_clip_tower(out, config.vision)
   jax.tree.map(np.testing.assert_array_equal, loaded["visual"], params)
-  with pytest.raises(ProclipError, match="arch: siglip there, clip here"):
+  with pytest.raises(ProclipError, match="act: gelu_tanh there, quick_gelu here"):
     load_clip_tower(out, VisionConfig(image_size=3 * PATCH, patch_size=PATCH, width=WIDTH,
                                       layers=LAYERS, heads=HEADS, mlp_dim=MLP))
   feats = np.asarray(jax.jit(model.image_features)(loaded["visual"], ref["clip_px"]))
@@ -277,3 +278,28 @@ def test_bf16_and_named_variants(ref, converted_vision):
     SiglipConfig.named("Q/16")
   with pytest.raises(ProclipError, match="pixel_norm"):
     SiglipConfig(pixel_norm="imagenet")
+
+
+def test_scanned_layer_decay_and_gradients(ref, converted_vision):
+  """Blocks stacked for scan: layer-wise lr decay finds them through the "layers" axis name
+  (stem decay**(L+1), block i decay**(L-i), head 1), and every tower parameter gets a finite
+  gradient through the ProCLIP image features (remat on)."""
+  import flax.linen as nn
+  from proclip_jax.models.adapter import AdapterConfig
+  from proclip_jax.models.proclip import ProCLIPConfig, ProCLIPModel
+  from proclip_jax.train.optimizer import lr_multipliers
+  cfg, params = load_siglip_tower(converted_vision, scan_layers=True)
+  model = ProCLIPModel(ProCLIPConfig(vision=dataclasses.replace(cfg, remat=True),
+                                     adapter=AdapterConfig(in_dim=8, out_dim=WIDTH)))
+  names = jax.tree.map(lambda b: b.names, model.abstract(("visual",)),
+                       is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  mults = lr_multipliers({"visual": params}, names, layer_decay=0.5)["visual"]
+  assert mults["conv1"]["kernel"] == mults["positional_embedding"] == 0.5 ** (LAYERS + 1)
+  np.testing.assert_allclose(mults["transformer"]["blocks"]["attn"]["query"]["kernel"].ravel(),
+                             [0.5 ** (LAYERS - i) for i in range(LAYERS)])
+  assert mults["head"]["probe"] == mults["ln_post"]["scale"] == 1.0
+  grads = jax.jit(jax.grad(lambda p: jnp.sum(jnp.sin(3 * model.image_features(
+      p, ref["clip_px"])))))(params)
+  for path, g in flatten(grads).items():
+    g = np.asarray(g)
+    assert np.isfinite(g).all() and np.abs(g).max() > 0, path

@@ -247,7 +247,8 @@ def load_stage1_adapter(stage1_workdir, expect: Any = None) -> dict:
   return jax.tree.map(np.asarray, full)
 
 
-_ARCH = ("image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim", "act")
+_ARCH = ("arch", "image_size", "patch_size", "width", "layers", "heads", "mlp_dim", "embed_dim",
+         "act")
 
 
 def load_clip_tower(path, expect_vision: Any = None) -> dict:
@@ -279,8 +280,6 @@ def load_clip_tower(path, expect_vision: Any = None) -> dict:
     want = expect_vision.to_dict() if hasattr(expect_vision, "to_dict") else dict(expect_vision)
     diff = [f"{k}: {have.get(k)} there, {want.get(k)} here" for k in _ARCH
             if k in want and have.get(k) != want.get(k)]
-    if have.get("arch", "clip") != want.get("arch", "clip"):  # a CLIP or a SigLIP tower
-      diff.insert(0, f"arch: {have.get('arch', 'clip')} there, {want.get('arch', 'clip')} here")
     if diff:
       raise ProclipError(f"The converted CLIP {path} does not match config.model.vision ("
                          + "; ".join(diff) + "). Set the config's size to that CLIP's or "
