@@ -34,15 +34,14 @@ are already in that range. Output: the pooled features ``[N, width]`` or, with a
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any, Mapping
 
 import flax.linen as nn
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.vit import (Mlp, Transformer, check_attention, check_options,
-                                    layer_norm, partitioned, softmax_attention)
+from proclip_jax.models.vit import (Attention, Mlp, Transformer, check_attention,
+                                    check_options, layer_norm, partitioned)
 
 ARCH = "siglip"
 PIXEL_NORMS = ("clip", "siglip")
@@ -150,33 +149,6 @@ def clip_to_siglip_pixels(x):
   return x * jnp.asarray(2.0 * CLIP_STD) + jnp.asarray(2.0 * CLIP_MEAN - 1.0)
 
 
-class CrossAttention(nn.Module):
-  """Multi-head attention of ``queries [N, Q, width]`` over ``tokens [N, T, width]``; the
-  parameter layout of :class:`proclip_jax.models.vit.Attention`. Returns float32 ``[N, Q, width]``."""
-  width: int
-  heads: int
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, queries, tokens):
-    head_dim = self.width // self.heads
-    std = self.width ** -0.5
-    dense = functools.partial(
-        nn.DenseGeneral, features=(self.heads, head_dim), axis=-1, dtype=self.dtype,
-        param_dtype=jnp.float32,
-        kernel_init=partitioned(nn.initializers.normal(std), ("embed", "heads", "kv")),
-        bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
-    heads_major = lambda a: jnp.transpose(a, (0, 2, 1, 3))  # noqa: E731
-    q, k, v = (heads_major(dense(name=name)(x)) for name, x in
-               (("query", queries), ("key", tokens), ("value", tokens)))
-    out = heads_major(softmax_attention(q, k, v, None, head_dim ** -0.5))
-    return nn.DenseGeneral(
-        features=self.width, axis=(-2, -1), dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=partitioned(nn.initializers.normal(std), ("heads", "kv", "embed")),
-        bias_init=partitioned(nn.initializers.zeros, ("embed",)),
-        name="out")(out).astype(jnp.float32)
-
-
 class MAPHead(nn.Module):
   """Multihead attention pooling: a learned probe attends over the tokens, then
   ``+ mlp(ln(.))``. Returns float32 ``[batch, width]``."""
@@ -192,7 +164,8 @@ class MAPHead(nn.Module):
     probe = self.param("probe", partitioned(nn.initializers.normal(self.width ** -0.5),
                                             ("embed",)), (self.width,), jnp.float32)
     queries = jnp.broadcast_to(probe, (x.shape[0], 1, self.width))
-    out = CrossAttention(self.width, self.heads, self.dtype, name="attn")(queries, x)
+    out = Attention(self.width, self.heads, self.dtype, name="attn")(queries, tokens=x)
+    out = out.astype(jnp.float32)
     out = out + Mlp(self.width, self.mlp_dim, self.act, self.dtype, name="mlp")(
         layer_norm(self.ln_eps, "ln")(out))
     return out[:, 0].astype(jnp.float32)
