@@ -31,9 +31,9 @@ SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_mode
 SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
-    "qwen3, qwen2, bert, mistral, siglip, siglip_vision_model}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
-    ".safetensors with visual.* and token_embedding.weight keys); a ProCLIP checkpoint "
-    "(keys text.text_adaptor.*); a big_vision SigLIP / SigLIP 2 .npz.")
+    "qwen3, qwen2, bert, mistral, siglip, siglip_vision_model}; an OpenAI / open_clip CLIP "
+    "state dict (.pt/.bin/.safetensors with visual.* and token_embedding.weight keys); a "
+    "ProCLIP checkpoint (keys text.text_adaptor.*); a big_vision SigLIP / SigLIP 2 .npz.")
 
 
 def _model_type(src: str) -> str | None:
