@@ -303,3 +303,16 @@ def test_scanned_layer_decay_and_gradients(ref, converted_vision):
   for path, g in flatten(grads).items():
     g = np.asarray(g)
     assert np.isfinite(g).all() and np.abs(g).max() > 0, path
+
+
+def test_read_npz_restores_bfloat16(tmp_path):
+  """NumPy saves bfloat16 as 2-byte void; read_npz gives bfloat16 back, values unchanged."""
+  import ml_dtypes
+  from proclip_jax.convert.siglip import read_npz
+  x = np.random.default_rng(0).normal(size=(3, 5)).astype(ml_dtypes.bfloat16)
+  np.savez(tmp_path / "bf16.npz", **{"params/img/x": x})
+  with np.load(tmp_path / "bf16.npz") as f:
+    assert f["params/img/x"].dtype.kind == "V"  # what big_vision's checkpoints hold
+  got = read_npz(str(tmp_path / "bf16.npz"))["params/img/x"]
+  assert got.dtype == ml_dtypes.bfloat16
+  np.testing.assert_array_equal(got.astype(np.float32), x.astype(np.float32))
