@@ -11,6 +11,9 @@
 * keys ``visual.*`` plus ``token_embedding.weight`` -> an OpenAI / open_clip CLIP;
 * an EVA02 image tower (timm, open_clip ``visual.trunk.*`` or EVA-CLIP ``visual.*`` keys, see
   :mod:`proclip_jax.convert.eva`) -> an EVA02-CLIP.
+* ``model_type`` "siglip" / "siglip_vision_model" (a Hugging Face folder) or an ``.npz``
+  file (a big_vision parameter tree) -> a SigLIP / SigLIP 2 image tower
+  (:mod:`proclip_jax.convert.siglip`).
 
 Anything else is a :class:`ProclipError` naming what was found and the supported forms.
 """
@@ -23,6 +26,7 @@ import jax
 import numpy as np
 from safetensors import safe_open
 
+from proclip_jax.convert import siglip
 from proclip_jax.convert.clip import convert_hf_clip, convert_openai_clip
 from proclip_jax.convert.eva import convert_eva_clip, find_eva
 from proclip_jax.convert.common import read_json, read_state_dict
@@ -35,14 +39,17 @@ from proclip_jax.storage import load_model, read_model_json
 
 CLIP_TYPES = ("clip", "clip_vision_model", "clip_text_model")
 EMBEDDER_TYPES = ("llama", "qwen3", "qwen2", "bert", "mistral")
+# SigLIP 2 NaFlex types are detected so that the SigLIP converter refuses them by name.
+SIGLIP_TYPES = ("siglip", "siglip_vision_model", "siglip2", "siglip2_vision_model")
 
 SUPPORTED = (
     "Supported sources: a Hugging Face folder (config.json + model.safetensors or "
     "pytorch_model.bin) with model_type in {clip, clip_vision_model, clip_text_model, llama, "
-    "qwen3, qwen2, bert, mistral}; an OpenAI / open_clip CLIP state dict (.pt/.bin/"
-    ".safetensors with visual.* and token_embedding.weight keys, or OpenAI's TorchScript "
-    "archive); an EVA02-CLIP state dict (timm / open_clip / EVA-CLIP, e.g. blocks.N.mlp.fc1_g "
-    "or visual.blocks.N.mlp.w1 keys); a ProCLIP checkpoint (keys text.text_adaptor.*).")
+    "qwen3, qwen2, bert, mistral, siglip, siglip_vision_model}; an OpenAI / open_clip CLIP "
+    "state dict (.pt/.bin/.safetensors with visual.* and token_embedding.weight keys, or "
+    "OpenAI's TorchScript archive); an EVA02-CLIP state dict (timm / open_clip / EVA-CLIP, "
+    "e.g. blocks.N.mlp.fc1_g or visual.blocks.N.mlp.w1 keys); a ProCLIP checkpoint (keys "
+    "text.text_adaptor.*); a big_vision SigLIP / SigLIP 2 .npz.")
 
 
 def _model_type(src: str) -> str | None:
@@ -75,7 +82,8 @@ def _describe(keys) -> str:
 
 
 def detect(src: str) -> tuple[str, Mapping | None]:
-  """``(family, state_dict or None)``; family: hf-clip, embedder, proclip, openai-clip, eva-clip."""
+  """``(family, state_dict or None)``; family: hf-clip, embedder, proclip, openai-clip, eva-clip,
+  hf-siglip, big-vision-siglip."""
   src = os.fspath(src)
   if not os.path.exists(src):
     raise ProclipError(f"Source {src!r} does not exist. {SUPPORTED}")
@@ -84,6 +92,10 @@ def detect(src: str) -> tuple[str, Mapping | None]:
     return "hf-clip", None
   if mtype in EMBEDDER_TYPES:
     return "embedder", None
+  if mtype in SIGLIP_TYPES:
+    return "hf-siglip", None
+  if os.path.isfile(src) and src.endswith(".npz"):
+    return "big-vision-siglip", None
   sd = None
   keys = _safetensors_keys(src)
   if keys is None:
@@ -112,7 +124,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
       OpenAI-layout CLIP or ProCLIP checkpoint an open_clip model name (``ViT-H-14``) or
       model config JSON giving the head counts (:mod:`proclip_jax.convert.openclip_arch`).
     overwrite: replace an existing ``out``.
-    scan_layers: store CLIP towers in the stacked (``nn.scan``) layout.
+    scan_layers: store CLIP / EVA02 / SigLIP towers in the stacked (``nn.scan``) layout.
     act: activation of an OpenAI-layout CLIP (default: the preset's, else "quick_gelu";
       "gelu" for open_clip models trained without QuickGELU).
     vision_heads, text_heads: attention head counts of an OpenAI-layout CLIP's towers, when
@@ -127,7 +139,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if lora is not None and family != "embedder":
     raise ProclipError(f"--lora applies to LLM / sentence embedders, not to a {family} "
                        f"checkpoint ({src!r}).")
-  if family in ("hf-clip", "eva-clip") and preset is not None:
+  if family in ("hf-clip", "eva-clip", "hf-siglip", "big-vision-siglip") and preset is not None:
     raise ProclipError(f"--preset does not apply to a {family} checkpoint ({src!r}): its "
                        "config.json or tensor shapes give the architecture.")
   heads = {"--vision-heads": vision_heads, "--text-heads": text_heads}
@@ -142,6 +154,9 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if family == "eva-clip":
     return convert_eva_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
                             state_dict=sd)
+  if family in ("hf-siglip", "big-vision-siglip"):
+    fn = siglip.convert_hf_siglip if family == "hf-siglip" else siglip.convert_big_vision
+    return fn(src, out, overwrite=overwrite, scan_layers=scan_layers)
   if family == "embedder":
     return convert_embedder(src, out, preset=preset, lora=lora, overwrite=overwrite)
   arch = resolve_arch(src, preset, vision_heads, text_heads)
@@ -159,6 +174,9 @@ def summary(out: str) -> str:
   if n is None:
     n = int(sum(np.size(x) for x in jax.tree.leaves(load_model(out)[1])))
   family = meta.get("family", meta.get("kind"))
+  skipped = meta.get("skipped") or {}
+  skip = ("; skipped on purpose: " + ", ".join(f"{k} ({v} tensors)" for k, v in
+                                              sorted(skipped.items()))) if skipped else ""
   return (f"converted {family} ({meta.get('kind')}): {n:,} parameters -> "
-          f"{os.path.abspath(out)}")
+          f"{os.path.abspath(out)}{skip}")
 

@@ -24,7 +24,7 @@ import flax.linen as nn
 from proclip_jax.batched import BatchedEncoder
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip_text import TextConfig, TextTransformer
-from proclip_jax.models.eva import vision_config_from_dict, vision_tower
+from proclip_jax.models.towers import vision_config_from_dict, vision_tower
 from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
 from proclip_jax.storage import load_model
 from proclip_jax.text.clip_tokenizer import ClipTokenizer

@@ -144,25 +144,6 @@ class EvaVisionConfig:
     return cls(**d)
 
 
-def vision_config_from_dict(d: Mapping[str, Any]):
-  """A saved image-tower config: :class:`EvaVisionConfig` if ``arch`` is "eva02", else the
-  OpenAI-CLIP :class:`vit.VisionConfig` (configs written before EVA carry no ``arch``)."""
-  d = dict(d)
-  if d.get("arch") == ARCH:
-    return EvaVisionConfig.from_dict(d)
-  if "arch" in d:
-    raise ProclipError(f"Unknown image tower arch {d['arch']!r}; known: {ARCH!r} (or no arch "
-                       "for an OpenAI-CLIP ViT).")
-  return vit.VisionConfig.from_dict(d)
-
-
-def vision_tower(config) -> nn.Module:
-  """The Flax image tower for a config (:class:`EvaTower` or :class:`vit.VisionTransformer`)."""
-  if isinstance(config, EvaVisionConfig):
-    return EvaTower(config)
-  return vit.VisionTransformer(config)
-
-
 # ------------------------------------------------------------------------------- RoPE
 
 @functools.lru_cache(maxsize=16)

@@ -1,8 +1,8 @@
-"""The ProCLIP two-tower model: a CLIP image tower, the TextProj adapter, a logit scale.
+"""The ProCLIP two-tower model: an image tower, the TextProj adapter, a logit scale.
 
 Parameters are one plain tree::
 
-    {"visual": <VisionTransformer / EvaTower params>,  # image tower incl. projection to E
+    {"visual": <image tower params>,           # CLIP ViT, EVA02 or SigLIP (models/towers.py)
      "adapter": <TextProj params>,             # LLM feature (D) -> E
      "logit_scale": float32 scalar}            # s = exp(logit_scale), init ln 100
 
@@ -23,7 +23,7 @@ from flax.core import meta
 
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig, TextProj, l2_normalize
-from proclip_jax.models.eva import vision_config_from_dict, vision_tower
+from proclip_jax.models.towers import vision_config_from_dict, vision_tower
 
 PARTS = ("visual", "adapter", "logit_scale")
 LOGIT_SCALE_INIT = math.log(100.0)
@@ -34,8 +34,9 @@ class ProCLIPConfig:
   """The two towers' configurations.
 
   Attributes:
-    vision: the image tower's ``VisionConfig`` or ``EvaVisionConfig`` (None for an
-      adapter-only model, stage 1).
+    vision: the image tower's config (``VisionConfig``, ``EvaVisionConfig`` or
+      ``SiglipConfig``, chosen by ``arch`` in a dict: models/towers.py); None for an
+      adapter-only model (stage 1).
     adapter: the ``AdapterConfig``; ``adapter.out_dim`` must equal the vision projection E.
     logit_scale_init: initial ``logit_scale`` (ln 100, as pretrained CLIP) when not loaded.
   """

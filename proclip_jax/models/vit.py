@@ -245,7 +245,8 @@ class Attention(nn.Module):
   """Multi-head self-attention with separate q/k/v kernels ``[width, heads, head_dim]``.
 
   With ``attention="dense"`` logits, mask and softmax are float32 and the matmuls run in
-  ``dtype``; "xla" and "cudnn" use :func:`fused_attention` (no mask).
+  ``dtype``; "xla" and "cudnn" use :func:`fused_attention` (no mask). ``tokens``: keys and
+  values come from them instead of ``x`` (cross-attention, e.g. SigLIP's MAP head; "dense").
   """
   width: int
   heads: int
@@ -254,7 +255,7 @@ class Attention(nn.Module):
   attention: str = "dense"
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, tokens=None):
     head_dim = self.width // self.heads
     std = self.width ** -0.5
     proj = functools.partial(
@@ -262,8 +263,8 @@ class Attention(nn.Module):
         param_dtype=jnp.float32, kernel_init=partitioned(nn.initializers.normal(std), ("embed", "heads", "kv")),
         bias_init=partitioned(nn.initializers.zeros, ("heads", "kv")))
     q = proj(name="query")(x)
-    k = proj(name="key")(x)
-    v = proj(name="value")(x)
+    k = proj(name="key")(x if tokens is None else tokens)
+    v = proj(name="value")(x if tokens is None else tokens)
     if self.attention == "dense":
       out = self._dense(q, k, v, mask)
     else:

@@ -103,7 +103,7 @@ def load_clip_tower(path, expect_vision: Any = None) -> dict:
                        f"CLIP with `python tools/convert.py SRC {path}` (SRC: an OpenAI .pt "
                        "or a Hugging Face CLIP folder).")
   meta, params = storage.load_model(path)
-  if meta.get("kind") not in ("clip", "proclip"):
+  if meta.get("kind") not in ("clip", "proclip", "siglip"):
     raise ProclipError(f"config.init.clip={path!r} holds a {meta.get('kind')!r} model; it must "
                        "be a converted CLIP (or ProCLIP / LLM2CLIP release) checkpoint.")
   have = (meta.get("config") or {}).get("vision")
