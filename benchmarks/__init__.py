@@ -9,6 +9,8 @@ import statistics
 import time
 from typing import Callable
 
+import proclip_jax  # noqa: F401  (its torchvision hook: the PyTorch side imports transformers)
+
 NAMES = {
     "input": "benchmarks.input",
     "loss_memory": "benchmarks.loss_memory",

@@ -4,6 +4,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -217,7 +218,6 @@ def test_clip_by_global_norm_equals_optax():
 # --------------------------------------------------------------- hyper-parameter checks
 
 def _valid_config():
-  import ml_collections  # pylint: disable=import-outside-toplevel
   return ml_collections.ConfigDict({
       "total_steps": 100, "distill_chunk": 512,
       "optim": {"lr": 1e-4, "b1": 0.9, "b2": 0.999, "eps": 1e-8, "weight_decay": 0.05,
@@ -279,4 +279,4 @@ def test_trainer_setup_refuses_before_building():
   cfg.update(stage=2, model={"nonsense": True})   # a model this config could never build
   cfg["optim"]["b2"] = 2.0
   with pytest.raises(ProclipError, match=r"config\.optim\.b2=2\.0 is outside .*\[0\.0, 1\.0\)"):
-    state_lib.setup(cfg, None)
+    state_lib.setup(ml_collections.ConfigDict(cfg), None)
