@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 
 from experiments.run import apply_override, load_config  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
+from proclip_jax.flops import vit_forward_flops  # noqa: E402
 from proclip_jax.train import aot  # noqa: E402
 from proclip_jax import mesh as mesh_lib  # noqa: E402
 from proclip_jax.train.state import abstract_train_state  # noqa: E402
@@ -74,10 +75,9 @@ def test_flops_against_the_model_count(report):
   config = tiny_config()
   assert f["model"] == aot.model_step_flops(config)
   # Scanned: the loop body once; remat nothing_saveable: one more forward of that layer.
-  from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
   one = aot.model_config(tiny_config(**{"model.vision.layers": 1})).vision
-  layer = (common.vit_forward_flops(one, BATCH)
-           - common.vit_forward_flops(dataclasses.replace(one, layers=0), BATCH))
+  layer = (vit_forward_flops(one, BATCH)
+           - vit_forward_flops(dataclasses.replace(one, layers=0), BATCH))
   once = tiny_config(**{"model.vision.layers": 1, "model.vision.remat": "none"})
   assert f["model_as_compiled"] == aot.model_step_flops(once) + layer
   # The tiny model's elementwise work is a large share; the matmuls dominate at real sizes

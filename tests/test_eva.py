@@ -25,6 +25,7 @@ from proclip_jax.models.eva import EvaTower, EvaVisionConfig, rope_tables
 from proclip_jax.models.proclip import ProCLIPConfig
 from proclip_jax.models.vit import VisionConfig, stack_layers, unstack_layers
 from proclip_jax import mesh as mesh_lib
+from tests.config_helpers import make_config
 from proclip_jax.train.optimizer import layer_ids
 
 LAYERS = 2
@@ -362,7 +363,7 @@ def test_configs_round_trip_and_refuse():
 
 
 def test_stage2_setup_with_eva_tower():
-  """A stage-2 config whose image tower is EVA02 (a plain dict, as from a JSON config): the
+  """A stage-2 config whose image tower is EVA02 (given as a dict, as from a JSON config): the
   model, born shardings on a (data, fsdp, tensor) mesh and layer-wise lr multipliers."""
   from proclip_jax.train.optimizer import lr_multipliers  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.state import setup  # pylint: disable=import-outside-toplevel
@@ -371,7 +372,7 @@ def test_stage2_setup_with_eva_tower():
             "model": {"vision": vision, "adapter": {"in_dim": 8, "out_dim": TINY.embed_dim}},
             "optim": {"lr": 1e-3, "layer_decay": 0.5}}
   mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2}, jax.devices()[:8])
-  s = setup(config, mesh)
+  s = setup(make_config(config), mesh)
   assert isinstance(s.model.config.vision, EvaVisionConfig)
   kernel = s.param_shardings["visual"]["transformer"]["blocks"]["mlp"]["fc1_g"]["kernel"]
   assert tuple(kernel.spec) == (None, "fsdp", "tensor")  # (layers, embed, mlp)

@@ -20,7 +20,7 @@ The report (a JSON-ready dict):
 * ``fits``: ``total <= hbm``.
 * ``flops``: ``per_chip`` from ``cost_analysis()`` (the SPMD program is one chip's share),
   ``step`` = per chip × chips, ``model`` (matmul FLOPs of the step from
-  ``proclip_jax.bench.common``), ``model_as_compiled`` (the same count as the compiled
+  ``proclip_jax.flops``), ``model_as_compiled`` (the same count as the compiled
   program runs it: a scanned loop's body once, since the cost analysis does not multiply by
   trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
   model_as_compiled``.
@@ -42,9 +42,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from proclip_jax import flops
 from proclip_jax import mesh as mesh_lib
 from proclip_jax.errors import ProclipError
-from proclip_jax.train.state import abstract_train_state, model_config, stage_of
+from proclip_jax.models.vit import remat_policy
+from proclip_jax.train.state import abstract_train_state, model_config, stage_of, uses_teacher
 from proclip_jax.train.steps import TEXT_KEY, make_train_step
 
 GiB = 1 << 30
@@ -118,20 +120,17 @@ def batch_structs(config: Any, mesh) -> dict:
 
 
 def model_step_flops(config: Any, as_compiled: bool = False) -> int:
-  """Matmul FLOPs of one global step of this config (``proclip_jax.bench.common``).
+  """Matmul FLOPs of one global step of this config (``proclip_jax.flops``).
 
   With ``as_compiled``, the count that XLA's cost analysis of the compiled step should
   give: a scanned tower's loop body counted once (the analysis does not multiply by the trip
   count), plus the forward the backward recomputes under a remat policy that saves no
   matmul outputs.
   """
-  from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
-  from proclip_jax.models.vit import remat_policy  # pylint: disable=import-outside-toplevel
-  from proclip_jax.train.state import uses_teacher  # pylint: disable=import-outside-toplevel
   mc = model_config(config)
   b = int(config.data.batch_size)
   if stage_of(config) == 1:
-    return common.stage1_step_flops(mc.adapter, b,
+    return flops.stage1_step_flops(mc.adapter, b,
                                     len(tuple(config.stage1.fields)))
   vis = mc.vision
   recompute = 0
@@ -140,9 +139,9 @@ def model_step_flops(config: Any, as_compiled: bool = False) -> int:
       vis = dataclasses.replace(vis, layers=1)
     policy = remat_policy(vis.remat)
     if policy is not None and not _saves_dots(vis.remat):
-      recompute = (common.vit_forward_flops(vis, b)
-                   - common.vit_forward_flops(dataclasses.replace(vis, layers=0), b))
-  return common.stage2_step_flops(vis, mc.adapter, b,
+      recompute = (flops.vit_forward_flops(vis, b)
+                   - flops.vit_forward_flops(dataclasses.replace(vis, layers=0), b))
+  return flops.stage2_step_flops(vis, mc.adapter, b,
                                   teacher=uses_teacher(config))["total"] + recompute
 
 
