@@ -30,13 +30,14 @@ import jax
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.config_dict import DictConfig
 from proclip_jax.models.llm import Proj, pool, positions_from_mask, MASK_VALUE
 
 ACTIVATIONS = ("gelu", "gelu_new", "relu")
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig:
+class BertConfig(DictConfig):
   vocab_size: int
   hidden_size: int
   intermediate_size: int
@@ -60,16 +61,6 @@ class BertConfig:
   def head_dim(self) -> int:
     return self.hidden_size // self.num_heads
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "BertConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ProclipError(f"BertConfig: unknown fields {unknown}; known: {sorted(names)}.")
-    return cls(**d)
 
 
 def _act(name: str, x):

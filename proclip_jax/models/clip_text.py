@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.config_dict import DictConfig
 from proclip_jax.models.vit import Transformer, check_options, layer_norm, partitioned
 
 _TEXT_VARIANTS = {
@@ -36,7 +37,7 @@ _TEXT_VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class TextConfig:
+class TextConfig(DictConfig):
   """Architecture and compute options of a CLIP text tower.
 
   Attributes:
@@ -76,16 +77,6 @@ class TextConfig:
       raise ProclipError(f"Unknown CLIP text variant {name!r}; known: {list(_TEXT_VARIANTS)}.")
     return cls(**{**_TEXT_VARIANTS[name], **overrides})
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "TextConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ProclipError(f"TextConfig: unknown fields {unknown}; known: {sorted(known)}.")
-    return cls(**d)
 
 
 def pool_positions(ids, eos_token_id: int | None):

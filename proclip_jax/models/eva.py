@@ -53,6 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.config_dict import DictConfig
 from proclip_jax.models import vit
 from proclip_jax.models.vit import partitioned
 
@@ -69,7 +70,7 @@ _EVA_VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class EvaVisionConfig:
+class EvaVisionConfig(DictConfig):
   """Architecture and compute options of an EVA02-CLIP image tower.
 
   Attributes:
@@ -132,16 +133,6 @@ class EvaVisionConfig:
       raise ProclipError(f"Unknown EVA02 vision variant {name!r}; known: {list(_EVA_VARIANTS)}.")
     return cls(**{**_EVA_VARIANTS[name], **overrides})
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "EvaVisionConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ProclipError(f"EvaVisionConfig: unknown fields {unknown}; known: {sorted(known)}.")
-    return cls(**d)
 
 
 # ------------------------------------------------------------------------------- RoPE
@@ -317,13 +308,9 @@ class EvaTower(nn.Module):
   def __call__(self, images, project: bool = True):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ProclipError(f"EvaTower expects NHWC images [N, H, W, 3], got {images.shape}.")
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ProclipError(
-          f"EvaTower: images are {images.shape[1]}x{images.shape[2]} but the model takes "
-          f"{cfg.image_size}x{cfg.image_size}. Resize the images (the position embeddings "
-          "and RoPE tables are for that grid).")
+    vit.check_images(images, cfg.image_size, "EvaTower",
+                     "Resize the images (the position embeddings and RoPE tables are for that "
+                     "grid).")
     x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size,) * 2,
                 padding="VALID", dtype=dtype, param_dtype=jnp.float32,
                 kernel_init=partitioned(nn.initializers.lecun_normal(),

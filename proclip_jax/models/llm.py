@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.config_dict import DictConfig
 
 POOLINGS = ("mean", "last", "cls")
 ROPE_TYPES = ("default", "linear", "llama3")
@@ -55,7 +56,7 @@ MASK_VALUE = float(np.finfo(np.float32).min)
 
 
 @dataclasses.dataclass(frozen=True)
-class DecoderConfig:
+class DecoderConfig(DictConfig):
   """Architecture of a decoder LLM (no attention mode or pooling: those are the preset's)."""
   vocab_size: int
   hidden_size: int
@@ -87,16 +88,6 @@ class DecoderConfig:
           f"DecoderConfig: rope_type {self.rope_type!r} is not supported (supported: "
           f"{', '.join(ROPE_TYPES)}).")
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "DecoderConfig":
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-      raise ProclipError(f"DecoderConfig: unknown fields {unknown}; known: {sorted(names)}.")
-    return cls(**d)
 
 
 def rope_inv_freq(cfg: DecoderConfig) -> np.ndarray:

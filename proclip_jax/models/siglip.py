@@ -40,7 +40,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from proclip_jax.errors import ProclipError
-from proclip_jax.models.vit import (Attention, Mlp, Transformer, check_attention,
+from proclip_jax.models.config_dict import DictConfig
+from proclip_jax.models.vit import (Attention, Mlp, Transformer, check_attention, check_images,
                                     check_options, layer_norm, partitioned)
 
 ARCH = "siglip"
@@ -56,7 +57,7 @@ _VARIANTS = {
 
 
 @dataclasses.dataclass(frozen=True)
-class SiglipConfig:
+class SiglipConfig(DictConfig):
   """Architecture and compute options of a SigLIP image tower.
 
   Attributes:
@@ -131,16 +132,6 @@ class SiglipConfig:
                 heads=heads, mlp_dim=None if mlp == 4 * width else mlp)
     return cls(**{**base, **overrides})
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "SiglipConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ProclipError(f"SiglipConfig: unknown fields {unknown}; known: {sorted(known)}.")
-    return cls(**d)
 
 
 def clip_to_siglip_pixels(x):
@@ -184,13 +175,7 @@ class SiglipVisionTransformer(nn.Module):
   def __call__(self, images, project: bool = True):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ProclipError(f"SiglipVisionTransformer expects NHWC images [N, H, W, 3], got "
-                         f"{images.shape}.")
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ProclipError(
-          f"SiglipVisionTransformer: images are {images.shape[1]}x{images.shape[2]} but the "
-          f"model takes {cfg.image_size}x{cfg.image_size}; resize the images.")
+    check_images(images, cfg.image_size, "SiglipVisionTransformer", "Resize the images.")
     x = images.astype(jnp.float32)
     if cfg.pixel_norm == "clip":
       x = clip_to_siglip_pixels(x)

@@ -37,6 +37,7 @@ import numpy as np
 import flax.linen as nn
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.models.config_dict import DictConfig
 from proclip_jax.mesh import constrain
 
 # Logical axes of the residual stream [batch, tokens, width]: in a sharded step the rules put
@@ -103,7 +104,7 @@ def remat_policy(remat, name: str = "remat"):
 
 
 @dataclasses.dataclass(frozen=True)
-class VisionConfig:
+class VisionConfig(DictConfig):
   """Architecture and compute options of a CLIP image tower.
 
   Attributes:
@@ -162,16 +163,6 @@ class VisionConfig:
       raise ProclipError(f"Unknown CLIP vision variant {name!r}; known: {list(_VISION_VARIANTS)}.")
     return cls(**{**_VISION_VARIANTS[name], **overrides})
 
-  def to_dict(self) -> dict:
-    return dataclasses.asdict(self)
-
-  @classmethod
-  def from_dict(cls, d: Mapping[str, Any]) -> "VisionConfig":
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-      raise ProclipError(f"VisionConfig: unknown fields {unknown}; known: {sorted(known)}.")
-    return cls(**d)
 
 
 def check_attention(name: str, attention: str, dtype: str) -> None:
@@ -436,6 +427,15 @@ class Transformer(nn.Module):
 
 # ------------------------------------------------------------------------------ the tower
 
+def check_images(images, size: int, tower: str, fix: str) -> None:
+  """Refuses anything but NHWC RGB images of ``size`` x ``size`` for the image tower ``tower``."""
+  if images.ndim != 4 or images.shape[-1] != 3:
+    raise ProclipError(f"{tower} expects NHWC images [N, H, W, 3], got {images.shape}.")
+  if images.shape[1:3] != (size, size):
+    raise ProclipError(f"{tower}: images are {images.shape[1]}x{images.shape[2]} but the model "
+                       f"takes {size}x{size}. {fix}")
+
+
 class VisionTransformer(nn.Module):
   """OpenAI-CLIP ViT image tower.
 
@@ -449,13 +449,9 @@ class VisionTransformer(nn.Module):
   def __call__(self, images, project: bool = True):
     cfg = self.config
     dtype = jnp.dtype(cfg.dtype)
-    if images.ndim != 4 or images.shape[-1] != 3:
-      raise ProclipError(f"VisionTransformer expects NHWC images [N, H, W, 3], got {images.shape}.")
-    if images.shape[1:3] != (cfg.image_size, cfg.image_size):
-      raise ProclipError(
-          f"VisionTransformer: images are {images.shape[1]}x{images.shape[2]} but the model "
-          f"takes {cfg.image_size}x{cfg.image_size}. Resize the images, or resample the "
-          "position embeddings with resample_posemb and set image_size.")
+    check_images(images, cfg.image_size, "VisionTransformer",
+                 "Resize the images, or resample the position embeddings with resample_posemb "
+                 "and set image_size.")
     std = cfg.width ** -0.5
     x = nn.Conv(cfg.width, (cfg.patch_size, cfg.patch_size), strides=(cfg.patch_size,) * 2,
                 padding="VALID", use_bias=False, dtype=dtype, param_dtype=jnp.float32,
