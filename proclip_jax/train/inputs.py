@@ -13,6 +13,7 @@ when that optional field is set)::
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
@@ -56,6 +57,39 @@ def open_cache(config, name: str, kind: str, dim: int, fields, data_path: str | 
   if data_path:
     expect.update(data=data_path, split=config.data.split)
   return CacheReader(path, expect=expect, fields=list(fields))
+
+
+# Most grain workers the automatic count starts: decoding a batch of images is spread over
+# them, and more than this only adds copies through shared memory.
+MAX_AUTO_WORKERS = 16
+
+
+def default_worker_count(cores: int | None = None) -> int:
+  """``config.data.worker_count = -1``: grain workers for this machine's cores.
+
+  0 (decode in the main process's read threads) on <= 2 cores, where worker processes
+  compete with the training step and slow it down; otherwise half the cores, at most
+  :data:`MAX_AUTO_WORKERS`.
+  """
+  if cores is None:
+    try:
+      cores = len(os.sched_getaffinity(0))   # the cores this process may use
+    except AttributeError:
+      cores = os.cpu_count() or 1
+  if cores <= 2:
+    return 0
+  return min(cores // 2, MAX_AUTO_WORKERS)
+
+
+def worker_count(config) -> int:
+  """``config.data.worker_count``, with -1 meaning :func:`default_worker_count`."""
+  n = int(config.data.worker_count)
+  if n == -1:
+    return default_worker_count()
+  if n < 0:
+    raise ProclipError(f"config.data.worker_count={n}: use 0 (no worker processes), a "
+                       "positive count, or -1 (from the machine's cores).")
+  return n
 
 
 def batch_axes(mesh, rules) -> tuple[str, ...]:
@@ -117,7 +151,7 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
       batch_size=global_batch // pc, mode="train", fields=fields,
       field_weights=None if weights is None else tuple(weights),
       seed=int(data.get("seed", config.seed)), num_epochs=data.num_epochs,
-      shuffle=bool(data.shuffle), worker_count=int(data.worker_count),
+      shuffle=bool(data.shuffle), worker_count=worker_count(config),
       worker_buffer_size=int(data.worker_buffer_size), read_threads=int(data.read_threads),
       prefetch_batches=int(data.prefetch_batches), **images)
   return pl.Pipeline(source, options, side_data=side), keys
