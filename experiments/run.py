@@ -168,11 +168,10 @@ def main(argv: list[str] | None = None) -> int:
       print(json.dumps(config_to_dict(config), indent=1))
       return 0
     import logging  # pylint: disable=import-outside-toplevel
-    # Our own progress at INFO; libraries (Orbax, absl, grain) only at WARNING and above.
+    # Our own progress at INFO; libraries (Orbax, grain) only at WARNING and above.
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proclip_jax").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-manager notes
     from proclip_jax.train import distributed, loop  # pylint: disable=import-outside-toplevel
     if config.stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
       from experiments.demo import run_demo  # pylint: disable=import-outside-toplevel

@@ -99,7 +99,8 @@ def _stage_config(spec, files, **paths):
   c = run.load_config(spec)
   over = {"cache.llm": files["llm"], "total_steps": "3", "data.batch_size": "16",
           "distill_chunk": "8", "progress": "false", "log_every": "1", "ckpt_every": "0",
-          "data.read_threads": "1", "data.prefetch_batches": "1", **paths}
+          "data.read_threads": "1", "data.prefetch_batches": "1", "optim.warmup_steps": "1",
+          **paths}
   for k, v in over.items():
     run.apply_override(c, k, v)
   c.lock()
@@ -142,7 +143,7 @@ def test_stages_run_with_only_paths(files, runs):
 
 
 def test_stated_shape_that_disagrees_names_field_and_file(files, runs, tmp_path):
-  c = _stage_config("stage1.py", files, **{"cache.clip": files["teacher"],
+  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"],
                                            "model.adapter.in_dim": "4096"})
   with pytest.raises(ProclipError, match=r"config\.model\.adapter\.in_dim=4096 does not match "
                      r"the LLM cache .*llm/manifest\.json.*32.*input width"):
@@ -174,7 +175,7 @@ def test_stage2_refuses_another_clip_than_stage1s_teacher(files, runs):
 # ------------------------------------------------------------------------ 2. one caption field
 
 def test_stage1_with_one_field_uses_it_for_both_terms(files, tmp_path):
-  c = _stage_config("stage1.py", files, **{"cache.clip": files["teacher"],
+  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"],
                                            "stage1.fields": "short", "total_steps": "1"})
   assert run_config.resolve_model(c).stage1.fields == ("short", "short")
   r = loop.train(c, str(tmp_path / "w"), source=files["source"])
@@ -199,7 +200,7 @@ def test_worker_count_follows_cores():
 def test_resume_with_changed_config_lists_changes(files, runs, caplog):
   s1 = runs["s1"]
   before = _saved(s1)
-  c = _stage_config("stage1.py", files, **{"cache.clip": files["teacher"],
+  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"],
                                            "optim.lr": "0.001", "optim.b1": "0.8"})
   with pytest.raises(ProclipError) as e:
     loop.train(c, s1, source=files["source"])
@@ -207,7 +208,7 @@ def test_resume_with_changed_config_lists_changes(files, runs, caplog):
   assert "  optim.lr: 0.0001 -> 0.001" in lines and "  optim.b1: 0.9 -> 0.8" in lines
   assert "allow_config_change" in lines[-1]
   assert _saved(s1) == before   # config.json is not overwritten by a refused resume
-  c = _stage_config("stage1.py", files, **{"cache.clip": files["teacher"],
+  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"],
                                            "total_steps": "4", "log_every": "2"})
   with caplog.at_level(logging.WARNING, logger="proclip_jax.train.run_config"):
     r = loop.train(c, s1, source=files["source"])
@@ -215,7 +216,7 @@ def test_resume_with_changed_config_lists_changes(files, runs, caplog):
   text = caplog.text
   assert "Loop-only config changes" in text and "total_steps: 3 -> 4" in text
   assert "log_every: 1 -> 2" in text and "schedule" in text
-  c = _stage_config("stage1.py", files, **{"cache.clip": files["teacher"], "total_steps": "4",
+  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"], "total_steps": "4",
                                            "optim.lr": "0.001", "allow_config_change": "true"})
   loop.train(c, s1, source=files["source"])
   assert _saved(s1)["optim"]["lr"] == 0.001

@@ -169,7 +169,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # grain worker processes decoding images; -1: from the cores (train/inputs.py,
   # default_worker_count: 0 on <= 2 cores, where workers only add copies).
   c.data.worker_count = -1
-  c.data.read_threads = 8
+  c.data.read_threads = 4       # grain read threads; at most prefetch_batches (each loads a batch)
   c.data.prefetch_batches = 4
   c.data.worker_buffer_size = 2
 
