@@ -124,6 +124,7 @@ def _config(stage, steps, **over):
   c.data.batch_size = 16
   c.data.read_threads = 1
   c.data.prefetch_batches = 1
+  c.data.worker_count = 0   # in-process decoding whatever the cores (the default is -1: auto)
   common.set_model(c, d=D, e=E, size=None, dtype="float32")
   c.model.adapter.expansion = 2
   if stage == 1:

@@ -100,6 +100,7 @@ def _stage_config(spec, files, **paths):
   over = {"cache.llm": files["llm"], "total_steps": "3", "data.batch_size": "16",
           "distill_chunk": "8", "progress": "false", "log_every": "1", "ckpt_every": "0",
           "data.read_threads": "1", "data.prefetch_batches": "1", "optim.warmup_steps": "1",
+          "data.worker_count": "0",
           **paths}
   for k, v in over.items():
     run.apply_override(c, k, v)
@@ -216,8 +217,9 @@ def test_resume_with_changed_config_lists_changes(files, runs, caplog):
   text = caplog.text
   assert "Loop-only config changes" in text and "total_steps: 3 -> 4" in text
   assert "log_every: 1 -> 2" in text and "schedule" in text
-  c = _stage_config("stage1.py:root=/nowhere", files, **{"cache.clip": files["teacher"], "total_steps": "4",
-                                           "optim.lr": "0.001", "allow_config_change": "true"})
+  c = _stage_config("stage1.py:root=/nowhere", files, **{
+      "cache.clip": files["teacher"], "total_steps": "4", "optim.lr": "0.001",
+      "allow_config_change": "true"})
   loop.train(c, s1, source=files["source"])
   assert _saved(s1)["optim"]["lr"] == 0.001
 
@@ -274,3 +276,14 @@ def test_load_encode_one_image_rank_folder_and_normalize(files, runs, tmp_path, 
   listed = sorted(line.split()[-1] for line in out.out.strip().splitlines())
   assert listed == sorted(str(folder / p) for p in ("a.png", "sub/b.jpg", "sub/deeper/c.png"))
   assert "skipped 1 unreadable file(s)" in out.err and "broken.jpg" in out.err
+
+
+def test_trainer_closes_grain_workers(files, tmp_path):
+  """A run with a worker process leaves no worker and frees its shared-memory blocks."""
+  import multiprocessing
+  before = set(os.listdir("/dev/shm"))
+  c = _stage_config("stage1.py:root=/nowhere", files, **{
+      "cache.clip": files["teacher"], "total_steps": "1", "data.worker_count": "1"})
+  loop.train(c, str(tmp_path / "w"), source=files["source"])
+  assert multiprocessing.active_children() == []
+  assert set(os.listdir("/dev/shm")) - before == set()
