@@ -129,11 +129,8 @@ def _resolve_stage1(c, caches) -> None:
           "Point config.cache.clip at a cache written by the intended CLIP.")
 
 
-def _resolve_vision(c) -> None:
-  """model.vision from the converted CLIP named by config.init.clip."""
-  from proclip_jax.data.cache import model_fingerprint  # pylint: disable=import-outside-toplevel
-  from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
-  path = c.init.clip
+def require_init_clip(path: str) -> None:
+  """Refuses an unset or missing ``config.init.clip``, with the command that makes it."""
   if not path:
     raise ProclipError("config.init.clip is not set: stage 2 starts from (and takes its image "
                        "tower's shape from) a converted CLIP. Convert one with `python "
@@ -142,6 +139,14 @@ def _resolve_vision(c) -> None:
     raise ProclipError(f"config.init.clip={path!r} does not exist. Convert the pretrained "
                        f"CLIP with `python tools/convert.py SRC {path}` (SRC: an OpenAI .pt, "
                        "an open_clip or a Hugging Face CLIP).")
+
+
+def _resolve_vision(c) -> None:
+  """model.vision from the converted CLIP named by config.init.clip."""
+  from proclip_jax.data.cache import model_fingerprint  # pylint: disable=import-outside-toplevel
+  from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
+  path = c.init.clip
+  require_init_clip(path)
   meta = read_model_json(path)
   src = os.path.join(path, "model.json")
   vision = (meta.get("config") or {}).get("vision")
