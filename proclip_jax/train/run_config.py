@@ -69,7 +69,7 @@ def _manifest(path: str, name: str, what: str) -> dict:
 
 def _fill(node, key: str, value, field: str, source: str, fix: str) -> None:
   """Sets ``node[key]`` to ``value`` when unset; refuses a stated value that differs."""
-  have = node[key]
+  have = node.get(key)   # a config made without the field (not from base_config) gets it
   if _unset(have):
     node[key] = value
   elif have != value:
@@ -178,7 +178,7 @@ def _check_teacher(c) -> None:
   if not s1:
     return
   taught = (_stage1_config(s1).get("init") or {}).get("clip_sha256")
-  mine = c.init.clip_sha256
+  mine = c.init.get("clip_sha256")
   if taught and mine and taught != mine:
     raise ProclipError(
         f"config.init.clip={c.init.clip!r} (weights {mine[:12]}...) is not the CLIP that "
