@@ -395,16 +395,19 @@ def test_missing_inputs_name_the_command(world, tmp_path, clip_dir):
 def test_cli_override_reaches_trainer_and_errors_exit_2(tmp_path):
   env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
   work = tmp_path / "w"
-  p = subprocess.run(
-      [sys.executable, os.path.join(REPO, "experiments", "run.py"), "--config",
-       "stage1.py:size=L/14,embedder=qwen3_embedding_0.6b", "--workdir", str(work),
-       f"--config.data.path={tmp_path / 'no-data'}", "--config.optim.lr", "2e-4",
-       "--config.model.adapter.in_dim=1024", "--config.model.adapter.out_dim=768"],
-      capture_output=True, text=True, env=env, timeout=120)
+  argv = [sys.executable, os.path.join(REPO, "experiments", "run.py"), "--config",
+          "stage1.py:size=L/14,embedder=qwen3_embedding_0.6b", "--workdir", str(work),
+          f"--config.data.path={tmp_path / 'no-data'}", "--config.optim.lr", "2e-4",
+          "--config.model.adapter.in_dim=1024", "--config.model.adapter.out_dim=768"]
+  p = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=120)
   assert p.returncode == 2, p.stderr
   assert "Traceback" not in p.stderr
   assert "no-data" in p.stderr and "tools/build_dataset.py" in p.stderr
-  written = json.load(open(work / "config.json"))
+  assert not (work / "config.json").exists()   # a start that fails records nothing
+  p = subprocess.run(argv + ["--print-config"], capture_output=True, text=True, env=env,
+                     timeout=120)
+  assert p.returncode == 0, p.stderr
+  written = json.loads(p.stdout)
   assert written["optim"]["lr"] == 2e-4
   assert written["model"]["adapter"] == {"in_dim": 1024, "out_dim": 768, "expansion": 8,
                                          "n_blocks": 1, "dtype": "float32"}

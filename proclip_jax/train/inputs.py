@@ -18,6 +18,7 @@ from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from proclip_jax import mesh as mesh_lib
 from proclip_jax.data import pipeline as pl
@@ -100,6 +101,18 @@ def batch_axes(mesh, rules) -> tuple[str, ...]:
   return (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
 
 
+def require_data(config: Any) -> None:
+  """Refuses an unset ``config.data.path`` or a folder without a built dataset.
+
+  The trainer checks this first (before the caches and models, which are made from it).
+  """
+  if not config.data.path:
+    raise ProclipError("config.data.path is not set: name a dataset folder made by "
+                       "`python tools/build_dataset.py SRC OUT`.")
+  if not epath.Path(config.data.path, "dataset_info.json").exists():
+    pl.open_source(config.data.path, config.data.split)   # raises, naming the command
+
+
 def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | None = None):
   """``(pipeline, batch_keys)``: the training pipeline of this stage and what the step reads.
 
@@ -111,9 +124,7 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
   stage = stage_of(config)
   data_path = config.data.path
   if source is None:
-    if not data_path:
-      raise ProclipError("config.data.path is not set: name a dataset folder made by "
-                         "`python tools/build_dataset.py SRC OUT`.")
+    require_data(config)
     source = pl.open_source(data_path, config.data.split)
   else:
     data_path = None  # an injected source: no dataset fingerprint to check caches against

@@ -114,7 +114,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   workdir = epath.Path(workdir)
   main = jax.process_index() == 0
   # The model's shapes from the files the config names; a resume checked for changes.
-  config = run_config.prepare(config, workdir, caches)
+  config = run_config.prepare(config, workdir, caches, source)
   total = int(config.total_steps)
   if total < 1:
     raise ProclipError(f"config.total_steps={total} must be >= 1.")

@@ -301,16 +301,21 @@ def check_resume(workdir, new: Mapping, allow: bool) -> list[str]:
   return notes
 
 
-def prepare(config: Any, workdir, caches: Mapping[str, Any] | None = None) -> Any:
+def prepare(config: Any, workdir, caches: Mapping[str, Any] | None = None,
+            source: Any = None) -> Any:
   """The trainer's first step: the resolved config, checked against a resumed run's, recorded.
 
-  Returns :func:`resolve_model`'s config. When ``workdir`` holds a checkpoint, its
+  ``source`` is the trainer's in-memory data (else ``config.data.path`` must hold a built
+  dataset). Returns :func:`resolve_model`'s config. When ``workdir`` holds a checkpoint, its
   config.json is compared (:func:`check_resume`); then process 0 writes the resolved config
   to ``WORKDIR/config.json``.
   """
   import jax  # pylint: disable=import-outside-toplevel
   from proclip_jax.storage import latest_step  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.loop import config_to_dict  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.inputs import require_data  # pylint: disable=import-outside-toplevel
+  if source is None:   # the dataset is made first: a missing one is said first
+    require_data(config)
   config = resolve_model(config, caches)
   plain = config_to_dict(config)
   workdir = epath.Path(workdir)
