@@ -324,5 +324,7 @@ def prepare(config: Any, workdir, caches: Mapping[str, Any] | None = None,
       log.warning("%s", note)
   if jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / CONFIG_JSON).write_text(json.dumps(plain, indent=1))
+    tmp = workdir / f"{CONFIG_JSON}.tmp-{os.getpid()}"   # other processes read it whole
+    tmp.write_text(json.dumps(plain, indent=1))
+    tmp.replace(workdir / CONFIG_JSON)
   return config
