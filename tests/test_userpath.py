@@ -28,7 +28,7 @@ from PIL import Image
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.clip import CLIPConfig
 from proclip_jax.models.vit import VisionConfig
-from proclip_jax.storage import params_fingerprint, read_model_json, save_model
+from proclip_jax.storage import read_model_json, save_model
 from proclip_jax.train import inputs, loop, run_config
 from test_eval import make_tiny_embedder
 from test_run import _demo_source, _run_module, _write_cache
@@ -252,6 +252,7 @@ def test_load_encode_one_image_rank_folder_and_normalize(files, runs, tmp_path, 
   emb = load_embedder(files["emb_dir"])
   texts = ["a red circle", "two blue squares on a striped background"]
   raw = emb.embed(texts)
+  assert np.abs(np.linalg.norm(raw, axis=1) - 1).max() > 1e-3   # mean pooling: not unit
   unit = emb.embed(texts, normalize=True)
   want = raw.astype(np.float64) / np.linalg.norm(raw.astype(np.float64), axis=1, keepdims=True)
   assert np.abs(unit - want).max() < 1e-6
