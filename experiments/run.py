@@ -15,7 +15,8 @@
   ``--config.evals.imagenet.every=1000``; fields in docs/evaluation.md).
 * ``--workdir``: checkpoints, metrics.jsonl, TensorBoard files. A workdir that holds a
   checkpoint is resumed.
-* ``--print-config``: print the resolved config and exit.
+* ``--print-config``: print the config and exit (stages 1 and 2: with the model shapes read
+  from the caches / converted CLIP it names, when they exist; train/run_config.py).
 * ``config.stage``: 1 or 2 runs :func:`proclip_jax.train.loop.train`; ``"demo"`` (the demo
   config) runs :func:`experiments.demo.run_demo`, whose workdir has a default.
 * ``--host-malloc``: glibc heap settings for XLA:CPU's per-step temporaries (the same as
@@ -171,14 +172,19 @@ def main(argv: list[str] | None = None) -> int:
     config.lock()  # the library reads config.a.b; a misspelt field is an error, not a default
     if args.print_config:
       from proclip_jax.train.loop import config_to_dict  # pylint: disable=import-outside-toplevel
+      if config.stage in (1, 2):  # with the shapes the files give, when they are there
+        from proclip_jax.train.run_config import resolve_model  # pylint: disable=import-outside-toplevel
+        try:
+          config = resolve_model(config)
+        except ProclipError as e:
+          print(f"note: model shapes not resolved ({e})", file=sys.stderr)
       print(json.dumps(config_to_dict(config), indent=1))
       return 0
     import logging  # pylint: disable=import-outside-toplevel
-    # Our own progress at INFO; libraries (Orbax, absl, grain) only at WARNING and above.
+    # Our own progress at INFO; libraries (Orbax, grain) only at WARNING and above.
     logging.basicConfig(level=logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("proclip_jax").setLevel(logging.INFO)
-    logging.getLogger("absl").setLevel(logging.ERROR)  # Orbax's read-only-manager notes
     from proclip_jax.train import distributed, loop  # pylint: disable=import-outside-toplevel
     if config.stage == "demo":  # the end-to-end demo (experiments/configs/demo.py)
       from experiments.demo import run_demo  # pylint: disable=import-outside-toplevel

@@ -56,8 +56,17 @@ from proclip_jax.tree import merge
 
 # --------------------------------------------------------------------------- helpers
 
+def _as_image_list(images) -> list:
+  """One image (a PIL image or an HWC array) as a list of one; a batch as a list."""
+  if hasattr(images, "convert") or (isinstance(images, np.ndarray) and images.ndim == 3):
+    return [images]
+  return list(images)
+
+
 def preprocess_images(images, size: int) -> np.ndarray:
   """PIL images / uint8 HWC arrays / a float NHWC normalised array -> float32 NHWC.
+
+  One image (a PIL image or one HWC array) is a batch of one: ``[1, size, size, 3]``.
 
   A float array (or list of float HWC arrays) is taken as already CLIP-normalised and must
   be ``size x size``; anything else goes through ``transforms.eval_transform``.
@@ -65,12 +74,8 @@ def preprocess_images(images, size: int) -> np.ndarray:
   if isinstance(images, np.ndarray) and images.ndim == 4 and np.issubdtype(images.dtype,
                                                                            np.floating):
     x = images.astype(np.float32)
-  elif isinstance(images, np.ndarray) and images.ndim == 3:
-    raise ProclipError(f"encode_images takes a batch: a list of images or an NHWC array, got "
-                       f"one array of shape {images.shape}; wrap it in a list.")
   else:
-    if isinstance(images, np.ndarray):
-      images = list(images)
+    images = _as_image_list(images)
     rows = []
     for i, im in enumerate(images):
       a = im if hasattr(im, "convert") else np.asarray(im)
@@ -185,7 +190,8 @@ class ProCLIP:
 
   # ----------------------------------------------------------------- encoders
   def encode_images(self, images, *, batch_size: int | None = None, mesh=None) -> np.ndarray:
-    """Unit-norm float32 ``[N, E]`` image embeddings (see the module docstring for inputs)."""
+    """Unit-norm float32 ``[N, E]`` image embeddings (see the module docstring for inputs);
+    one image (a PIL image or an HWC array) gives ``[1, E]``."""
     if self._image_enc is None:
       raise ProclipError("This ProCLIP model has no image tower (a stage-1, adapter-only "
                          "checkpoint); load a stage-2 or converted full model.")

@@ -176,13 +176,17 @@ def _is_array_meta(m) -> bool:
   return hasattr(m, "shape") and hasattr(m, "dtype")
 
 
+# The item handler, not a Checkpointer: a Checkpointer also reads a step-level
+# _CHECKPOINT_METADATA file, which an item folder inside a training checkpoint
+# (checkpoints/STEP/state) does not have, and warns about it on every read.
+
 def saved_tree(directory) -> Any:
   """The tree of array metadata (``.shape``, ``.dtype``) saved in an Orbax item folder."""
-  ckptr = ocp.PyTreeCheckpointer()
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    tree = ckptr.metadata(epath.Path(directory))
+    tree = handler.metadata(epath.Path(directory))
   finally:
-    ckptr.close()
+    handler.close()
   tree = getattr(tree, "item_metadata", tree)
   return getattr(tree, "tree", tree)
 
@@ -202,12 +206,12 @@ def restore_numpy(directory, select: Callable[[Any], Any] | None = None) -> Any:
       return tree
   target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), tree, is_leaf=_is_array_meta)
   restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), target)
-  ckptr = ocp.PyTreeCheckpointer()
+  handler = ocp.PyTreeCheckpointHandler()
   try:
-    return ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+    return handler.restore(directory, args=ocp.args.PyTreeRestore(
         item=target, restore_args=restore_args, partial_restore=select is not None))
   finally:
-    ckptr.close()
+    handler.close()
 
 
 # ------------------------------------------------------------------------ model folders
@@ -369,8 +373,11 @@ class Checkpoints:
     for name in partial_checkpoints(workdir):
       log.warning("Ignoring the half-written checkpoint %s (a save was interrupted); "
                   "resuming from the last complete one.", self.directory / name)
+    # A reader is not Orbax's read_only manager (which warns on every open and about the
+    # save options it overrides): it creates, cleans and deletes nothing, and save() refuses.
+    self.read_only = read_only
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+        max_to_keep=None if read_only else max_to_keep, create=not read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
@@ -387,6 +394,8 @@ class Checkpoints:
   def save(self, step: int, state: Any, data_iter: Any = None,
            metadata: Mapping[str, Any] | None = None, *, force: bool = True) -> bool:
     """Saves the TrainState, the data iterator's state and ``metadata`` as step ``step``."""
+    if self.read_only:
+      raise ProclipError(f"{self.directory} was opened read-only; it cannot save step {step}.")
     items = {"state": ocp.args.StandardSave(state),
              "metadata": ocp.args.JsonSave(dict(metadata or {}))}
     if data_iter is not None:

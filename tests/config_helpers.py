@@ -33,6 +33,7 @@ def _merge(node: ml_collections.ConfigDict, over: Mapping[str, Any]) -> None:
 def make_config(over: Mapping[str, Any], lock: bool = True) -> ml_collections.ConfigDict:
   """``base_config(over["stage"])`` with the nested dict ``over`` laid over it."""
   config = common.base_config(over["stage"])
+  config.data.worker_count = 0   # tests decode in-process (the default -1 follows the cores)
   _merge(config, over)
   if lock:
     config.lock()

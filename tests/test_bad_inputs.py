@@ -109,6 +109,10 @@ def test_resume_with_another_architecture(stage1_workdir, tmp_path):
   wd = tmp_path / "copy"
   shutil.copytree(stage1_workdir, wd)
   cfg = _stage1(**{"model.adapter.expansion": 4, "total_steps": 2})
+  with pytest.raises(ProclipError, match=r"model\.adapter\.expansion: 2 -> 4"):
+    _train(cfg, wd)   # the config diff (train/run_config.py) says it first
+  # Told to go on anyway, the checkpoint itself does not fit the new architecture.
+  cfg = _stage1(**{"model.adapter.expansion": 4, "total_steps": 2, "allow_config_change": True})
   with pytest.raises(ProclipError, match=r"(?s)Cannot restore checkpoint .*different config"):
     _train(cfg, wd)
   # The reads still in flight when the restore failed report it again later, from

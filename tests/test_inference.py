@@ -56,8 +56,8 @@ def test_encode_images_pil_uint8_and_normalised_agree(setup):
   for x in (b, c):
     assert np.abs(a - x).max() < TOL
   assert np.abs(c - ref).max() < TOL
-  with pytest.raises(ProclipError, match="wrap it in a list"):
-    model.encode_images(imgs[0])
+  for one in (imgs[0], Image.fromarray(imgs[0])):   # one image: a batch of one
+    assert np.abs(model.encode_images(one) - a[:1]).max() < TOL
   with pytest.raises(ProclipError, match=r"\[N, 32, 32, 3\]"):
     model.encode_images(np.zeros((2, 16, 16, 3), np.float32))
 

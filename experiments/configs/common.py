@@ -26,15 +26,17 @@ import ml_collections
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.vit import VisionConfig
 
-# Joint dimension E and image size of the OpenAI CLIP backbones the configs know.
-BACKBONES = {"B/32": (512, 224), "B/16": (512, 224), "L/14": (768, 224),
-             "L/14-336": (768, 336)}
-# Text embedders: cache folder stem, preset, feature size D.
+# Names only: the configs derive folder names from them (``weights/clip-vit-b16``,
+# ``caches/cc3m-clip-b16``, ``caches/cc3m-llm2clip-llama3-8b-cc``). Shapes are read from
+# the converted models and caches those folders hold (proclip_jax/train/run_config.py), so
+# any converted CLIP and embedder work when their paths are set.
+BACKBONES = ("B/32", "B/16", "L/14", "L/14-336")
+# Text embedders: cache / weights folder stem and the preset their caches were written with.
 EMBEDDERS = {
-    "llm2clip_llama3_8b": ("llm2clip-llama3-8b-cc", "llm2clip-llama3", 4096),
-    "qwen3_embedding_8b": ("qwen3-embedding-8b", "qwen3-embedding", 4096),
-    "qwen3_embedding_4b": ("qwen3-embedding-4b", "qwen3-embedding", 2560),
-    "qwen3_embedding_0.6b": ("qwen3-embedding-0.6b", "qwen3-embedding", 1024),
+    "llm2clip_llama3_8b": ("llm2clip-llama3-8b-cc", "llm2clip-llama3"),
+    "qwen3_embedding_8b": ("qwen3-embedding-8b", "qwen3-embedding"),
+    "qwen3_embedding_4b": ("qwen3-embedding-4b", "qwen3-embedding"),
+    "qwen3_embedding_0.6b": ("qwen3-embedding-0.6b", "qwen3-embedding"),
 }
 
 
@@ -112,15 +114,16 @@ def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections
   return out
 
 
-def backbone(size: str) -> tuple[int, int]:
-  """``(E, image_size)`` of an OpenAI CLIP backbone name."""
+def check_backbone(size: str) -> str:
+  """``size`` if it is a known backbone name (it names the CLIP's folders)."""
   if size not in BACKBONES:
-    raise ProclipError(f"Unknown backbone size {size!r}; known: {', '.join(BACKBONES)}.")
-  return BACKBONES[size]
+    raise ProclipError(f"Unknown backbone size {size!r}; known: {', '.join(BACKBONES)} "
+                       "(another CLIP: set config.init.clip / config.cache.clip to its paths).")
+  return size
 
 
-def embedder(name: str) -> tuple[str, str, int]:
-  """``(cache stem, preset, D)`` of a text-embedder name."""
+def embedder(name: str) -> tuple[str, str]:
+  """``(folder stem, preset)`` of a text-embedder name."""
   if name not in EMBEDDERS:
     raise ProclipError(f"Unknown embedder {name!r}; known: {', '.join(EMBEDDERS)}.")
   return EMBEDDERS[name]
@@ -163,8 +166,10 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.data.batch_size = 4096
   c.data.num_epochs = ml_collections.config_dict.placeholder(int)   # None: forever
   c.data.shuffle = True
-  c.data.worker_count = 0
-  c.data.read_threads = 8
+  # grain worker processes decoding images; -1: from the cores (train/inputs.py,
+  # default_worker_count: 0 on <= 2 cores, where workers only add copies).
+  c.data.worker_count = -1
+  c.data.read_threads = 4       # grain read threads; at most prefetch_batches (each loads a batch)
   c.data.prefetch_batches = 4
   c.data.worker_buffer_size = 2
 
@@ -178,6 +183,13 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.init = ml_collections.ConfigDict()
   c.init.clip = ""               # converted CLIP folder (tools/convert.py): image tower
   c.init.stage1_workdir = ""     # stage-1 workdir: the adapter
+  # The CLIP's parameter fingerprint (storage.params_fingerprint), recorded by the trainer:
+  # stage 1, the teacher (from config.cache.clip's manifest); stage 2, config.init.clip's.
+  # Stage 2 refuses an init.clip other than the one that taught its stage-1 run.
+  c.init.clip_sha256 = ""
+  # A resumed run whose config differs from its config.json in fields that change the steps
+  # is refused unless this is True (train/run_config.py, check_resume).
+  c.allow_config_change = False
 
   c.optim = ml_collections.ConfigDict()
   c.optim.lr = 1e-4
@@ -204,15 +216,27 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   return c
 
 
-def set_model(c: ml_collections.ConfigDict, *, d: int, e: int, size: str | None,
-              dtype: str, scan_layers: bool = False) -> None:
-  """Sets ``c.model``: the adapter D -> E (one block, expansion 8) and the image tower."""
+def set_model(c: ml_collections.ConfigDict, *, d: int | None, e: int | None,
+              size: str | None, dtype: str, scan_layers: bool = False,
+              vision_from_files: bool = False) -> None:
+  """Sets ``c.model``: the adapter D -> E (one block, expansion 8) and the image tower.
+
+  ``d`` / ``e`` None: read from the caches / the converted CLIP when the run starts
+  (train/run_config.py). ``vision_from_files``: the image tower's architecture comes from
+  ``config.init.clip``; the config keeps only the run options (dtype, scan_layers, remat,
+  attention). Otherwise ``size`` names an OpenAI backbone (None: no image tower).
+  """
   vision = None
-  if size is not None:
+  if vision_from_files:
+    vision = {"dtype": dtype, "scan_layers": scan_layers, "remat": "none",
+              "attention": "dense"}
+  elif size is not None:
     vision = VisionConfig.named(size, dtype=dtype, scan_layers=scan_layers).to_dict()
   c.model = ml_collections.ConfigDict({
       "vision": vision,
-      "adapter": {"in_dim": d, "out_dim": e, "expansion": 8, "n_blocks": 1, "dtype": dtype},
+      "adapter": {"in_dim": ml_collections.config_dict.placeholder(int) if d is None else d,
+                  "out_dim": ml_collections.config_dict.placeholder(int) if e is None else e,
+                  "expansion": 8, "n_blocks": 1, "dtype": dtype},
       "logit_scale_init": math.log(100.0),
   })
 

@@ -6,10 +6,12 @@ tower's features of the same captions (the teacher). Loss: instance + structure
 distillation per chunk of ``distill_chunk`` = 512 rows (proclip_method.md, stage 1).
 Defaults: AdamW lr 1e-4, wd 0.05, warmup 500 then cosine, global batch 4096.
 
-Args (``stage1.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336 (the CLIP whose text
-tower is the teacher; E = 512 or 768), ``embedder`` (llm2clip_llama3_8b, D = 4096; see
-common.EMBEDDERS), ``root`` (folder holding datasets/, caches/, weights/), ``dataset``,
-``steps``, ``batch``.
+Args (``stage1.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336 and ``embedder``
+(llm2clip_llama3_8b; see common.EMBEDDERS) name the folders under ``root`` (datasets/,
+caches/, weights/), ``dataset``, ``steps``, ``batch``. The adapter's D and E are read from
+the two caches when the run starts (train/run_config.py), so another CLIP or embedder
+needs only ``--config.cache.llm=... --config.cache.clip=...``. One caption field
+(``--config.stage1.fields=caption``, img2dataset data) is used for both instance terms.
 
 What it needs under ROOT (a missing one is reported with the command that makes it)::
 
@@ -36,17 +38,23 @@ TPU pod slice: the same command on every worker (jax.distributed starts by itsel
 from experiments.configs import common
 
 
-def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: int):
-  """The stage-1 ConfigDict (shared with the Qwen3 variant)."""
-  e, _ = common.backbone(size)
-  stem, preset, d = common.embedder(embedder)
+def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: int,
+          preset: str = ""):
+  """The stage-1 ConfigDict (shared with the Qwen3 variant).
+
+  The adapter's D and E are read from the two caches when the run starts
+  (proclip_jax/train/run_config.py): the config names paths, not shapes. ``preset``: the
+  embedder preset the LLM cache must have been written with ("" = the cache's, recorded).
+  """
+  tag = common.size_tag(common.check_backbone(size))
+  stem, _ = common.embedder(embedder)
   c = common.base_config(stage=1)
   c.total_steps = steps
-  common.set_model(c, d=d, e=e, size=None, dtype="float32")
+  common.set_model(c, d=None, e=None, size=None, dtype="float32")
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
   c.cache.llm = common.under(root, "caches", f"{dataset}-{stem}")
-  c.cache.clip = common.under(root, "caches", f"{dataset}-clip-{common.size_tag(size)}")
+  c.cache.clip = common.under(root, "caches", f"{dataset}-clip-{tag}")
   c.cache.preset = preset
   c.stage1.fields = ("short", "raw")
   c.distill_chunk = 512

@@ -27,4 +27,4 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="B/16", qwen="8b", root=".", dataset="cc3m", steps=2000,
                        batch=4096)
   return stage1.build(a.size, f"qwen3_embedding_{a.qwen}", a.root, a.dataset, a.steps,
-                      a.batch)
+                      a.batch, preset="qwen3-embedding")

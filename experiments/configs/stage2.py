@@ -7,12 +7,14 @@ scale (clamped to [0, ln 100]); symmetric InfoNCE over the global batch plus
 Defaults (LLM2CLIP's recipe): AdamW lr 1e-5, wd 0.05, layer decay 0.85 over the image
 tower, grad clip 5.0, no warmup then cosine, global batch 4096, bf16 compute.
 
-Args (``stage2.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336, ``embedder``
-(llm2clip_llama3_8b, D = 4096), ``root``, ``dataset``, ``stage1`` (the stage-1 workdir;
-default ROOT/runs/stage1-SIZE-EMBEDDER), ``steps``, ``batch``, ``bf16``, ``impl``
+Args (``stage2.py:k=v,...``): ``size`` B/32 | B/16 | L/14 | L/14-336 and ``embedder``
+(llm2clip_llama3_8b) name the folders under ``root``; ``dataset``, ``stage1`` (the stage-1
+workdir; default ROOT/runs/stage1-SIZE-EMBEDDER), ``steps``, ``batch``, ``bf16``, ``impl``
 (contrastive loss: dense | blockwise | sharded), ``scan`` (scan the ViT blocks), ``remat``
 (rematerialisation of each block: none | full | a ``jax.checkpoint_policies`` name such as
-nothing_saveable; also ``--config.model.vision.remat=...``).
+nothing_saveable; also ``--config.model.vision.remat=...``). The image
+tower's architecture comes from ``config.init.clip``'s model.json and the adapter's D from
+the LLM cache (train/run_config.py): another CLIP or embedder needs only their paths.
 On NVIDIA GPUs in bf16, ``--config.model.vision.attention=cudnn`` runs the image tower's
 attention through cuDNN's fused kernel (``VisionConfig.attention``); a model trained so still
 loads and runs on a CPU (``ProCLIP.load`` falls back to the dense path).
@@ -46,19 +48,23 @@ from experiments.configs import common
 
 
 def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps: int,
-          batch: int, bf16: bool, impl: str, scan: bool, remat: str = "none"):
-  """The stage-2 ConfigDict (shared with the Qwen3 variant)."""
-  e, _ = common.backbone(size)
-  stem, preset, d = common.embedder(embedder)
-  tag = common.size_tag(size)
+          batch: int, bf16: bool, impl: str, scan: bool, remat: str = "none",
+          preset: str = ""):
+  """The stage-2 ConfigDict (shared with the Qwen3 variant).
+
+  The image tower's architecture comes from the converted CLIP in ``init.clip`` and the
+  adapter's D from the LLM cache, when the run starts (proclip_jax/train/run_config.py);
+  ``size`` and ``embedder`` only name the folders.
+  """
+  tag = common.size_tag(common.check_backbone(size))
+  stem, _ = common.embedder(embedder)
   c = common.base_config(stage=2)
   c.total_steps = steps
-  common.set_model(c, d=d, e=e, size=size, dtype="bfloat16" if bf16 else "float32",
-                      scan_layers=scan)
+  common.set_model(c, d=None, e=None, size=None, dtype="bfloat16" if bf16 else "float32",
+                   scan_layers=scan, vision_from_files=True)
   c.model.vision.remat = remat
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
-  c.data.worker_count = 8
   c.cache.llm = common.under(root, "caches", f"{dataset}-{stem}")
   c.cache.clip = ""
   c.cache.preset = preset

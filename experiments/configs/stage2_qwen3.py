@@ -25,4 +25,4 @@ def get_config(arg=None):
   a = common.parse_arg(arg, size="B/16", qwen="8b", root=".", dataset="cc3m", stage1="",
                        steps=10_000, batch=4096, bf16=True, impl="dense", scan=False)
   return stage2.build(a.size, f"qwen3_embedding_{a.qwen}", a.root, a.dataset, a.stage1,
-                      a.steps, a.batch, a.bf16, a.impl, a.scan)
+                      a.steps, a.batch, a.bf16, a.impl, a.scan, preset="qwen3-embedding")

@@ -340,8 +340,13 @@ class Embedder:
     self.embed_tokens = make_embed_tokens(self.model, preset.normalize)
     self._jitted = jax.jit(self.embed_tokens)
 
-  def embed(self, texts: Sequence[str], batch_size: int = 32) -> np.ndarray:
-    """Pooled embeddings of ``texts`` as float32 numpy [N, dim]."""
+  def embed(self, texts: Sequence[str], batch_size: int = 32, *,
+            normalize: bool = False) -> np.ndarray:
+    """Pooled embeddings of ``texts`` as float32 numpy [N, dim].
+
+    ``normalize``: each row divided by its L2 norm (unit vectors, for cosine similarity);
+    by default the features are as the preset pools them (what the caches hold).
+    """
     if isinstance(texts, str):
       raise ProclipError("Embedder.embed takes a list of strings, not a single string.")
     if not isinstance(batch_size, int) or batch_size < 1:
@@ -364,6 +369,8 @@ class Embedder:
         attn = np.concatenate([attn, dummy])
         pool = np.concatenate([pool, dummy])
       out[s:s + n] = np.asarray(self._jitted(self.params, ids, attn, pool))[:n]
+    if normalize:
+      out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return out
 
 

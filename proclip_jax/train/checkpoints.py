@@ -23,6 +23,7 @@ from proclip_jax.errors import ProclipError
 from proclip_jax.models import vit
 from proclip_jax.storage import (  # noqa: F401  (the trainer's checkpoint names)
     CKPT_DIR, Checkpoints, CorruptCheckpoint, checkpoint_dir, partial_checkpoints)
+from proclip_jax.train import run_config
 from proclip_jax.train.optimizer import LOGIT_SCALE_MAX
 from proclip_jax.train.state import model_config
 from proclip_jax.tree import merge
@@ -94,14 +95,7 @@ def load_clip_tower(path, expect_vision: Any = None) -> dict:
   ``expect_vision`` (a ``VisionConfig`` or dict): the architecture the run builds; a
   different converted tower is an error, a different layer layout (scan) is restacked.
   """
-  if not path:
-    raise ProclipError("config.init.clip is not set: stage 2 starts from a converted CLIP. "
-                       "Convert one with `python tools/convert.py SRC OUT` and set "
-                       "config.init.clip=OUT.")
-  if not epath.Path(path).exists():
-    raise ProclipError(f"config.init.clip={path!r} does not exist. Convert the pretrained "
-                       f"CLIP with `python tools/convert.py SRC {path}` (SRC: an OpenAI .pt "
-                       "or a Hugging Face CLIP folder).")
+  run_config.require_init_clip(path)
   meta, params = storage.load_model(path)
   if meta.get("kind") not in ("clip", "proclip", "siglip"):
     raise ProclipError(f"config.init.clip={path!r} holds a {meta.get('kind')!r} model; it must "

@@ -13,10 +13,12 @@ when that optional field is set)::
 """
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
 import jax
 import numpy as np
+from etils import epath
 
 from proclip_jax import mesh as mesh_lib
 from proclip_jax.data import pipeline as pl
@@ -58,12 +60,57 @@ def open_cache(config, name: str, kind: str, dim: int, fields, data_path: str | 
   return CacheReader(path, expect=expect, fields=list(fields))
 
 
+# Most grain workers the automatic count starts: decoding a batch of images is spread over
+# them, and more than this only adds copies through shared memory.
+MAX_AUTO_WORKERS = 16
+
+
+def default_worker_count(cores: int | None = None) -> int:
+  """``config.data.worker_count = -1``: grain workers for this machine's cores.
+
+  0 (decode in the main process's read threads) on <= 2 cores, where worker processes
+  compete with the training step and slow it down; otherwise half the cores, at most
+  :data:`MAX_AUTO_WORKERS`.
+  """
+  if cores is None:
+    try:
+      cores = len(os.sched_getaffinity(0))   # the cores this process may use
+    except AttributeError:
+      cores = os.cpu_count() or 1
+  if cores <= 2:
+    return 0
+  return min(cores // 2, MAX_AUTO_WORKERS)
+
+
+def worker_count(config) -> int:
+  """``config.data.worker_count``, with -1 meaning :func:`default_worker_count`."""
+  n = int(config.data.worker_count)
+  if n == -1:
+    return default_worker_count()
+  if n < 0:
+    raise ProclipError(f"config.data.worker_count={n}: use 0 (no worker processes), a "
+                       "positive count, or -1 (from the machine's cores).")
+  return n
+
+
 def batch_axes(mesh, rules) -> tuple[str, ...]:
   """The mesh axes the batch dimension is split over (for ``make_global_batch``)."""
   spec = mesh_lib.batch_spec(mesh, rules)
   if not spec or spec[0] is None:
     return ()
   return (spec[0],) if isinstance(spec[0], str) else tuple(spec[0])
+
+
+def require_data(config: Any) -> None:
+  """Refuses an unset ``config.data.path`` or a folder without a built dataset.
+
+  The trainer checks this first (before the caches and models, which are made from it).
+  """
+  if not config.data.path:
+    raise ProclipError("config.data.path is not set: name a dataset folder made by "
+                       "`python tools/build_dataset.py SRC OUT`.")
+  if not epath.Path(config.data.path, "dataset_info.json").exists():
+    pl.open_source(config.data.path, config.data.split)   # raises, naming the command
 
 
 def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | None = None):
@@ -77,9 +124,7 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
   stage = stage_of(config)
   data_path = config.data.path
   if source is None:
-    if not data_path:
-      raise ProclipError("config.data.path is not set: name a dataset folder made by "
-                         "`python tools/build_dataset.py SRC OUT`.")
+    require_data(config)
     source = pl.open_source(data_path, config.data.split)
   else:
     data_path = None  # an injected source: no dataset fingerprint to check caches against
@@ -117,7 +162,7 @@ def build_data(config: Any, mesh, *, source=None, caches: Mapping[str, Any] | No
       batch_size=global_batch // pc, mode="train", fields=fields,
       field_weights=None if weights is None else tuple(weights),
       seed=int(data.get("seed", config.seed)), num_epochs=data.num_epochs,
-      shuffle=bool(data.shuffle), worker_count=int(data.worker_count),
+      shuffle=bool(data.shuffle), worker_count=worker_count(config),
       worker_buffer_size=int(data.worker_buffer_size), read_threads=int(data.read_threads),
       prefetch_batches=int(data.prefetch_batches), **images)
   return pl.Pipeline(source, options, side_data=side), keys

@@ -32,7 +32,6 @@ default True).
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Any, Mapping
@@ -46,6 +45,7 @@ from proclip_jax import mesh as mesh_lib
 from proclip_jax.data.pipeline import make_global_batch
 from proclip_jax.errors import ProclipError
 from proclip_jax.train import checkpoints as ckpt_lib
+from proclip_jax.train import run_config
 from proclip_jax.train.distributed import Preemption
 from proclip_jax.train.inputs import batch_axes, build_data
 from proclip_jax.train.metrics import MetricWriter, host_metrics, progress_bar
@@ -113,9 +113,8 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   stage = stage_of(config)
   workdir = epath.Path(workdir)
   main = jax.process_index() == 0
-  if main:
-    workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
+  # The model's shapes from the files the config names; a resume checked for changes.
+  config = run_config.prepare(config, workdir, caches, source)
   total = int(config.total_steps)
   if total < 1:
     raise ProclipError(f"config.total_steps={total} must be >= 1.")
@@ -206,6 +205,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
     bar.close()
     ckpts.close()
     writer.close()
+    data_iter.close()  # stops grain's worker processes and frees their shared memory
   if start >= total:
     log.info("%s is already at step %d of %d; nothing to do.", workdir, start, total)
   result.update(last)
