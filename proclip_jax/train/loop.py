@@ -112,9 +112,17 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   """
   stage = stage_of(config)
   workdir = epath.Path(workdir)
+  ckpt_lib.prepare_workdir(workdir)        # a file / read-only folder: one line
+  lock = ckpt_lib.WorkdirLock(workdir).acquire()   # one run per workdir
+  try:
+    return _train(config, workdir, stage, source, caches)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
   main = jax.process_index() == 0
   if main:
-    workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "config.json").write_text(json.dumps(config_to_dict(config), indent=1))
   total = int(config.total_steps)
   if total < 1:
@@ -148,7 +156,10 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
                        "checkpoint folder is inconsistent.")
 
   writer = MetricWriter(workdir, enabled=main)
-  meta_out = {"config": config_to_dict(config), "stage": stage}
+  meta_out = {"config": config_to_dict(config), "stage": stage,
+              "caches": ckpt_lib.cache_identity(config)}
+  guard = ckpt_lib.NonfiniteGuard(config.get("max_nonfinite_steps", 20), start,
+                                  int(jax.device_get(state.nonfinite_steps)))
   result: dict[str, Any] = {"step": start, "preempted": False}
   bar = progress_bar(total, start, main and bool(config.progress))
   t_first = None
@@ -190,6 +201,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
             log.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).",
                         step, int(last.get("nonfinite_steps", 0)))
           writer.write(step, last)
+          guard.update(step, int(last.get("nonfinite_steps", 0)))
           bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}")
         if evals:
           writer.write(step, evals)
