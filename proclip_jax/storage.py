@@ -563,13 +563,11 @@ class Checkpoints:
              "metadata": ocp.args.JsonSave(metadata)}
     if data_iter is not None:
       items["data"] = grain_ckpt.CheckpointSave(data_iter)
+    self.wait()  # the previous asynchronous save (Orbax waits for it anyway): its failure
     try:
-      # An earlier asynchronous save's failure is raised here (Orbax waits for it first).
       saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
     except Exception as e:  # pylint: disable=broad-except
-      failed = self._saving if self._saving is not None else int(step)
-      self._saving = None
-      raise self._save_failed(e, failed) from e
+      raise self._save_failed(e, int(step)) from e
     self._saving = int(step)
     return saved
 
@@ -676,6 +674,9 @@ def state_mismatch(step_dir, abstract_state) -> str | None:
                             "or empty.") from e
   have = {k: tuple(v.shape) for k, v in named_leaves(
       jax.tree.map(lambda m: m, saved, is_leaf=_is_array_meta)).items() if _is_array_meta(v)}
+  if not have:
+    raise CorruptCheckpoint(f"Checkpoint {step_dir} describes no saved arrays; the "
+                            "checkpoint is empty or damaged.")
   want = {k: tuple(v.shape) for k, v in named_leaves(abstract_state).items()
           if hasattr(v, "shape")}
   missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
