@@ -266,3 +266,99 @@ def test_stage2_refuses_llm_cache_of_another_embedder(tmp_path):
   meta["caches"]["llm"]["model_fingerprint"] = "b" * 64
   ckpt_lib.check_stage1_embedder(meta, cfg, "/s1")   # the same embedder: accepted
   assert ckpt_lib.cache_identity(cfg)["llm"]["model_fingerprint"] == "b" * 64
+
+
+# ------------------------------------------------------------------------ inference side
+
+def test_load_workdir_falls_back_and_refuses_nan(base, tmp_path):
+  from proclip_jax.inference import ProCLIP, similarity  # pylint: disable=import-outside-toplevel
+  wd = copy(base, tmp_path)
+  f = state_files(wd / "checkpoints" / "6")[-1]
+  f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
+  with pytest.warns(UserWarning, match=r"checkpoints/6.*Using step 3 instead"):
+    model = ProCLIP.load(str(wd))
+  assert model.meta["step"] == 3
+  assert (wd / "checkpoints" / "6").is_dir()       # the reader changes nothing
+  emb = model.encode_text_features(np.ones((2, 24), np.float32))
+  assert np.isfinite(emb).all()
+  with pytest.raises(ProclipError, match="non-finite"):
+    similarity(emb, np.full((1, emb.shape[1]), np.nan, np.float32))
+  params = jax.tree.map(np.array, model.params)
+  params["adapter"]["block_0"]["fn_0"]["bias"][0] = np.nan
+  with pytest.raises(ProclipError, match=r"adapter/block_0/fn_0/bias hold NaN"):
+    ProCLIP(model.config, params)
+  shutil.rmtree(wd / "checkpoints" / "3")
+  with pytest.raises(ProclipError, match="No readable checkpoint left"):
+    ProCLIP.load(str(wd))
+
+
+def test_evaluate_refuses_to_print_nan_scores(monkeypatch, capsys):
+  sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(__file__)), "tools"))
+  import evaluate  # pylint: disable=import-outside-toplevel
+  monkeypatch.setattr(evaluate.evaluators, "prepare", lambda spec, config: None)
+  monkeypatch.setattr(evaluate, "load_any", lambda *a, **k: object())
+  monkeypatch.setattr(evaluate.evaluators, "evaluate",
+                      lambda *a, **k: {"image_retrieval_recall@1": float("nan")})
+  rc = evaluate.main(["--checkpoint", "x", "--eval", "flickr30k", "--data-root", "/nowhere"])
+  out = capsys.readouterr()
+  assert rc == 2 and "nan" not in out.out
+  assert "non-finite results (image_retrieval_recall@1)" in out.err
+
+
+# ------------------------------------------------------------------------ caches
+
+def _write_cache(path, n=40, dim=8, dtype="float16"):
+  rng = np.random.default_rng(0)
+  path.mkdir()
+  ids = np.arange(100, 100 + n, dtype=np.int64)
+  C.atomic_save_npy(str(path / C.IDS_FILE), ids)
+  C.atomic_save_npy(str(path / "short.npy"), C.encode_rows(rng.normal(size=(n, dim)), dtype))
+  sums = C.write_row_checksums(str(path), ["short"], dtype, chunk_rows=16)
+  import hashlib  # pylint: disable=import-outside-toplevel
+  C.atomic_write_json(str(path / C.MANIFEST), {
+      "format": C.FORMAT, "version": C.VERSION, "kind": "llm", "dim": dim, "dtype": dtype,
+      "fields": ["short"], "count": n, "ids_sha256": hashlib.sha256(ids.tobytes()).hexdigest(),
+      "files": {"ids": C.IDS_FILE, "short": "short.npy"}, "row_checksums": sums})
+  return ids
+
+
+def test_cache_row_checksums_catch_a_flipped_value(tmp_path):
+  d = tmp_path / "cache"
+  ids = _write_cache(d)
+  r = C.CacheReader(str(d))
+  good = r.lookup(ids, "short")
+  sums = np.load(d / "short.rowsum.npy")
+  # The row checksum, brute force: sum of the float16 bit patterns times 2j+1, plus the id.
+  row = np.load(d / "short.npy")[5].view(np.uint16)
+  want = (sum(int(w) * (2 * j + 1) for j, w in enumerate(row)) + int(ids[5]) * 0x9E3779B1)
+  assert int(sums[5]) == want % 2 ** 32
+  a = np.load(d / "short.npy", mmap_mode="r+")
+  a.view(np.uint16)[5, 3] ^= 1                  # one bit of one value, still a finite number
+  a.flush()
+  del a, r
+  r = C.CacheReader(str(d))
+  with pytest.raises(ProclipError, match=r"differ from their checksums \(ids \[105\]\)"):
+    r.lookup(ids[:8], "short")
+  np.testing.assert_array_equal(r.lookup(ids[6:], "short"), good[6:])   # others still read
+  assert np.isfinite(C.CacheReader(str(d), verify=False).lookup(ids[:8], "short")).all()
+  i = np.load(d / C.IDS_FILE, mmap_mode="r+")
+  i[[0, 1]] = i[[1, 0]]
+  i.flush()
+  del i
+  with pytest.raises(ProclipError, match="does not match the manifest's ids_sha256"):
+    C.CacheReader(str(d))
+
+
+def test_reordered_dataset_gets_another_fingerprint(tmp_path):
+  from proclip_jax.data import builder, demo_world  # pylint: disable=import-outside-toplevel
+  w = demo_world.generate_demo_world(tmp_path / "w", n_train=6, n_test=2, image_size=24)
+  rows = open(w.manifest).read().splitlines()   # pylint: disable=unspecified-encoding
+  train = [r for r in rows if '"train"' in r] if any('"split"' in r for r in rows) else rows
+  rest = [r for r in rows if r not in train]
+  swapped = tmp_path / "w" / "source" / "swapped.jsonl"     # beside it: relative image paths
+  swapped.write_text("\n".join(rest + train[::-1]) + "\n")
+  builder.build_dataset(str(swapped), str(tmp_path / "ds2"), progress=False)
+  builder.build_dataset(w.manifest, str(tmp_path / "ds1"), progress=False)
+  a = C.dataset_fingerprint(str(tmp_path / "ds1"), "train")
+  assert a == C.dataset_fingerprint(str(tmp_path / "ds1"), "train")
+  assert a != C.dataset_fingerprint(str(tmp_path / "ds2"), "train")

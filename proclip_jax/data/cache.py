@@ -114,7 +114,7 @@ def dataset_fingerprint(path: str, split: str) -> str:
     r = json.loads(report.read_text())
     ident["report"] = {"splits": r.get("splits"), "skipped": r.get("skipped"),
                        "caption_fields": r.get("caption_fields")}
-  ident["records"] = _records_digest(path, split, sum(s.get("shardLengths") or [0]))
+  ident["records"] = _records_digest(path, split, sum(int(n) for n in s.get("shardLengths") or []))
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
 
 
