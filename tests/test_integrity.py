@@ -10,6 +10,7 @@ import errno
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import warnings
@@ -151,11 +152,13 @@ def test_damaged_or_empty_newest_is_not_called_another_config(base, tmp_path, ca
   state_dir = wd / "checkpoints" / "6" / "state"
   shutil.rmtree(state_dir)
   state_dir.mkdir()                   # an empty item folder (a copy cut short)
+  (wd / "checkpoints" / "9").mkdir()  # an empty step folder
   with caplog.at_level("WARNING"):
     res = run(wd)
   assert res["step"] == TOTAL
   assert "different config" not in caplog.text
-  assert (wd / "corrupt_checkpoints" / "6").is_dir()
+  assert (wd / "corrupt_checkpoints" / "6").is_dir() and (wd / "corrupt_checkpoints" / "9").is_dir()
+  assert steps(wd) == [3, 6]
 
 
 def test_all_skipped_steps_stop_the_run(tmp_path, compile_cache):
@@ -236,7 +239,7 @@ def test_second_run_on_a_workdir_is_refused_and_stale_lock_taken_over(tmp_path, 
   lock = wd / ckpt_lib.LOCK_FILE
   holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
   try:
-    lock.write_text(json.dumps({"host": os.uname().nodename, "pid": holder.pid, "time": "t"}))
+    lock.write_text(json.dumps({"host": socket.gethostname(), "pid": holder.pid, "time": "t"}))
     with pytest.raises(ProclipError, match=rf"in use by another run \(process {holder.pid}"):
       run(wd)
   finally:

@@ -271,6 +271,7 @@ def prepare_workdir(workdir) -> epath.Path:
   if workdir.exists() and not workdir.is_dir():
     raise ProclipError(f"--workdir {workdir} is a file, not a folder; name a folder (it is "
                        "created if missing).")
+  error = None
   if jax.process_index() == 0:
     probe = workdir / f".write-test-{os.getpid()}"
     try:
@@ -278,8 +279,10 @@ def prepare_workdir(workdir) -> epath.Path:
       probe.write_text("")
       probe.unlink()
     except OSError as e:
-      raise ProclipError(f"--workdir {workdir} cannot be written ({e.strerror or e}); give "
-                         "the run a folder it may write to.") from e
+      error = ProclipError(f"--workdir {workdir} cannot be written ({e.strerror or e}); give "
+                           "the run a folder it may write to.")
+  if distributed.any_process(error is not None):  # every process stops, not only process 0
+    raise error or ProclipError(f"--workdir {workdir} cannot be written (see process 0).")
   return workdir
 
 
@@ -304,14 +307,39 @@ class WorkdirLock:
       return {}
 
   def acquire(self) -> "WorkdirLock":
-    if jax.process_index() != 0:
-      return self
+    """Takes the lock on process 0; every process raises when it could not be taken."""
+    error = None
+    if jax.process_index() == 0:
+      try:
+        self._acquire()
+      except ProclipError as e:
+        error = e
+    if distributed.any_process(error is not None):
+      raise error or ProclipError(f"{self.path.parent} is in use by another run (see "
+                                  "process 0).")
+    return self
+
+  def _create(self, me: dict) -> bool:
+    """Creates the lock file atomically (False: it exists). On an object store (``gs://``),
+    which has no exclusive create, a check and a write."""
+    if "://" in os.fspath(self.path):
+      if self.path.exists():
+        return False
+      self.path.write_text(json.dumps(me))
+      return True
+    try:
+      fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+      return False
+    with os.fdopen(fd, "w") as f:
+      json.dump(me, f)
+    return True
+
+  def _acquire(self) -> None:
     me = {"host": socket.gethostname(), "pid": os.getpid(),
           "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     for _ in range(3):
-      try:
-        fd = os.open(os.fspath(self.path), os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-      except FileExistsError:
+      if not self._create(me):
         holder = self._holder()
         if holder.get("host") == me["host"] and not _alive(holder.get("pid")):
           log.warning("Taking over %s from process %s on %s, which no longer exists.",
@@ -325,10 +353,8 @@ class WorkdirLock:
             f"{self.path.parent} is in use by another run (process {holder.get('pid')} on "
             f"{holder.get('host')}, since {holder.get('time')}); wait for it to end or use "
             f"another --workdir. If that run is gone, delete {self.path}.")
-      with os.fdopen(fd, "w") as f:
-        json.dump(me, f)
       self.held = True
-      return self
+      return
     raise ProclipError(f"Could not take {self.path}; delete it if no run uses the workdir.")
 
   def release(self) -> None:

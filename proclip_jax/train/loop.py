@@ -13,12 +13,15 @@ Workdir layout::
                                  start (compile + first step); {"step", "eval/NAME/KEY"}
     WORKDIR/tb/                  TensorBoard event files, the same scalars (train/metrics.py)
     WORKDIR/checkpoints/STEP/    Orbax (train/checkpoints.py): state, data iterator, metadata
-    WORKDIR/corrupt_checkpoints/STEP/  checkpoints found unreadable on resume, set aside
+    WORKDIR/corrupt_checkpoints/STEP/  checkpoints found damaged on resume, set aside
+    WORKDIR/run.lock             {"host", "pid", "time"} of the run using the workdir
 
 Resuming is automatic: a workdir with a checkpoint continues from its latest step (the
 state, the optimizer, the EMA teacher and the data iterator restored exactly); a newest
-checkpoint whose files cannot be read is reported, set aside and the one before it used
-(``checkpoints.resume``). SIGTERM (a preempted VM) saves a checkpoint at the next step
+checkpoint whose files cannot be read or differ from their checksums is reported, set aside
+and the one before it used (``checkpoints.resume``). One run per workdir
+(``checkpoints.WorkdirLock``); ``config.max_nonfinite_steps`` skipped steps in a row stop
+the run (``checkpoints.NonfiniteGuard``). SIGTERM (a preempted VM) saves a checkpoint at the next step
 boundary and returns; ``run.py`` exits 0.
 
 ``config`` is an ml_collections ConfigDict with the fields of
