@@ -41,9 +41,12 @@ Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what t
 Paths go through ``etils.epath``: a local cache is memory-mapped, one elsewhere (``gs://``)
 is read into memory.
 Damage is refused with a ProclipError: a truncated or unreadable array file, a row count
-other than the manifest's, ids other than the manifest's ``ids_sha256`` (checked at open),
-rows that differ from their row checksums and non-finite rows (both checked on every
-lookup, for the rows read; precompute never writes non-finite rows).
+other than the manifest's, and non-finite rows (checked on every lookup; precompute never
+writes them).
+
+Content checksums: ids other than the manifest's ``ids_sha256`` are refused at open, and
+rows that differ from their row checksums (``{field}.rowsum.npy``) on every lookup, for the
+rows read (``CacheReader(verify=False)`` skips both).
 """
 from __future__ import annotations
 
