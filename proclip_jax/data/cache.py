@@ -34,6 +34,10 @@ cache that does not fit the run::
     files                     {"ids": "ids.npy", field: "FIELD.npy", ...}
     row_checksums             {field: "FIELD.rowsum.npy"}: uint32 per row (row_checksums)
 
+Content checksums: ids other than the manifest's ``ids_sha256`` are refused at open, and
+rows that differ from their row checksums (``{field}.rowsum.npy``) on every lookup, for the
+rows read (``CacheReader(verify=False)`` skips both).
+
 Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what the run expects
 (``kind``, ``model`` / ``model_fingerprint``, ``preset``, ``dim``, ``fields``, ``dataset`` /
 ``data`` + ``split``), opens the arrays and answers ``lookup(ids, fields)`` with float32
@@ -43,10 +47,6 @@ is read into memory.
 Damage is refused with a ProclipError: a truncated or unreadable array file, a row count
 other than the manifest's, and non-finite rows (checked on every lookup; precompute never
 writes them).
-
-Content checksums: ids other than the manifest's ``ids_sha256`` are refused at open, and
-rows that differ from their row checksums (``{field}.rowsum.npy``) on every lookup, for the
-rows read (``CacheReader(verify=False)`` skips both).
 """
 from __future__ import annotations
 
