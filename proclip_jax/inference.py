@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from typing import Mapping, Sequence
 
 import jax
@@ -116,6 +117,11 @@ class ProCLIP:
       config = dataclasses.replace(config, vision=runnable_here(config.vision))
     self.config = config
     self.params = jax.tree.map(np.asarray, dict(params))
+    bad = storage.nonfinite_leaves(self.params)
+    if bad:
+      raise ProclipError(f"The ProCLIP parameters {', '.join(bad[:3])}"
+                         f"{' ...' if len(bad) > 3 else ''} hold NaN / inf; the checkpoint is "
+                         "damaged: load an earlier step or convert it again.")
     self.embedder = embedder
     self.embedder_path = embedder_path
     self.mesh = mesh
@@ -271,18 +277,21 @@ def load_workdir(path: str, step: int | None):
         f"checkpoint ({storage.checkpoint_dir(path)} has none). Pass a converted ProCLIP "
         "folder, a folder written by ProCLIP.save, or the --workdir of a run that saved a "
         "checkpoint.")
-  if step is None:
-    step = steps[-1]
-  elif step not in steps:
+  if step is not None and step not in steps:
     raise ProclipError(f"{path} has no checkpoint of step {step}; it has {steps}.")
-  step_dir = storage.checkpoint_dir(path) / str(step)
-  cfg = dict(storage.read_metadata(path, step).get("config") or {})
-  if "model" not in cfg:
-    raise ProclipError(f"The checkpoint {step_dir} has no config.model in its metadata; it "
-                       "was not written by experiments/run.py.")
+  # The latest step unless one was asked for; a damaged one (unreadable, checksum, NaN) is
+  # skipped for the one before it, with a warning naming both (the workdir is not changed).
+  tries = [step] if step is not None else steps[::-1]
+  for i, step in enumerate(tries):
+    try:
+      cfg, params = _read_step(path, step)
+      break
+    except storage.CorruptCheckpoint as e:
+      if i + 1 == len(tries):
+        raise ProclipError(f"{e} No readable checkpoint left in {path}"
+                           f"{' (asked for step %d)' % step if len(tries) == 1 else ''}.") from None
+      warnings.warn(f"{e} Using step {tries[i + 1]} instead.", stacklevel=3)
   config = ProCLIPConfig.from_dict(cfg["model"])
-  out = storage.restore_state_params(path, step)
-  params = merge(out.get("params", {}), out.get("frozen", {}))
   emb = cfg.get("embedder_path") or None
   cache = (cfg.get("cache") or {}).get("llm") if isinstance(cfg.get("cache"), Mapping) else None
   if emb is None and cache:
@@ -294,6 +303,35 @@ def load_workdir(path: str, step: int | None):
       emb = None
   return config, params, emb, {"kind": "workdir", "step": step, "stage": cfg.get("stage"),
                                "workdir": os.fspath(path)}
+
+
+def _read_step(path: str, step: int):
+  """``(config dict, merged params)`` of checkpoint ``step`` (CorruptCheckpoint if damaged)."""
+  step_dir = storage.checkpoint_dir(path) / str(step)
+  try:
+    cfg = dict(storage.read_metadata(path, step).get("config") or {})
+  except Exception as e:  # pylint: disable=broad-except
+    if storage.is_unavailable(e):
+      raise storage.StorageUnavailable(f"{step_dir}: its metadata cannot be read now "
+                                       f"({storage.first_line(e)}).") from e
+    raise storage.CorruptCheckpoint(f"{step_dir}: its metadata cannot be read "
+                                    f"({storage.first_line(e)}); the checkpoint is damaged.") from e
+  if "model" not in cfg:
+    raise ProclipError(f"The checkpoint {step_dir} has no config.model in its metadata; it "
+                       "was not written by experiments/run.py.")
+  out = storage.restore_state_params(path, step)
+  return cfg, merge(out.get("params", {}), out.get("frozen", {}))
+
+
+def check_finite(x, what: str) -> np.ndarray:
+  """``x`` as float32, or a ProclipError when it holds NaN / inf (never a ``nan`` score)."""
+  x = np.asarray(x, np.float32)
+  if not np.isfinite(x).all():
+    rows = np.flatnonzero(~np.isfinite(x.reshape(x.shape[0], -1)).all(axis=1)) if x.ndim else []
+    raise ProclipError(f"{what} hold non-finite values (NaN / inf; rows {list(rows[:10])}); "
+                       "the model or its inputs are damaged: check the checkpoint and the "
+                       "embedder.")
+  return x
 
 
 # --------------------------------------------------------------------------- functions
@@ -314,7 +352,8 @@ def zero_shot_classifier(model, class_names: Sequence[str], templates: Sequence[
 
 def similarity(image_embs, text_embs) -> np.ndarray:
   """Cosine similarities ``[N_images, N_texts]`` (float32) of two embedding arrays."""
-  a, b = np.asarray(image_embs, np.float32), np.asarray(text_embs, np.float32)
+  a, b = check_finite(image_embs, "The image embeddings"), check_finite(text_embs,
+                                                                        "The text embeddings")
   if a.ndim != 2 or b.ndim != 2 or a.shape[1] != b.shape[1]:
     raise ProclipError(f"similarity: expected [N, E] and [M, E], got {a.shape} and {b.shape}.")
   a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)

@@ -29,6 +29,8 @@ every restore runs inside :func:`quiet_failed_restore`, which drops those echoes
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import gc
 import hashlib
 import json
@@ -321,10 +323,170 @@ def load_model(path: str, *, kind: str | None = None, target: Any = None):
   return meta, params
 
 
+# ------------------------------------------------------------------------ content checksums
+# Orbax stores no checksum: a flipped bit in an array file is restored as it is. Every
+# training checkpoint records one 32-bit checksum per array in its JSON metadata
+# ("checksums": {"params/visual/...": n}), verified on every restore.
+#
+# checksum(a) = sum_i word(a_i) * (2 i + 1)  (mod 2^32)
+#
+# word: the element's bits as uint32 (16- and 8-bit types widened, bool as 0/1); i: the
+# flat (C-order) index. Integer addition mod 2^32 is exact in any order, so the value is
+# the same computed on device (a jitted reduction over the global, possibly multi-host
+# sharded array: every process gets the same number, no gather) and in NumPy on host
+# (:func:`numpy_checksums`). The weights are odd, hence invertible mod 2^32: any change
+# of a single element always changes the checksum.
+
+_MIX = np.uint32(2654435761)
+
+
+def _words_np(a: np.ndarray) -> np.ndarray:
+  a = np.ascontiguousarray(a)
+  if a.dtype == np.bool_:
+    return a.astype(np.uint32)
+  size = a.dtype.itemsize
+  if size == 8:
+    return a.reshape(-1).view(np.uint32)
+  return a.view({4: np.uint32, 2: np.uint16, 1: np.uint8}[size]).astype(np.uint32)
+
+
+def _checksum_np(a) -> int:
+  w = _words_np(np.asarray(a)).reshape(-1)
+  total = np.uint64(0)
+  step = 1 << 22  # bounded temporaries for large arrays
+  for s in range(0, w.size, step):
+    idx = np.arange(s, min(s + step, w.size), dtype=np.uint64)
+    weights = ((idx * np.uint64(2) + np.uint64(1)) & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    part = (w[s:s + step] * weights).astype(np.uint64)  # uint32 product: wraps mod 2^32
+    total = (total + part.sum(dtype=np.uint64)) & np.uint64(0xFFFFFFFF)
+  return int(total)
+
+
+def _checksum_jax(a):
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+    a = jax.random.key_data(a)
+  if a.dtype == jnp.bool_:
+    w = a.astype(jnp.uint32)
+  elif a.dtype.itemsize == 8:
+    w = jax.lax.bitcast_convert_type(a, jnp.uint32)  # [..., 2]: the two halves in order
+  else:
+    w = jax.lax.bitcast_convert_type(
+        a, {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}[a.dtype.itemsize]).astype(jnp.uint32)
+  w = w.reshape(-1)
+  idx = jax.lax.iota(jnp.uint32, w.size)
+  return jnp.sum(w * (idx * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+def _path_name(path) -> str:
+  parts = []
+  for k in path:
+    for attr in ("key", "name", "idx"):
+      if hasattr(k, attr):
+        parts.append(str(getattr(k, attr)))
+        break
+    else:
+      parts.append(str(k))
+  return "/".join(parts)
+
+
+def named_leaves(tree) -> dict[str, Any]:
+  """``{"a/b/c": leaf}`` of any pytree (dicts, dataclasses, tuples: keys, names, indices)."""
+  return {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+_CHECKSUM_FN = {}
+
+
+def tree_checksums(tree) -> dict[str, int]:
+  """``{"path": checksum}`` of every array leaf of ``tree`` (device or host arrays)."""
+  leaves = named_leaves(tree)
+  arrays = {k: v for k, v in leaves.items() if isinstance(v, jax.Array)}
+  out = {k: _checksum_np(v) for k, v in leaves.items()
+         if k not in arrays and hasattr(v, "dtype")}
+  if arrays:
+    fn = _CHECKSUM_FN.setdefault("fn", jax.jit(lambda t: jax.tree.map(_checksum_jax, t)))
+    for k, v in fn(arrays).items():
+      out[k] = int(np.asarray(jax.device_get(v)))
+  return out
+
+
+def numpy_checksums(tree) -> dict[str, int]:
+  """:func:`tree_checksums` of a tree of host arrays, computed in NumPy."""
+  return {k: _checksum_np(v) for k, v in named_leaves(tree).items() if hasattr(v, "dtype")}
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """Paths of the floating-point leaves of ``tree`` holding a NaN or an infinity."""
+  bad = []
+  for k, v in named_leaves(tree).items():
+    dt = getattr(v, "dtype", None)
+    if dt is None or not jax.dtypes.issubdtype(dt, np.inexact):
+      continue
+    if isinstance(v, jax.Array):
+      ok = bool(jax.device_get(jax.numpy.isfinite(v).all()))
+    else:
+      ok = bool(np.isfinite(np.asarray(v, np.float32)).all())
+    if not ok:
+      bad.append(k)
+  return bad
+
+
+def verify_checksums(tree, recorded: Mapping[str, Any] | None, where: str, *,
+                     host: bool = False) -> None:
+  """Raises :class:`CorruptCheckpoint` when a leaf of ``tree`` differs from its recorded
+  checksum or holds a NaN / inf. Leaves without a recorded checksum (a checkpoint written
+  before checksums, or a partial read) are only checked for finite values."""
+  problems = []
+  if recorded:
+    have = numpy_checksums(tree) if host else tree_checksums(tree)
+    wrong = sorted(k for k in have if k in recorded and int(recorded[k]) != have[k])
+    if wrong:
+      problems.append(f"checksum mismatch in {len(wrong)} array(s) ({', '.join(wrong[:3])}"
+                      f"{' ...' if len(wrong) > 3 else ''})")
+  bad = nonfinite_leaves(tree)
+  if bad:
+    problems.append(f"non-finite values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+  if problems:
+    raise CorruptCheckpoint(f"Checkpoint {where} is damaged: " + "; ".join(problems)
+                            + " (a disk fault or a copy gone wrong).")
+
+
 # ------------------------------------------------------------------------ training checkpoints
 
 class CorruptCheckpoint(ProclipError):
   """A committed checkpoint whose files cannot be read (truncated, damaged on disk)."""
+
+
+class StorageUnavailable(ProclipError):
+  """The storage refused or failed a read that may succeed later (permissions, a network
+  filesystem or bucket that is down): not a damaged checkpoint, never set aside."""
+
+
+class SaveFailed(ProclipError):
+  """A checkpoint could not be written (disk full, storage gone); the earlier ones are intact."""
+
+
+# errno values and absl statuses of a storage that is (for now) unreachable or refusing.
+_UNAVAILABLE_ERRNO = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ETIMEDOUT, errno.EAGAIN,
+                      errno.ECONNRESET, errno.ECONNREFUSED, errno.ENETUNREACH,
+                      errno.EHOSTUNREACH, errno.ESTALE, errno.ENOTCONN}
+_UNAVAILABLE_STATUS = re.compile(r"\b(PERMISSION_DENIED|UNAVAILABLE|DEADLINE_EXCEEDED|"
+                                 r"UNAUTHENTICATED|RESOURCE_EXHAUSTED)\b|Permission denied")
+
+
+def is_unavailable(e: BaseException) -> bool:
+  """Whether ``e`` (or its cause) is a storage refusing or failing to answer, rather than
+  files that were read and found damaged."""
+  seen = set()
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if isinstance(e, OSError) and e.errno in _UNAVAILABLE_ERRNO:
+      return True
+    if _UNAVAILABLE_STATUS.search(str(e)):
+      return True
+    e = e.__cause__ or e.__context__
+  return False
 
 
 def checkpoint_dir(workdir) -> epath.Path:
@@ -376,14 +538,31 @@ class Checkpoints:
     # A reader is not Orbax's read_only manager (which warns on every open and about the
     # save options it overrides): it creates, cleans and deletes nothing, and save() refuses.
     self.read_only = read_only
+    # The step restored at resume (verified: checksums and finite values) is kept beside
+    # the newest ``max_to_keep`` until the run ends: the checkpoints this run writes are
+    # only verified when read back, so the last verified one must outlive them.
+    self.pinned: set[int] = set()
+    policy = None
+    if max_to_keep is not None and not read_only:
+      policy = ocp.checkpoint_managers.AnyPreservationPolicy(
+          [ocp.checkpoint_managers.LatestN(n=max_to_keep), _Pinned(self.pinned)])
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=None if read_only else max_to_keep, create=not read_only,
+        preservation_policy=policy, create=not read_only,
         cleanup_tmp_directories=not read_only, enable_async_checkpointing=async_save)
+    self._saving: int | None = None
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
                        "data": grain_ckpt.CheckpointHandler(),
                        "metadata": ocp.JsonCheckpointHandler()})
+
+  def _save_failed(self, e: BaseException, step: int | None):
+    older = [s for s in complete_steps(self.workdir) if step is None or s < step]
+    kept = f"checkpoint {older[-1]} is intact" if older else "no earlier checkpoint exists"
+    return SaveFailed(
+        f"Saving checkpoint {step if step is not None else ''} in {self.directory} failed "
+        f"({first_line(e)}); {kept}. Free space or fix the storage, then run the same "
+        "command again: it resumes from the last complete checkpoint.")
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -396,11 +575,18 @@ class Checkpoints:
     """Saves the TrainState, the data iterator's state and ``metadata`` as step ``step``."""
     if self.read_only:
       raise ProclipError(f"{self.directory} was opened read-only; it cannot save step {step}.")
+    metadata = {**dict(metadata or {}), "checksums": tree_checksums(state)}
     items = {"state": ocp.args.StandardSave(state),
-             "metadata": ocp.args.JsonSave(dict(metadata or {}))}
+             "metadata": ocp.args.JsonSave(metadata)}
     if data_iter is not None:
       items["data"] = grain_ckpt.CheckpointSave(data_iter)
-    return self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    self.wait()  # the previous asynchronous save (Orbax waits for it anyway): its failure
+    try:
+      saved = self.manager.save(int(step), args=ocp.args.Composite(**items), force=force)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_failed(e, int(step)) from e
+    self._saving = int(step)
+    return saved
 
   def restore(self, abstract_state: Any, data_iter: Any = None, step: int | None = None
               ) -> tuple[Any, dict]:
@@ -409,8 +595,13 @@ class Checkpoints:
     ``abstract_state`` carries the target shardings (``state.abstract_train_state``); the
     data iterator, when given, is set to the saved position in place.
 
+    The restored arrays are checked against the checksums recorded at save and for
+    non-finite values.
+
     Raises:
-      CorruptCheckpoint: the step's files cannot be read (truncated or damaged).
+      CorruptCheckpoint: the step's files cannot be read, are missing, or hold other
+        values than were saved (checksum) or NaN / inf.
+      StorageUnavailable: the storage refused the read (permissions) or did not answer.
       ProclipError: the checkpoint does not fit ``abstract_state`` (another config).
     """
     step = self.latest_step() if step is None else int(step)
@@ -431,17 +622,28 @@ class Checkpoints:
       with quiet_failed_restore(step_dir):
         out = self.manager.restore(step, args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      if is_unavailable(e):
+        raise StorageUnavailable(
+            f"Checkpoint {step_dir} cannot be read now ({first_line(e)}): the storage refuses "
+            "or does not answer. Fix its permissions / availability and run again.") from e
+      if not is_read_error(e) and not isinstance(e, (ValueError, KeyError, TypeError)):
+        raise
       if is_read_error(e):
         raise CorruptCheckpoint(
             f"Checkpoint {step_dir} cannot be read ({first_line(e)}); its "
             "files are damaged (a disk fault or a copy cut short).") from e
-      if not isinstance(e, (ValueError, KeyError, TypeError)):
-        raise
+      mismatch = state_mismatch(step_dir, abstract_state)
+      if mismatch is None:  # the saved tree fits: its files, not the config, are at fault
+        raise CorruptCheckpoint(
+            f"Checkpoint {step_dir} cannot be restored ({first_line(e)}) although its tree "
+            "fits this run; its files are damaged or missing.") from e
       raise ProclipError(
-          f"Cannot restore checkpoint {step_dir} into this run's state "
-          f"({e}). The workdir was written by a different config (model sizes, freeze "
-          "rules, stage); use a new --workdir or the config that wrote it.") from e
-    return out["state"], dict(out["metadata"] or {})
+          f"Cannot restore checkpoint {step_dir} into this run's state ({mismatch}). The "
+          "workdir was written by a different config (model sizes, freeze rules, stage); use "
+          "a new --workdir or the config that wrote it.") from e
+    meta = dict(out["metadata"] or {})
+    verify_checksums(out["state"], meta.get("checksums"), str(step_dir))
+    return out["state"], meta
 
   def metadata(self, step: int | None = None) -> dict:
     step = self.latest_step() if step is None else int(step)
@@ -451,11 +653,61 @@ class Checkpoints:
     return dict(out["metadata"] or {})
 
   def wait(self) -> None:
-    self.manager.wait_until_finished()
+    """Waits for the background save (SaveFailed when it failed)."""
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._saving = self._saving, None
+      raise self._save_failed(e, step) from e
+    self._saving = None
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      self.wait()
+    finally:
+      self.manager.close()
+
+
+@dataclasses.dataclass
+class _Pinned(ocp.checkpoint_managers.PreservationPolicy):
+  """Preserves the steps in ``steps`` (a set the owner updates)."""
+
+  steps: set
+
+  def should_preserve(self, checkpoints, *, context):
+    del context
+    return [c.step in self.steps for c in checkpoints]
+
+
+def state_mismatch(step_dir, abstract_state) -> str | None:
+  """How the TrainState saved in ``step_dir`` differs from ``abstract_state`` (paths and
+  shapes), or None when it fits. Unreadable or missing tree metadata is a damaged
+  checkpoint (:class:`CorruptCheckpoint`), not a mismatch."""
+  try:
+    saved = saved_tree(epath.Path(step_dir) / "state")
+  except Exception as e:  # pylint: disable=broad-except
+    raise CorruptCheckpoint(f"Checkpoint {step_dir}: the description of its saved arrays "
+                            f"cannot be read ({first_line(e)}); the checkpoint is damaged "
+                            "or empty.") from e
+  have = {k: tuple(v.shape) for k, v in named_leaves(
+      jax.tree.map(lambda m: m, saved, is_leaf=_is_array_meta)).items() if _is_array_meta(v)}
+  if not have:
+    raise CorruptCheckpoint(f"Checkpoint {step_dir} describes no saved arrays; the "
+                            "checkpoint is empty or damaged.")
+  want = {k: tuple(v.shape) for k, v in named_leaves(abstract_state).items()
+          if hasattr(v, "shape")}
+  missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+  shaped = sorted(k for k in set(want) & set(have) if want[k] != have[k])
+  if not (missing or extra or shaped):
+    return None
+  out = []
+  for title, items in (("missing there", missing), ("not in this run", extra)):
+    if items:
+      out.append(f"{title}: {', '.join(items[:3])}{' ...' if len(items) > 3 else ''}")
+  if shaped:
+    out.append("other shapes: " + ", ".join(f"{k} {have[k]} there, {want[k]} here"
+                                            for k in shaped[:3]))
+  return "; ".join(out)
 
 
 def read_metadata(workdir, step: int) -> dict:
@@ -487,10 +739,19 @@ def restore_state_params(workdir, step: int, part: str | None = None, *, fix: st
         out[k] = sub
     return out
 
+  what = f"its {part} parameters" if part else "its parameters"
   try:
+    meta = read_metadata(workdir, step)
     with quiet_failed_restore(step_dir):
-      return restore_numpy(step_dir / "state", select)
+      out = restore_numpy(step_dir / "state", select)
   except Exception as e:  # pylint: disable=broad-except
-    what = f"its {part} parameters" if part else "its parameters"
+    if is_unavailable(e):
+      raise StorageUnavailable(f"{step_dir}: {what} cannot be read now ({first_line(e)}): "
+                               "the storage refuses or does not answer.") from e
     raise CorruptCheckpoint(f"{step_dir}: {what} cannot be read ({first_line(e)}); the "
                             f"checkpoint is damaged{': ' + fix if fix else '.'}") from e
+  try:
+    verify_checksums(out, meta.get("checksums"), str(step_dir), host=True)
+  except CorruptCheckpoint as e:
+    raise CorruptCheckpoint(f"{e}{' ' + fix[0].upper() + fix[1:] if fix else ''}") from None
+  return out

@@ -92,7 +92,8 @@ def test_llm_cache_equals_embedder(world, bert_dir, llm_cache):
   reader = C.CacheReader(llm_cache, expect={"kind": "llm", "model": bert_dir, "dim": 32,
                                             "fields": FIELDS, "data": world[0],
                                             "split": "train", "preset": "minilm"})
-  assert sorted(os.listdir(llm_cache)) == ["ids.npy", "long.npy", "manifest.json", "short.npy"]
+  assert sorted(os.listdir(llm_cache)) == ["ids.npy", "long.npy", "long.rowsum.npy", "manifest.json",
+                                          "short.npy", "short.rowsum.npy"]
   m = reader.manifest
   assert (m["kind"], m["dim"], m["count"], m["fields"], m["dtype"]) == (
       "llm", 32, len(ids), list(FIELDS), "float32")

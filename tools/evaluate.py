@@ -20,6 +20,7 @@ the exit status is 2. A user error exits with status 2 and its message.
 """
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -109,6 +110,10 @@ def main(argv=None) -> int:
     t0 = time.time()
     try:
       res = dict(evaluators.evaluate(model, spec, data[spec.name], config))
+      bad = [k for k, v in res.items() if isinstance(v, float) and not math.isfinite(v)]
+      if bad:  # never print or write a +nan score as if it were one
+        raise ProclipError(f"non-finite results ({', '.join(bad)}): the model's embeddings "
+                           "hold NaN / inf; check the checkpoint.")
     except Exception as e:  # pylint: disable=broad-except
       # Keep what finished; the failure is named in the output and the exit status.
       msg = str(e) if isinstance(e, ProclipError) else f"{type(e).__name__}: {e}"

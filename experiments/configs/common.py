@@ -152,6 +152,7 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.log_every = 50               # metrics.jsonl + TensorBoard every N steps
   c.ckpt_every = 1000            # periodic Orbax checkpoint every N steps (0: final only)
   c.max_to_keep = 3              # newest checkpoints kept (None or 0: keep all)
+  c.max_nonfinite_steps = 20     # stop after this many skipped (non-finite) steps in a row; 0: never
   c.progress = True              # progress bar with ETA on process 0
   c.evals = ml_collections.ConfigDict()   # {name: {"every": N, ...}} (train/loop.py)
 

@@ -10,6 +10,7 @@ Layout of a cache folder ``CACHE``::
     CACHE/ids.npy              int64 [N], the example ids, strictly increasing (row order)
     CACHE/{field}.npy          [N, D] per caption field; float16 / float32, or bfloat16 stored
                                as its uint16 bit pattern (``.npy`` cannot name bfloat16)
+    CACHE/{field}.rowsum.npy   uint32 [N], a checksum of each row (and its id), verified on read
     CACHE/parts/               while writing only: one ``{field}-{start:09d}.npy`` per field
                                and work unit plus ``unit-{start:09d}.json`` (written after its
                                arrays: a unit is done when its json exists) and ``plan.json``
@@ -31,6 +32,11 @@ cache that does not fit the run::
     empty_policy              "error" | "skip"
     skipped                   {field: [ids of empty captions]} (rows zero-filled, refused on read)
     files                     {"ids": "ids.npy", field: "FIELD.npy", ...}
+    row_checksums             {field: "FIELD.rowsum.npy"}: uint32 per row (row_checksums)
+
+Content checksums: ids other than the manifest's ``ids_sha256`` are refused at open, and
+rows that differ from their row checksums (``{field}.rowsum.npy``) on every lookup, for the
+rows read (``CacheReader(verify=False)`` skips both).
 
 Reading: ``CacheReader(CACHE, expect={...})`` checks the manifest against what the run expects
 (``kind``, ``model`` / ``model_fingerprint``, ``preset``, ``dim``, ``fields``, ``dataset`` /
@@ -88,7 +94,10 @@ def dataset_fingerprint(path: str, split: str) -> str:
   """sha256 of a built dataset split's identity, from its metadata files (cheap; no data read).
 
   Covers the dataset name and version, the split's name, byte count and shard lengths, the
-  feature spec and the ingest report's counts; not the folder's location.
+  feature spec, the ingest report's counts and the order and content of the records: every
+  field of up to ``ORDER_SAMPLES`` records at evenly spaced positions (the first and the
+  last included), so a rebuild with the rows reordered gets another fingerprint; not the
+  folder's location.
   """
   from proclip_jax.data.pipeline import check_dataset_files  # pylint: disable=import-outside-toplevel
   check_dataset_files(path)  # present, JSON objects
@@ -114,7 +123,35 @@ def dataset_fingerprint(path: str, split: str) -> str:
                          "with tools/build_dataset.py.")
     ident["report"] = {"splits": r.get("splits"), "skipped": r.get("skipped"),
                        "caption_fields": r.get("caption_fields")}
+  ident["records"] = _records_digest(path, split, sum(int(n) for n in s.get("shardLengths") or []))
   return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+ORDER_SAMPLES = 64
+
+
+def _records_digest(path: str, split: str, count: int) -> str:
+  """sha256 over (position, every field) of up to ORDER_SAMPLES evenly spaced records."""
+  if count <= 0:
+    return ""
+  from proclip_jax.data.pipeline import open_source  # pylint: disable=import-outside-toplevel
+  source = open_source(path, split)
+  n = len(source)
+  positions = sorted({int(round(i * (n - 1) / max(ORDER_SAMPLES - 1, 1)))
+                      for i in range(min(ORDER_SAMPLES, n))})
+  h = hashlib.sha256()
+  for pos in positions:
+    record = source[pos]
+    h.update(f"{pos}\n".encode())
+    for key in sorted(record):
+      a = np.asarray(record[key])
+      if a.dtype.kind in "OSU":  # bytes / strings: their contents, not object pointers
+        b = b"".join(x if isinstance(x, bytes) else str(x).encode() for x in a.reshape(-1))
+      else:
+        b = np.ascontiguousarray(a).tobytes()
+      h.update(f"{key}:{len(b)}\n".encode())
+      h.update(b)
+  return h.hexdigest()
 
 
 def texts_sha256(texts: Sequence[str]) -> str:
@@ -125,6 +162,47 @@ def texts_sha256(texts: Sequence[str]) -> str:
     h.update(len(b).to_bytes(8, "little"))
     h.update(b)
   return h.hexdigest()
+
+
+# ------------------------------------------------------------------------- row checksums
+# Content checksums: one uint32 per row of every field file, in ``{field}.rowsum.npy``
+# (manifest ``row_checksums``: {field: file name}), and ``ids_sha256`` over ``ids.npy``.
+# A reader verifies exactly the rows it reads, on every lookup, at the cost of 4 bytes read
+# and one multiply-add per value: a 100 GB cache is never read whole to be checked, and a
+# flipped value is refused the first time it would be used. The row hash includes the row's
+# id, so rows moved or shifted are caught too.
+
+ROWSUM_SUFFIX = ".rowsum.npy"
+_ID_MIX = np.uint64(0x9E3779B1)
+
+
+def row_checksums(rows: np.ndarray, ids: np.ndarray) -> np.ndarray:
+  """uint32 [B]: ``sum_j word(rows[b, j]) * (2 j + 1) + id_b * 0x9E3779B1 (mod 2^32)`` of
+  stored rows (any 1/2/4-byte dtype: its bits, widened to uint32)."""
+  rows = np.ascontiguousarray(rows)
+  words = rows.view({1: np.uint8, 2: np.uint16, 4: np.uint32}[rows.dtype.itemsize])
+  words = words.astype(np.uint32)
+  weights = (np.arange(rows.shape[1], dtype=np.uint32) * np.uint32(2) + np.uint32(1))
+  total = (words * weights).sum(axis=1, dtype=np.uint64)  # uint32 products, exact sum
+  total += np.asarray(ids, np.int64).astype(np.uint64) * _ID_MIX
+  return (total & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+
+
+def write_row_checksums(out: str, fields: Sequence[str], dtype: str,
+                        chunk_rows: int = 65536) -> dict:
+  """Writes ``{field}.rowsum.npy`` for the complete field files of the cache ``out``
+  (streamed in chunks) and returns the manifest entry ``{field: file name}``."""
+  ids = _load_npy(os.path.join(out, IDS_FILE))
+  entry = {}
+  for f in fields:
+    a = _load_npy(os.path.join(out, f"{f}.npy"))
+    sums = np.empty(a.shape[0], np.uint32)
+    for s in range(0, a.shape[0], chunk_rows):
+      sums[s:s + chunk_rows] = row_checksums(np.asarray(a[s:s + chunk_rows], storage_dtype(dtype)),
+                                             ids[s:s + chunk_rows])
+    atomic_save_npy(os.path.join(out, f + ROWSUM_SUFFIX), sums)
+    entry[f] = f + ROWSUM_SUFFIX
+  return entry
 
 
 # ------------------------------------------------------------------------- dtypes
@@ -252,6 +330,14 @@ def read_manifest(path: str) -> dict:
   return m
 
 
+def _sha256_rows(a: np.ndarray, chunk: int = 1 << 22) -> str:
+  """sha256 of an array's bytes (C order), read in chunks of rows (memory-mapped files)."""
+  h = hashlib.sha256()
+  for s in range(0, a.shape[0], chunk):
+    h.update(np.ascontiguousarray(a[s:s + chunk]).tobytes())
+  return h.hexdigest()
+
+
 def _short(fp: Any) -> str:
   return f"{fp[:12]}..." if isinstance(fp, str) and len(fp) > 12 else repr(fp)
 
@@ -317,6 +403,11 @@ class CacheReader:
     path: the cache folder.
     expect: what the run expects (see :func:`check_manifest`); mismatches raise ProclipError.
     fields: fields to open (default: all of the cache's).
+    verify: check content checksums (default True): ``ids.npy`` against the manifest's
+      ``ids_sha256`` once at open (8 bytes per row), and every row a lookup reads against
+      its ``{field}.rowsum.npy`` entry (4 bytes per row read). Nothing is read in advance,
+      so opening a 100 GB cache stays cheap. A cache written before row checksums is read
+      unchecked.
 
   Attributes: ``path``, ``manifest``, ``ids`` (int64 [N], increasing), ``dim``, ``fields``,
   ``dtype`` (the stored dtype name), ``kind``.
@@ -326,7 +417,7 @@ class CacheReader:
   """
 
   def __init__(self, path: str, expect: Mapping[str, Any] | None = None,
-               fields: Sequence[str] | None = None):
+               fields: Sequence[str] | None = None, *, verify: bool = True):
     self.path = paths.absolute(path)
     m = read_manifest(self.path)
     check_manifest(m, expect, self.path)
@@ -346,6 +437,17 @@ class CacheReader:
     self.ids = self._open(files.get("ids", IDS_FILE), np.dtype(np.int64), (int(m["count"]),))
     self._arrays = {f: self._open(files.get(f, f"{f}.npy"), storage_dtype(self.dtype),
                                   (int(m["count"]), self.dim)) for f in fields}
+    self._rowsums = {}
+    if verify:
+      want = m.get("ids_sha256")
+      if want and _sha256_rows(self.ids) != want:
+        raise ProclipError(f"{os.path.join(self.path, files.get('ids', IDS_FILE))} does not "
+                           "match the manifest's ids_sha256; the cache is damaged: remove it "
+                           "and run tools/precompute.py again.")
+      for f in fields:
+        name = (m.get("row_checksums") or {}).get(f)
+        if name:
+          self._rowsums[f] = self._open(name, np.dtype(np.uint32), (int(m["count"]),))
     self._skipped = {}
     for f in fields:
       skipped = np.asarray(sorted((m.get("skipped") or {}).get(f, [])), np.int64)
@@ -401,7 +503,17 @@ class CacheReader:
                            "use another caption field.")
     order = np.argsort(rows, kind="stable")
     out = np.empty((ids.shape[0], self.dim), np.float32)
-    out[order] = decode_rows(self._arrays[field][rows[order]], self.dtype)
+    raw = self._arrays[field][rows[order]]
+    sums = self._rowsums.get(field)
+    if sums is not None:
+      wrong = row_checksums(raw, self.ids[rows[order]]) != sums[rows[order]]
+      if wrong.any():
+        bad = np.unique(ids[order][wrong])
+        raise ProclipError(f"The embedding cache {self.path} has {field!r} rows that differ "
+                           f"from their checksums (ids {bad[:10].tolist()}"
+                           f"{' ...' if bad.size > 10 else ''}); the cache is damaged: "
+                           "recompute it with tools/precompute.py.")
+    out[order] = decode_rows(raw, self.dtype)
     finite = np.isfinite(out).all(axis=1)
     if not finite.all():  # a NaN passed on would poison the loss without a word
       bad = np.unique(ids[~finite])

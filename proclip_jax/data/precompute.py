@@ -428,7 +428,7 @@ def _is_complete(out: str, plan: dict) -> bool:
   if not epath.Path(mpath).exists():
     return False
   done = C.read_json(mpath)
-  return {k: v for k, v in done.items() if k != "truncated"} == plan
+  return {k: v for k, v in done.items() if k not in ("truncated", "row_checksums")} == plan
 
 
 def _conflict(out: str, plan: dict) -> str | None:
@@ -568,7 +568,9 @@ def _merge(out: str, parts: str, plan: dict, ids: np.ndarray, starts: Sequence[i
   for f in fields:
     C.merge_parts([_part_npy(parts, f, s) for s in starts], os.path.join(out, f"{f}.npy"),
                   plan["count"], plan["dim"], C.storage_dtype(plan["dtype"]))
-  C.atomic_write_json(os.path.join(out, C.MANIFEST), {**plan, "truncated": truncated})
+  sums = C.write_row_checksums(out, fields, plan["dtype"])
+  C.atomic_write_json(os.path.join(out, C.MANIFEST), {**plan, "truncated": truncated,
+                                                      "row_checksums": sums})
   epath.Path(parts).rmtree(missing_ok=True)
 
 

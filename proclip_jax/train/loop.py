@@ -13,12 +13,15 @@ Workdir layout::
                                  start (compile + first step); {"step", "eval/NAME/KEY"}
     WORKDIR/tb/                  TensorBoard event files, the same scalars (train/metrics.py)
     WORKDIR/checkpoints/STEP/    Orbax (train/checkpoints.py): state, data iterator, metadata
-    WORKDIR/corrupt_checkpoints/STEP/  checkpoints found unreadable on resume, set aside
+    WORKDIR/corrupt_checkpoints/STEP/  checkpoints found damaged on resume, set aside
+    WORKDIR/run.lock             {"host", "pid", "time"} of the run using the workdir
 
 Resuming is automatic: a workdir with a checkpoint continues from its latest step (the
 state, the optimizer, the EMA teacher and the data iterator restored exactly); a newest
-checkpoint whose files cannot be read is reported, set aside and the one before it used
-(``checkpoints.resume``). SIGTERM (a preempted VM) saves a checkpoint at the next step
+checkpoint whose files cannot be read or differ from their checksums is reported, set aside
+and the one before it used (``checkpoints.resume``). One run per workdir
+(``checkpoints.WorkdirLock``); ``config.max_nonfinite_steps`` skipped steps in a row stop
+the run (``checkpoints.NonfiniteGuard``). SIGTERM (a preempted VM) saves a checkpoint at the next step
 boundary and returns; ``run.py`` exits 0.
 
 ``config`` is an ml_collections ConfigDict with the fields of
@@ -112,6 +115,15 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   """
   stage = stage_of(config)
   workdir = epath.Path(workdir)
+  ckpt_lib.prepare_workdir(workdir)        # a file / read-only folder: one line
+  lock = ckpt_lib.WorkdirLock(workdir).acquire()   # one run per workdir
+  try:
+    return _train(config, workdir, stage, source, caches)
+  finally:
+    lock.release()
+
+
+def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
   main = jax.process_index() == 0
   # The model's shapes from the files the config names; a resume checked for changes.
   config = run_config.prepare(config, workdir, caches, source)
@@ -147,7 +159,10 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
                        "checkpoint folder is inconsistent.")
 
   writer = MetricWriter(workdir, enabled=main)
-  meta_out = {"config": config_to_dict(config), "stage": stage}
+  meta_out = {"config": config_to_dict(config), "stage": stage,
+              "caches": ckpt_lib.cache_identity(config)}
+  guard = ckpt_lib.NonfiniteGuard(config.get("max_nonfinite_steps", 20), start,
+                                  int(jax.device_get(state.nonfinite_steps)))
   result: dict[str, Any] = {"step": start, "preempted": False}
   bar = progress_bar(total, start, main and bool(config.progress))
   t_first = None
@@ -189,6 +204,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
             log.warning("Step %d: non-finite loss or gradient; update skipped (%d so far).",
                         step, int(last.get("nonfinite_steps", 0)))
           writer.write(step, last)
+          guard.update(step, int(last.get("nonfinite_steps", 0)))
           bar.set_postfix(loss=f"{last.get('loss', float('nan')):.4g}")
         if evals:
           writer.write(step, evals)
