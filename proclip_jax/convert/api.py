@@ -142,9 +142,11 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   if family in ("hf-clip", "eva-clip", "hf-siglip", "big-vision-siglip") and preset is not None:
     raise ProclipError(f"--preset does not apply to a {family} checkpoint ({src!r}): its "
                        "config.json or tensor shapes give the architecture.")
-  heads = {"--vision-heads": vision_heads, "--text-heads": text_heads}
-  for name, value in heads.items():
-    if value is not None and family not in ("openai-clip", "proclip"):
+  # An EVA02-CLIP file's text tower is OpenAI-layout: its head count may need --text-heads.
+  heads = {"--vision-heads": (vision_heads, ("openai-clip", "proclip")),
+           "--text-heads": (text_heads, ("openai-clip", "proclip", "eva-clip"))}
+  for name, (value, families) in heads.items():
+    if value is not None and family not in families:
       raise ProclipError(f"{name} applies to OpenAI-layout CLIP / ProCLIP state dicts, not to "
                          f"{family} ({src!r}), whose config.json gives the head counts.")
   if act is not None and family not in ("openai-clip", "proclip"):
@@ -153,7 +155,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
     return convert_hf_clip(src, out, overwrite=overwrite, scan_layers=scan_layers)
   if family == "eva-clip":
     return convert_eva_clip(src, out, overwrite=overwrite, scan_layers=scan_layers,
-                            state_dict=sd)
+                            state_dict=sd, arch=resolve_arch(src, None, None, text_heads))
   if family in ("hf-siglip", "big-vision-siglip"):
     fn = siglip.convert_hf_siglip if family == "hf-siglip" else siglip.convert_big_vision
     return fn(src, out, overwrite=overwrite, scan_layers=scan_layers)

@@ -190,7 +190,8 @@ def convert_eva_visual(sd: Mapping[str, np.ndarray], *, layout: str | None = Non
   return dataclasses.replace(cfg, scan_layers=scan_layers, dtype=dtype), params, used
 
 
-def eva_to_clip(sd: Mapping[str, np.ndarray], *, rope_ref_grid: int = 16):
+def eva_to_clip(sd: Mapping[str, np.ndarray], *, rope_ref_grid: int = 16, arch=None,
+                where: str = "the checkpoint"):
   """A whole EVA02-CLIP (image tower, optional ``text.`` tower and ``logit_scale``) ->
   ``(CLIPConfig, params, unused source keys)`` in the per-layer layout."""
   found = find_eva(sd)
@@ -204,7 +205,7 @@ def eva_to_clip(sd: Mapping[str, np.ndarray], *, rope_ref_grid: int = 16):
   if "text.token_embedding.weight" in sd:
     tsd = {k[len("text."):]: v for k, v in sd.items() if k.startswith("text.")}
     # EVA-CLIP and open_clip build the text tower with nn.GELU (not QuickGELU).
-    text = openai_text_config(tsd, act="gelu")
+    text = openai_text_config(tsd, act="gelu", arch=arch, where=where)
     flat, tused = apply_table(tsd, openai_text_table(text))
     params["text"] = unflatten(flat)["text"]
     used |= {"text." + k for k in tused}
@@ -218,11 +219,15 @@ def eva_to_clip(sd: Mapping[str, np.ndarray], *, rope_ref_grid: int = 16):
 
 
 def convert_eva_clip(src: str, out: str, *, overwrite: bool = False, scan_layers: bool = False,
-                     rope_ref_grid: int = 16, state_dict: Mapping | None = None) -> str:
+                     rope_ref_grid: int = 16, state_dict: Mapping | None = None,
+                     arch=None) -> str:
   """An EVA02-CLIP checkpoint file (timm, open_clip or EVA-CLIP) -> converted ``kind="clip"``
-  folder ``out``; its image tower is an :class:`EvaTower`."""
+  folder ``out``; its image tower is an :class:`EvaTower`. ``arch``: the text tower's head
+  count where its shapes do not give it (:func:`proclip_jax.convert.openclip_arch.resolve_arch`).
+  """
   sd = read_state_dict(src) if state_dict is None else state_dict
-  config, params, unused = eva_to_clip(sd, rope_ref_grid=rope_ref_grid)
+  config, params, unused = eva_to_clip(sd, rope_ref_grid=rope_ref_grid, arch=arch,
+                                       where=repr(src))
   check_clip(params, config, unused, what=f"checkpoint {src!r}")
   check_weights(params, what=f"checkpoint {src!r}")
   if scan_layers:
