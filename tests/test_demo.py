@@ -76,7 +76,7 @@ def test_stage1_only_is_stage2_start(quick_run):
                             {k: os.path.join(workdir, "caches", k) for k in
                              ("llm_train", "clip_train", "llm_retrieval_test")},
                             workdir, seed)
-  model = demo.stage1_only_model(runs["proclip"][0], os.path.join(workdir, "embedder"))
+  model = demo.stage1_only_model(runs["proclip"][0], None)
   adapter = restore_state_params(runs["stage1"][1], int(config.stage1.total_steps))["params"]
   for a, b in zip(jax_leaves(model.params["adapter"]), jax_leaves(adapter["adapter"])):
     np.testing.assert_array_equal(a, b)
@@ -169,7 +169,7 @@ def test_second_run_reuses_everything(quick_run, capsys):
   out = capsys.readouterr().out
   for what in ("reusing the demo world", "reusing the demo CLIP", "reusing the converted "
                "embedder", "reusing the MiniLM cache", "reusing the demo-CLIP text-tower cache",
-               "reusing stage 1", "reusing stage 2", "reusing the evaluation"):
+               "reusing seed 0: stage 1", "reusing seed 0: stage 2", "reusing the evaluation"):
     assert what in out, what
   for run, t in mtimes.items():  # nothing trained again
     assert os.path.getmtime(os.path.join(sd, run, "metrics.jsonl")) == t, run

@@ -485,15 +485,16 @@ def evaluate_model(model, world: World, llm_cache: str | None, unseen) -> dict:
   return {"table": table, "evaluators": full}
 
 
-def stage1_only_model(config, embedder_path: str):
+def stage1_only_model(config, embedder_path: str | None):
   """CLIP's image tower with the stage-1 adapter: what stage 2 starts from (``config`` is
-  a stage-2 config whose ``init`` names both)."""
+  a stage-2 config whose ``init`` names both; no embedder when ``embedder_path`` is None)."""
   from proclip_jax.inference import ProCLIP  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.embedder import load_embedder  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.checkpoints import stage2_init_params  # pylint: disable=import-outside-toplevel
   return ProCLIP(ProCLIPConfig.from_dict(config.model.to_dict()), stage2_init_params(config),
-                 load_embedder(embedder_path), embedder_path=embedder_path)
+                 load_embedder(embedder_path) if embedder_path else None,
+                 embedder_path=embedder_path)
 
 
 def evaluate_all(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,

@@ -28,6 +28,12 @@ Captions (all deterministic in the seed):
 ``label`` is the index of "COLOUR SHAPE" of the main object in ``classes`` (on every split;
 the classification split exists for zero-shot evaluation with ``templates``). Drawing is
 PIL without anti-aliasing, so each object's pixels are exactly its colour.
+
+Options (off by default, which draws what the world always drew): ``main_largest`` (the
+other objects are always small, so the main object is the one large object) and
+``train_exclude`` (classes no object of the train split has, e.g. ``held_out_classes()``:
+a narrower train set, the held-out splits keeping every class). ``sample_examples`` draws
+examples in memory, without files (the demo pre-trains its CLIP on such a set).
 """
 import dataclasses
 import json
