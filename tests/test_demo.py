@@ -1,9 +1,12 @@
 """The demo end to end at a reduced size (``demo.py:quick``), and its reuse of artifacts.
 
-One module-scoped run in a temporary workdir: the results table has the four rows with
+One module-scoped run in a temporary workdir: the results table has the five rows (CLIP,
+direct alignment, stage 1 only, stage 1 + 2 without self-distillation, ProCLIP) with
 finite percentages, the JSON / PNG outputs exist, the converted demo CLIP loads and
-matches the weights the OpenAI export was made from, and a second ``run_demo`` in the same
-workdir reuses every step (it says "reusing" and trains nothing).
+matches the weights the OpenAI export was made from, the "stage 1 only" row is exactly
+what stage 2 starts from, and a second ``run_demo`` in the same workdir reuses every step
+(it says "reusing" and trains nothing). The seed statistics and the seen / unseen split of
+zero-shot are checked against brute force.
 """
 import json
 import math
@@ -29,25 +32,91 @@ def quick_run(tmp_path_factory):
 
 
 def test_results_table_and_files(quick_run):
-  _, workdir, results = quick_run
+  config, workdir, results = quick_run
   with open(os.path.join(workdir, "results.json")) as f:
     saved = json.load(f)
   assert list(saved["table"]) == ROW_KEYS
+  seeds = [int(s) for s in config.seeds]
+  assert saved["seeds"] == seeds
   for key in ROW_KEYS:
     row = saved["table"][key]
     assert sorted(row) == sorted(COL_KEYS)
     for col in COL_KEYS:
-      assert math.isfinite(row[col]) and 0.0 <= row[col] <= 100.0, (key, col, row[col])
+      vals = [saved["per_seed"][key][str(s)][col] for s in seeds]
+      assert row[col]["values"] == vals
+      for v in vals:  # unseen classes are in the held-out split at this size too
+        assert math.isfinite(v) and 0.0 <= v <= 100.0, (key, col, v)
   assert saved["table"] == results["table"]
+  assert saved["unseen_classes"] == list(demo.unseen_classes(config))
   for name in ("results.png", "loss_curves.png"):
     with open(os.path.join(workdir, name), "rb") as f:
       assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-  # Every stage trained to its configured step and logged metrics.
-  for run, steps in (("stage1", "stage1"), *((r, "stage2") for r in demo.STAGE2_RUNS.values())):
-    rows = [json.loads(line) for line in open(os.path.join(workdir, run, "metrics.jsonl"))]
-    total = int(getattr(quick_run[0], steps).total_steps)
-    assert max(r["step"] for r in rows) == total
-    assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+  # Every stage of every seed trained to its configured step and logged metrics.
+  for s in seeds:
+    for run, steps in (("stage1", "stage1"),
+                       *((r, "stage2") for r in demo.STAGE2_RUNS.values())):
+      path = os.path.join(demo.seed_dir(workdir, s), run, "metrics.jsonl")
+      rows = [json.loads(line) for line in open(path)]
+      total = int(getattr(config, steps).total_steps)
+      assert max(r["step"] for r in rows) == total
+      assert all(math.isfinite(r["loss"]) for r in rows if "loss" in r)
+  # Stage 2 changed the models: their rows are not the stage-1 row.
+  per = saved["per_seed"]
+  assert any(per["proclip"][str(s)] != per["stage1"][str(s)] for s in seeds)
+
+
+def test_stage1_only_is_stage2_start(quick_run):
+  """The "stage 1 only" model is CLIP's image tower and the stage-1 adapter, unchanged."""
+  from proclip_jax.inference import CLIPModelAdapter
+  from proclip_jax.storage import restore_state_params
+  config, workdir, _ = quick_run
+  seed = int(config.seeds[0])
+  runs = demo.stage_configs(config, demo._world_info(os.path.join(workdir, "world")),  # pylint: disable=protected-access
+                            os.path.join(workdir, "clip"), os.path.join(workdir, "embedder"),
+                            {k: os.path.join(workdir, "caches", k) for k in
+                             ("llm_train", "clip_train", "llm_retrieval_test")},
+                            workdir, seed)
+  model = demo.stage1_only_model(runs["proclip"][0], None)
+  adapter = restore_state_params(runs["stage1"][1], int(config.stage1.total_steps))["params"]
+  for a, b in zip(jax_leaves(model.params["adapter"]), jax_leaves(adapter["adapter"])):
+    np.testing.assert_array_equal(a, b)
+  clip = CLIPModelAdapter.load(os.path.join(workdir, "clip"))
+  side = int(config.world.image_size)
+  images = np.random.default_rng(0).integers(0, 255, (3, side, side, 3), dtype=np.uint8)
+  np.testing.assert_allclose(model.encode_images(images), clip.encode_images(images),
+                             atol=1e-5)
+
+
+def jax_leaves(tree):
+  import jax
+  return jax.tree.leaves(tree)
+
+
+def test_zero_shot_split_and_aggregate_against_brute_force():
+  rng = np.random.default_rng(1)
+  classes = [f"c{i}" for i in range(6)]
+  labels = rng.integers(0, 6, 40)
+  pred = np.where(rng.random(40) < 0.5, labels, rng.integers(0, 6, 40))
+  got = demo.zero_shot_split(pred, labels, classes, ("c1", "c4"))
+  unseen = [i for i in range(40) if labels[i] in (1, 4)]
+  seen = [i for i in range(40) if labels[i] not in (1, 4)]
+  assert got["zero_shot_unseen"] == pytest.approx(
+      100 * sum(pred[i] == labels[i] for i in unseen) / len(unseen))
+  assert got["zero_shot_seen"] == pytest.approx(
+      100 * sum(pred[i] == labels[i] for i in seen) / len(seen))
+  assert got["zero_shot_top1"] == pytest.approx(100 * np.mean(pred == labels))
+  assert math.isnan(demo.zero_shot_split(pred, labels, classes, ())["zero_shot_unseen"])
+  per_seed = {"clip": {0: dict.fromkeys(COL_KEYS, 50.0), 1: dict.fromkeys(COL_KEYS, 50.0)},
+              "proclip": {0: {c: 10.0 + i for i, c in enumerate(COL_KEYS)},
+                          1: {c: 14.0 + i for i, c in enumerate(COL_KEYS)}}}
+  agg = demo.aggregate(per_seed)
+  col = COL_KEYS[2]
+  assert agg["proclip"][col] == {"mean": 14.0, "std": 2.0, "values": [12.0, 16.0]}
+  assert agg["clip"][col]["std"] == 0.0
+  text = demo.format_table(agg)
+  assert "14.0 ± 2.0" in text and "50.0 ± 0.0" in text
+  md = demo.format_table(agg, markdown=True)
+  assert md.splitlines()[1].startswith("| --- |") and len(md.splitlines()) == 4
 
 
 def test_table_text_lists_every_row(quick_run):
@@ -92,24 +161,28 @@ def test_match_r1_against_brute_force():
 
 def test_second_run_reuses_everything(quick_run, capsys):
   config, workdir, first = quick_run
-  mtimes = {run: os.path.getmtime(os.path.join(workdir, run, "metrics.jsonl"))
+  sd = demo.seed_dir(workdir, int(config.seeds[0]))
+  mtimes = {run: os.path.getmtime(os.path.join(sd, run, "metrics.jsonl"))
             for run in ("stage1", *demo.STAGE2_RUNS.values())}
   capsys.readouterr()
   second = demo.run_demo(config, workdir)
   out = capsys.readouterr().out
   for what in ("reusing the demo world", "reusing the demo CLIP", "reusing the converted "
                "embedder", "reusing the MiniLM cache", "reusing the demo-CLIP text-tower cache",
-               "reusing stage 1", "reusing stage 2", "reusing the evaluation"):
+               "reusing seed 0: stage 1", "reusing seed 0: stage 2", "reusing the evaluation"):
     assert what in out, what
   for run, t in mtimes.items():  # nothing trained again
-    assert os.path.getmtime(os.path.join(workdir, run, "metrics.jsonl")) == t, run
+    assert os.path.getmtime(os.path.join(sd, run, "metrics.jsonl")) == t, run
   assert second["table"] == first["table"]
 
 
 def test_config_args():
-  c = demo_config.get_config("n_train=100,stage2_steps=7,batch=16")
+  c = demo_config.get_config("n_train=100,stage2_steps=7,batch=16,seeds=2,seed=5")
   assert c.stage == "demo"
   assert (c.world.n_train, c.stage2.total_steps, c.stage2.data.batch_size) == (100, 7, 16)
+  assert tuple(c.seeds) == (5, 6) and demo_config.get_config("quick").seeds == (0,)
+  d = demo_config.get_config()
+  assert d.clip.n_pretrain > d.world.n_train and len(d.seeds) == 3
   q = demo_config.get_config("quick,stage1_steps=3")
   assert q.stage1.total_steps == 3 and q.world.n_train < demo_config.get_config().world.n_train
   from proclip_jax.errors import ProclipError

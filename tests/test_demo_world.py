@@ -91,3 +91,56 @@ def test_seeded_and_errors(world, tmp_path):
     dw.generate_demo_world(tmp_path / "w", n_train=4, n_test=2)
   with pytest.raises(ProclipError, match="too small"):
     dw.generate_demo_world(tmp_path / "v", image_size=8)
+
+
+def test_held_out_classes_leave_every_word_seen():
+  held = dw.held_out_classes()
+  assert len(held) == 12 and set(held) <= set(dw.CLASSES)
+  kept = [c for c in dw.CLASSES if c not in held]
+  for colour in dw.COLOURS:
+    assert sum(c.split()[0] == colour for c in kept) >= 4, colour
+  for shape in dw.SHAPES:
+    assert sum(c.split()[1] == shape for c in kept) >= 4, shape
+
+
+def test_narrow_train_split_and_main_largest(tmp_path):
+  held = dw.held_out_classes()
+  w = dw.generate_demo_world(tmp_path / "n", n_train=60, n_test=150, image_size=32, seed=3,
+                             main_largest=True, train_exclude=held)
+  info = json.load(open(w.classes_file))
+  assert info["main_largest"] and info["train_exclude"] == list(held)
+  seen_in = {}
+  for split, n in w.splits.items():
+    src = pipeline.open_source(w.data_dir, split)
+    classes = set()
+    for i in range(n):
+      objs = _OBJ.findall(src[i]["long"].decode())
+      assert [o[0] for o in objs] == ["large"] + ["small"] * (len(objs) - 1)
+      classes |= {f"{o[1]} {o[2]}" for o in objs}
+    seen_in[split] = classes
+  assert not seen_in["train"] & set(held)
+  assert seen_in["retrieval_test"] & set(held)  # the held-out splits keep every class
+  with pytest.raises(ProclipError, match="not demo classes"):
+    dw.generate_demo_world(tmp_path / "x", train_exclude=("red blob",))
+
+
+def test_sample_scene_defaults_unchanged_and_sample_examples():
+  # The options off draw the same numbers in the same order as the original sampler
+  # (transcribed here): existing worlds and benchmarks keep their scenes.
+  def original(rng):
+    n = int(rng.integers(1, 4))
+    cells = rng.choice(9, size=n, replace=False)
+    objs = [dw.Obj(shape=dw.SHAPES[int(rng.integers(6))],
+                   colour=list(dw.COLOURS)[int(rng.integers(8))],
+                   size="large" if k == 0 else dw.SIZES[int(rng.integers(2))],
+                   cell=int(cells[k])) for k in range(n)]
+    jitter = tuple((int(rng.integers(-1, 2)), int(rng.integers(-1, 2))) for _ in range(n))
+    return dw.Scene(tuple(objs), list(dw.BACKGROUNDS)[int(rng.integers(4))], jitter)
+  a, b = np.random.default_rng(4), np.random.default_rng(4)
+  assert [dw.sample_scene(a) for _ in range(50)] == [original(b) for _ in range(50)]
+  ex = dw.sample_examples(20, seed=5, image_size=32, main_largest=True)
+  again = dw.sample_examples(20, seed=5, image_size=32, main_largest=True)
+  np.testing.assert_array_equal(ex["image"], again["image"])
+  assert ex["short"] == again["short"] and ex["image"].shape == (20, 32, 32, 3)
+  for short, label in zip(ex["short"], ex["label"]):
+    assert short.split(" ", 1)[1] == dw.CLASSES[int(label)]

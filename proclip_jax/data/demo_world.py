@@ -28,6 +28,12 @@ Captions (all deterministic in the seed):
 ``label`` is the index of "COLOUR SHAPE" of the main object in ``classes`` (on every split;
 the classification split exists for zero-shot evaluation with ``templates``). Drawing is
 PIL without anti-aliasing, so each object's pixels are exactly its colour.
+
+Options (off by default, which draws what the world always drew): ``main_largest`` (the
+other objects are always small, so the main object is the one large object) and
+``train_exclude`` (classes no object of the train split has, e.g. ``held_out_classes()``:
+a narrower train set, the held-out splits keeping every class). ``sample_examples`` draws
+examples in memory, without files (the demo pre-trains its CLIP on such a set).
 """
 import dataclasses
 import json
@@ -87,16 +93,31 @@ def cell_center(cell: int, image_size: int) -> tuple[float, float]:
   return (col + 0.5) * step, (row + 0.5) * step
 
 
-def sample_scene(rng: np.random.Generator) -> Scene:
+def held_out_classes() -> tuple:
+  """The 12 classes ``(colour index + shape index) % 4 == 0``: every colour and every shape
+  keeps at least four classes outside this set, so a world without them still shows each
+  word (the demo's stage-2 data leaves them out; zero-shot reports them apart)."""
+  return tuple(f"{c} {s}" for i, c in enumerate(COLOURS) for j, s in enumerate(SHAPES)
+               if (i + j) % 4 == 0)
+
+
+def sample_scene(rng: np.random.Generator, *, main_largest: bool = False,
+                 exclude=()) -> Scene:
+  """A random scene. ``main_largest``: the other objects are always small, so the main
+  object is the one large object. ``exclude``: class names ("COLOUR SHAPE") no object may
+  have (redrawn until it has another). The defaults draw exactly what they always drew."""
   n = int(rng.integers(1, 4))
   cells = rng.choice(9, size=n, replace=False)
   colours = list(COLOURS)
   objs = []
   for k in range(n):
-    objs.append(Obj(shape=SHAPES[int(rng.integers(len(SHAPES)))],
-                    colour=colours[int(rng.integers(len(colours)))],
-                    size="large" if k == 0 else SIZES[int(rng.integers(2))],
-                    cell=int(cells[k])))
+    while True:
+      shape = SHAPES[int(rng.integers(len(SHAPES)))]
+      colour = colours[int(rng.integers(len(colours)))]
+      if f"{colour} {shape}" not in exclude:
+        break
+    size = "large" if k == 0 else ("small" if main_largest else SIZES[int(rng.integers(2))])
+    objs.append(Obj(shape=shape, colour=colour, size=size, cell=int(cells[k])))
   jitter = tuple((int(rng.integers(-1, 2)), int(rng.integers(-1, 2))) for _ in range(n))
   background = list(BACKGROUNDS)[int(rng.integers(len(BACKGROUNDS)))]
   return Scene(tuple(objs), background, jitter)
@@ -209,9 +230,26 @@ class DemoWorld:
   seconds: float
 
 
+def sample_examples(n: int, *, seed: int, image_size: int = 64, main_largest: bool = False,
+                    exclude=()) -> dict:
+  """``n`` examples drawn in memory (no files): ``image`` uint8 [n, S, S, 3], ``short``,
+  ``long``, ``raw`` (lists of str) and ``label`` int64 [n]; deterministic in ``seed``.
+  The demo pre-trains its CLIP on such a set, apart from the stored splits."""
+  rng = np.random.default_rng([seed, 0xC11B])
+  scenes = [sample_scene(rng, main_largest=main_largest, exclude=exclude) for _ in range(n)]
+  image = np.empty((n, image_size, image_size, 3), np.uint8)
+  for i, scene in enumerate(scenes):
+    image[i] = draw(scene, image_size)
+  return {"image": image, "short": [short_caption(s) for s in scenes],
+          "long": [long_caption(s) for s in scenes],
+          "raw": [raw_caption(s, rng) for s in scenes],
+          "label": np.asarray([label_of(s) for s in scenes], np.int64)}
+
+
 def generate_demo_world(out_dir, *, n_train: int = 4000, n_test: int = 500,
                         n_retrieval: int | None = None, n_classification: int | None = None,
-                        image_size: int = 64, seed: int = 0, overwrite: bool = False,
+                        image_size: int = 64, seed: int = 0, main_largest: bool = False,
+                        train_exclude=(), overwrite: bool = False,
                         progress: bool = False) -> DemoWorld:
   """Draws the demo world and builds its tfds dataset (see the module docstring for layout).
 
@@ -222,6 +260,9 @@ def generate_demo_world(out_dir, *, n_train: int = 4000, n_test: int = 500,
       unless ``n_retrieval`` / ``n_classification`` say otherwise.
     image_size: side of the square images (>= 24).
     seed: everything (scenes, captions) follows from it.
+    main_largest: the other objects are always small (``sample_scene``), on every split.
+    train_exclude: class names no object of the train split has (the held-out splits keep
+      every class); e.g. ``held_out_classes()``.
     overwrite: replace an existing ``out_dir``.
     progress: show the builder's progress bars.
   """
@@ -233,6 +274,12 @@ def generate_demo_world(out_dir, *, n_train: int = 4000, n_test: int = 500,
   sizes = {"train": n_train,
            "retrieval_test": n_test if n_retrieval is None else n_retrieval,
            "classification_test": n_test if n_classification is None else n_classification}
+  unknown = sorted(set(train_exclude) - set(CLASSES))
+  if unknown:
+    raise ProclipError(f"train_exclude names {unknown}, which are not demo classes "
+                       "('COLOUR SHAPE', see CLASSES).")
+  if len(set(train_exclude)) >= len(CLASSES):
+    raise ProclipError("train_exclude leaves no class to draw; exclude fewer classes.")
   if any(v < 1 for v in sizes.values()):
     raise ProclipError(f"Demo world split sizes {sizes} must all be >= 1.")
   if os.path.exists(out_dir):
@@ -245,8 +292,9 @@ def generate_demo_world(out_dir, *, n_train: int = 4000, n_test: int = 500,
     folder = os.path.join(source, "images", split)
     os.makedirs(folder)
     rng = np.random.default_rng([seed, k])
+    exclude = tuple(train_exclude) if split == "train" else ()
     for i in range(sizes[split]):
-      scene = sample_scene(rng)
+      scene = sample_scene(rng, main_largest=main_largest, exclude=exclude)
       rel = f"images/{split}/{i:06d}.png"
       Image.fromarray(draw(scene, image_size)).save(os.path.join(source, rel), compress_level=1)
       rows.append({"image": rel, "short": short_caption(scene), "long": long_caption(scene),
@@ -259,6 +307,7 @@ def generate_demo_world(out_dir, *, n_train: int = 4000, n_test: int = 500,
   classes = {"classes": list(CLASSES), "templates": list(TEMPLATES), "colours": COLOURS,
              "shapes": list(SHAPES), "backgrounds": list(BACKGROUNDS),
              "positions": list(POSITIONS), "image_size": image_size, "seed": seed,
+             "main_largest": bool(main_largest), "train_exclude": list(train_exclude),
              "label": "index of 'COLOUR SHAPE' of the main object in classes"}
   classes_file = os.path.join(out_dir, "classes.json")
   with open(classes_file, "w") as f:
