@@ -155,7 +155,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   t_mark, step_mark = None, start
   last = {}
   try:
-    with Preemption() as preempt:
+    with Preemption(config.get("preemption_check_every", 1)) as preempt:
       for step in range(start + 1, total + 1):
         try:
           local = next(data_iter)
@@ -177,7 +177,7 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
 
         final = step == total
         evals = _run_evals(config, state, mesh, step, final)
-        stop = preempt.should_stop() and not final
+        stop = preempt.should_stop(step) and not final
         if step % log_every == 0 or final or stop:
           last = host_metrics(metrics)
           now = time.perf_counter()
