@@ -43,7 +43,7 @@ from etils import epath
 
 import proclip_jax.eval as eval_lib
 from proclip_jax import mesh as mesh_lib
-from proclip_jax.data.pipeline import make_global_batch
+from proclip_jax.data.pipeline import DevicePrefetch, make_global_batch
 from proclip_jax.errors import ProclipError
 from proclip_jax.train import checkpoints as ckpt_lib
 from proclip_jax.train.distributed import Preemption
@@ -147,6 +147,9 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
     raise ProclipError(f"Checkpoint {start} holds state.step={int(state.step)}; the "
                        "checkpoint folder is inconsistent.")
 
+  # The next two global batches are copied to the devices while a step runs.
+  data_iter = DevicePrefetch(data_iter, lambda local: make_global_batch(
+      {k: local[k] for k in batch_keys}, mesh, axes))
   writer = MetricWriter(workdir, enabled=main)
   meta_out = {"config": config_to_dict(config), "stage": stage}
   result: dict[str, Any] = {"step": start, "preempted": False}
@@ -158,12 +161,11 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
     with Preemption(config.get("preemption_check_every", 1)) as preempt:
       for step in range(start + 1, total + 1):
         try:
-          local = next(data_iter)
+          batch = next(data_iter)
         except StopIteration:
           raise ProclipError(
               f"The data ran out at step {step} of {total} (config.data.num_epochs="
               f"{config.data.num_epochs}); raise num_epochs or lower total_steps.") from None
-        batch = make_global_batch({k: local[k] for k in batch_keys}, mesh, axes)
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)
         if t_first is None:  # compile + the first step, reported apart
