@@ -41,6 +41,7 @@ from typing import Mapping, Sequence
 
 import jax
 import numpy as np
+from etils import epath
 
 from proclip_jax import mesh as mesh_lib
 from proclip_jax import storage
@@ -170,7 +171,7 @@ class ProCLIP:
       step: for a workdir, the checkpoint step (default: the latest).
     """
     path = os.fspath(path)
-    if not os.path.exists(path):
+    if not epath.Path(path).exists():   # a local folder or a gs:// workdir
       raise ProclipError(f"ProCLIP.load: {path} does not exist. Pass a converted ProCLIP folder "
                          "(tools/convert.py), a folder saved by ProCLIP.save, or a workdir.")
     if storage.is_model_folder(path):

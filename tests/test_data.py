@@ -6,6 +6,7 @@ eval preprocessing written here; mode conversions are computed in NumPy.
 """
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -68,6 +69,14 @@ def _options(**kw):
   return pipeline.PipelineOptions(**base)
 
 
+_NORMALIZE = jax.jit(transforms.normalize_on_device)
+
+
+def _on_device(images):
+  """The CLIP normalisation the train step applies to the pipeline's uint8 images."""
+  return np.asarray(_NORMALIZE(images))
+
+
 def _ref_rrc_params(h, w, rng, scale=(0.9, 1.0), ratio=(3 / 4, 4 / 3)):
   """torchvision RandomResizedCrop.get_params, transcribed with a NumPy generator."""
   for _ in range(10):
@@ -118,12 +127,13 @@ def test_manifest_round_trip_train(manifest_data):
   seen = []
   for _ in range(2):
     b = next(it)
-    assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.float32
+    assert b["image"].shape == (4, 16, 16, 3) and b["image"].dtype == np.uint8
+    pixels = _on_device(b["image"])      # what the jitted step feeds the model
     assert b["id"].dtype == np.int64 and b["mask"].all() and b["label"].dtype == np.int64
     for j, i in enumerate(b["id"]):
       im = Image.open(root / "img" / f"{i}.{'jpg' if i % 2 == 0 else 'png'}").convert("RGB")
       ref, field = _ref_train(im, 16, 3, 0, int(i), ("short", "long"))
-      np.testing.assert_allclose(b["image"][j], ref, atol=1e-5, rtol=0)
+      np.testing.assert_allclose(pixels[j], ref, atol=1e-5, rtol=0)
       assert b["field"][j] == field and b["text"][j] == f"{'short' if field == 'short' else 'long caption'} {i}"
       assert b["field_index"][j] == ("short", "long").index(field)
       assert b["label"][j] == i % 3
@@ -145,7 +155,8 @@ def test_eval_mode_padding_and_reference(manifest_data):
     assert list(b["text"]) == list(b["short"])  # eval uses fields[0]
     for j, i in enumerate(b["id"]):
       im = Image.open(root / "img" / f"{i}.{'jpg' if i % 2 == 0 else 'png'}").convert("RGB")
-      np.testing.assert_allclose(b["image"][j], _ref_eval(im, 16), atol=1e-5, rtol=0)
+      np.testing.assert_allclose(_on_device(b["image"])[j], _ref_eval(im, 16), atol=1e-5,
+                                 rtol=0)
 
 
 def test_transform_helpers_against_reference():
@@ -524,3 +535,63 @@ def test_split_without_a_valid_example_is_an_error(tmp_path):
                                          r"file': 1"):
     builder.build_dataset(tmp_path / "m.jsonl", tmp_path / "ds", progress=False)
   assert sorted(os.listdir(tmp_path)) == ["a.png", "m.jsonl"]  # no output, no temporary
+
+
+def test_device_normalisation_equals_host_normalisation():
+  rng = np.random.default_rng(0)
+  x = rng.integers(0, 256, (3, 5, 7, 3), dtype=np.uint8)
+  x[0, 0, 0] = (0, 0, 0)
+  x[0, 0, 1] = (255, 255, 255)
+  ref = (x.astype(np.float64) / 255.0 - transforms.CLIP_MEAN.astype(np.float64)) / \
+      transforms.CLIP_STD.astype(np.float64)
+  got = _on_device(x)
+  assert got.dtype == np.float32
+  np.testing.assert_allclose(got, ref, atol=2e-6, rtol=0)
+  np.testing.assert_allclose(got, transforms.normalize(x), atol=1e-6, rtol=0)
+  host = transforms.normalize(x)                 # already normalised: passes through
+  np.testing.assert_array_equal(_on_device(host), host)
+  batch = {"image": x, "id": np.arange(3)}
+  out = jax.jit(transforms.normalize_batch)(batch)
+  np.testing.assert_array_equal(np.asarray(out["image"]), got)
+  assert transforms.normalize_batch({"id": 1}) == {"id": 1}
+
+
+def test_parallel_decode_equals_serial(manifest_data):
+  _, out, _ = manifest_data
+  source = pipeline.open_source(out, "train")
+  for mode in ("train", "eval"):
+    a = list(itertools.islice(iter(pipeline.Pipeline(
+        source, _options(mode=mode, decode_threads=1))), 3))
+    b = list(itertools.islice(iter(pipeline.Pipeline(
+        source, _options(mode=mode, decode_threads=4))), 3))
+    for x, y in zip(a, b):
+      np.testing.assert_array_equal(x["image"], y["image"])
+      np.testing.assert_array_equal(x["id"], y["id"])
+      assert list(x["text"]) == list(y["text"])
+
+
+def test_device_prefetch_state_is_that_of_the_batches_handed_out(manifest_data):
+  _, out, _ = manifest_data
+  source = pipeline.open_source(out, "train")
+  pipe = pipeline.Pipeline(source, _options())
+  put_calls = []
+
+  def put(b):
+    put_calls.append(int(b["id"][0]))
+    return {"id": jax.device_put(b["id"])}
+
+  ref = [next(it)["id"] for it in [iter(pipe)] for _ in range(6)]
+  dev = pipeline.DevicePrefetch(iter(pipe), put, depth=2)
+  first = [np.asarray(next(dev)["id"]) for _ in range(3)]
+  assert len(put_calls) == 5                     # 3 handed out + 2 on their way
+  state = dev.get_state()
+  rest = [np.asarray(next(dev)["id"]) for _ in range(3)]
+  for got, want in zip(first + rest, ref):
+    np.testing.assert_array_equal(got, want)
+  resumed = pipeline.DevicePrefetch(iter(pipe), put, depth=2)
+  resumed.set_state(state)                       # resumes at batch 4, not 6
+  np.testing.assert_array_equal(np.asarray(next(resumed)["id"]), ref[3])
+  short = pipeline.Pipeline(source, _options(num_epochs=1))   # 10 // 4 = 2 batches
+  assert len(list(pipeline.DevicePrefetch(iter(short), put))) == 2
+  with pytest.raises(ProclipError, match="depth"):
+    pipeline.DevicePrefetch(iter(pipe), put, depth=0)

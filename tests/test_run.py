@@ -34,7 +34,7 @@ from proclip_jax.models.proclip import ProCLIPModel  # noqa: E402
 from proclip_jax.models.vit import VisionConfig  # noqa: E402
 from proclip_jax.storage import save_model  # noqa: E402
 from proclip_jax.train import checkpoints as ckpt_lib  # noqa: E402
-from proclip_jax.train import distributed, inputs, loop  # noqa: E402
+from proclip_jax.train import inputs, loop  # noqa: E402
 from proclip_jax.tree import flatten  # noqa: E402
 
 D, E, SIZE = 24, 16, 32
@@ -344,21 +344,6 @@ def test_config_files_args_and_overrides():
     run.apply_override(c2, "total_steps", "ten")
   with pytest.raises(ProclipError, match="known configs: .*stage1.py"):
     run.load_config("stage9.py")
-
-
-def test_distributed_detection():
-  wants = distributed.wants_distributed
-  auto = _config(1, 1)
-  assert auto.distributed == "auto"
-  assert not wants(auto, {})
-  assert wants(_config(1, 1, distributed="on"), {})
-  assert wants(auto, {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
-  assert wants(auto, {"TPU_WORKER_HOSTNAMES": "a,b,c,d"})
-  assert not wants(auto, {"TPU_WORKER_HOSTNAMES": "localhost"})
-  assert wants(auto, {"SLURM_NTASKS": "4"})
-  assert not wants(_config(1, 1, distributed="off"), {"SLURM_NTASKS": "4"})
-  with pytest.raises(ProclipError, match="config.distributed"):
-    wants(_config(1, 1, distributed="maybe"), {})
 
 
 def test_unknown_evaluation_lists_known_ones(world, tmp_path):

@@ -144,6 +144,9 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   # "auto": jax.distributed.initialize() when the environment names a coordinator or a
   # multi-host TPU / SLURM / Open MPI job; "on" always; "off" never.
   c.distributed = "auto"
+  # Multi-process runs agree on a SIGTERM (preemption) every N steps (a cross-process
+  # all-gather that waits for the queued steps); one process checks at every step.
+  c.preemption_check_every = 10
   # JAX's persistent compilation cache (experiments/run.py sets it on GPU / TPU; "" = off):
   # a resumed or repeated run loads its compiled steps instead of compiling them again.
   c.compilation_cache_dir = "~/.cache/proclip_jax/jax"

@@ -34,6 +34,7 @@ import io
 import itertools
 import json
 import os
+import tempfile
 import time
 import warnings
 from concurrent import futures
@@ -278,6 +279,16 @@ def _fresh_dir(path: epath.Path) -> epath.Path:
   return path
 
 
+def _upload(src: epath.Path, dst: epath.Path) -> None:
+  """Copies the files of the local folder ``src`` into ``dst`` (any epath location)."""
+  for folder, _, files in os.walk(os.fspath(src)):
+    rel = os.path.relpath(folder, os.fspath(src))
+    target = dst if rel == "." else dst / rel
+    target.mkdir(parents=True, exist_ok=True)
+    for name in sorted(files):
+      epath.Path(folder, name).copy(target / name, overwrite=True)
+
+
 def _move_into_place(built: epath.Path, out: epath.Path) -> None:
   """Renames ``built`` to ``out``, replacing an existing ``out`` only once ``built`` is whole."""
   if not out.exists():
@@ -382,7 +393,11 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
                       "image_encoding": "original bytes for RGB JPEG/PNG, else RGB PNG"}}
   meta.update(dict(metadata or {}))
   out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = _fresh_dir(out.parent / f".{out.name}.incomplete")
+  # ArrayRecord's writer opens local files only: a dataset for gs:// is built in a local
+  # temporary folder and uploaded (its reader does read gs://).
+  local = paths.is_local(out)
+  tmp = _fresh_dir(out.parent / f".{out.name}.incomplete") if local else epath.Path(
+      tempfile.mkdtemp(prefix=f".{out.name}.incomplete-"))
   builder = _IngestBuilder(
       features=_features(schema), split_records={s: records_of(s) for s in plan.splits},
       description=f"Built by proclip_jax.data.builder from {[s.path for s in plan.sources]}.",
@@ -403,8 +418,14 @@ def build_dataset(src, out, *, split: str | None = None, fields: Sequence[str] |
                          "kept. Free space on that disk (or fix its permissions) and run the "
                          "command again.") from e
     raise
-  _move_into_place(built, out)
-  tmp.rmtree(missing_ok=True)
+  try:
+    if not local:
+      staged = _fresh_dir(out.parent / f".{out.name}.incomplete")
+      _upload(built, staged)
+      built = staged
+    _move_into_place(built, out)
+  finally:
+    tmp.rmtree(missing_ok=True)
   return BuildResult(str(out), {s: c["written"] for s, c in tally.counts.items()},
                      len(tally.skipped), report, time.time() - t0)
 

@@ -9,6 +9,7 @@
   it = iter(pipe)                                     # a grain DatasetIterator
   batch = next(it)                                    # dict of NumPy arrays (this process)
   gbatch = make_global_batch(batch, mesh)             # dict of sharded jax.Arrays
+  dev = DevicePrefetch(it, lambda b: make_global_batch(b, mesh))  # 2 batches ahead
   state = it.get_state(); ...; it.set_state(state)    # exact resume
 
 How it is built (all of it deterministic in ``seed`` alone, whatever the worker count):
@@ -21,15 +22,17 @@ How it is built (all of it deterministic in ``seed`` alone, whatever the worker 
    positions ``[j*B, (j+1)*B)`` of that stream (batches may straddle epochs). Train mode
    drops the incomplete tail and makes every process yield the same number of batches
    (``(N // c) * num_epochs // B``; ``num_epochs=None`` runs practically forever).
-3. **Per example** (in grain read threads / worker processes): read the record, decode the
-   image (``transforms.decode_image``), apply the train transform (random crop drawn from a
+3. **Per example** (in grain read threads / worker processes; the examples of a batch are
+   decoded in parallel on ``decode_threads`` threads, PIL releasing the GIL): read the
+   record, decode the image (``transforms.decode_image``), apply the train transform (random crop drawn from a
    generator seeded by ``(seed, epoch, id)``) or the eval transform, and pick the caption
    field: one of ``fields`` with probabilities ``field_weights`` (equal by default), drawn
    from the same generator (``np.random.default_rng([seed, epoch, id])``: its first
    ``random()`` picks the field, the crop is drawn next), so the choice for an example
    changes per epoch but never with worker count or resumption.
 4. **Batch** (a dict of NumPy arrays, ``B = batch_size`` per process):
-   ``image`` float32 [B, S, S, 3] (CLIP-normalised), ``id`` int64 [B], ``text`` object [B]
+   ``image`` uint8 [B, S, S, 3] (RGB pixels; the jitted step normalises them on the device
+   with ``transforms.normalize_on_device``), ``id`` int64 [B], ``text`` object [B]
    (the chosen captions), ``field`` object [B] (the chosen field names), ``field_index``
    int32 [B] (index into ``fields``), ``mask`` bool [B] (False on eval padding), every name
    in ``extra_fields`` (int64 or object arrays), and ``text_fn(list_of_texts)``'s output
@@ -51,9 +54,11 @@ required); ``get_state_bytes``/``set_state_bytes`` and ``save_state``/``restore_
 ``grain.checkpoint.CheckpointRestore(it)`` into a ``Composite`` (it writes one file per
 process).
 """
+import collections
 import dataclasses
 import json
 import threading
+from concurrent import futures
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import grain
@@ -156,6 +161,8 @@ class PipelineOptions:
     worker_count: grain worker processes (0: in the main process, as tests use).
     worker_buffer_size: batches buffered per worker.
     read_threads: threads reading/decoding per process (grain ReadOptions.num_threads).
+    decode_threads: threads decoding + transforming the examples of one batch in parallel
+      (per worker / read thread; 1: one after another).
     prefetch_batches: batches prefetched by those threads.
     process_index, process_count: this process's shard; None: ``jax.process_index()`` /
       ``jax.process_count()``.
@@ -175,6 +182,7 @@ class PipelineOptions:
   worker_count: int = 0
   worker_buffer_size: int = 2
   read_threads: int = 4
+  decode_threads: int = 8
   prefetch_batches: int = 4
   process_index: int | None = None
   process_count: int | None = None
@@ -264,6 +272,8 @@ class _LoadBatch:
     w = np.ones(len(options.fields)) if options.field_weights is None else np.asarray(
         options.field_weights, np.float64)
     self.cum = np.cumsum(w / w.sum())
+    self._pool = None                  # made on first use (in the worker that runs it)
+    self._pool_lock = threading.Lock()
 
   def _read(self, records):
     keys = [int(r) for r in records]
@@ -272,26 +282,51 @@ class _LoadBatch:
       return list(getitems(keys))
     return [self.source[k] for k in keys]
 
+  def __getstate__(self):
+    d = dict(self.__dict__)
+    d["_pool"], d["_pool_lock"] = None, None
+    return d
+
+  def __setstate__(self, d):
+    self.__dict__.update(d)
+    self._pool_lock = threading.Lock()
+
+  def _example(self, epoch, ex):
+    """``(id, chosen field index, uint8 image or None)`` of one record."""
+    o = self.o
+    ex_id = int(ex["id"])
+    pixels = transforms.decode_image(_bytes(ex["image"])) if o.images else None
+    image = None
+    if o.mode == "train":
+      rng = _example_rng(o.seed, epoch, ex_id)
+      k = int(np.searchsorted(self.cum, rng.random(), side="right"))
+      k = min(k, len(o.fields) - 1)
+      if o.images:
+        image = transforms.train_crop(pixels, o.image_size, rng, scale=o.scale, ratio=o.ratio)
+    else:
+      k = 0
+      if o.images:
+        image = transforms.resize_center_crop(pixels, o.image_size)
+    return ex_id, k, image
+
+  def _map(self, epochs, examples):
+    threads = self.o.decode_threads
+    if not self.o.images or threads <= 1 or len(examples) <= 1:
+      return [self._example(e, ex) for e, ex in zip(epochs, examples)]
+    with self._pool_lock:
+      if self._pool is None:
+        self._pool = futures.ThreadPoolExecutor(threads, thread_name_prefix="proclip-decode")
+    return list(self._pool.map(self._example, epochs, examples))
+
   def __call__(self, index):
     epochs, records, valid = index
     o = self.o
     examples = self._read(records)
     images, ids, texts, names, chosen = [], [], [], [], []
     extras = {k: [] for k in o.extra_fields}
-    for epoch, ex in zip(epochs, examples):
-      ex_id = int(ex["id"])
-      pixels = transforms.decode_image(_bytes(ex["image"])) if o.images else None
-      if o.mode == "train":
-        rng = _example_rng(o.seed, epoch, ex_id)
-        k = int(np.searchsorted(self.cum, rng.random(), side="right"))
-        k = min(k, len(o.fields) - 1)
-        if o.images:
-          images.append(transforms.train_transform(pixels, o.image_size, rng, scale=o.scale,
-                                                   ratio=o.ratio))
-      else:
-        k = 0
-        if o.images:
-          images.append(transforms.eval_transform(pixels, o.image_size))
+    for ex, (ex_id, k, image) in zip(examples, self._map(epochs, examples)):
+      if image is not None:
+        images.append(image)
       ids.append(ex_id)
       chosen.append(k)
       names.append(o.fields[k])
@@ -300,7 +335,7 @@ class _LoadBatch:
         v = ex[name]
         extras[name].append(_text(v) if isinstance(v, (bytes, str)) or (
             isinstance(v, np.ndarray) and v.dtype == object) else v)
-    batch = {} if not o.images else {"image": np.stack(images).astype(np.float32)}
+    batch = {} if not o.images else {"image": np.stack(images).astype(np.uint8)}
     batch.update({
         "id": np.asarray(ids, np.int64),
         "text": np.asarray(texts, dtype=object),
@@ -465,6 +500,51 @@ class Pipeline:
 
   def __iter__(self) -> PipelineIterator:
     return PipelineIterator(iter(self._dataset), self._side_data)
+
+
+class DevicePrefetch(grain.DatasetIterator):
+  """Keeps the next ``depth`` batches on their way to the devices while a step runs.
+
+  ``put(local_batch) -> device batch`` (e.g. :func:`make_global_batch`) starts the
+  host-to-device copies (asynchronous in JAX), so the transfer of batch ``j + 1`` overlaps
+  step ``j``. The state is that of the batches handed out so far, not of those read ahead:
+  a checkpoint taken after step ``j`` resumes at batch ``j + 1``, as without prefetching.
+  """
+
+  def __init__(self, inner: grain.DatasetIterator, put: Callable[[dict], Any],
+               depth: int = 2):
+    super().__init__(inner)
+    if depth < 1:
+      raise ProclipError(f"DevicePrefetch depth={depth} must be >= 1.")
+    self._put, self._depth = put, depth
+    self._ahead = collections.deque()      # (state before the batch, device batch)
+    self._done = False
+
+  def _fill(self) -> None:
+    while not self._done and len(self._ahead) < self._depth:
+      state = self._parent.get_state()
+      try:
+        batch = next(self._parent)
+      except StopIteration:
+        self._done = True
+        return
+      self._ahead.append((state, self._put(batch)))
+
+  def __next__(self):
+    self._fill()
+    if not self._ahead:
+      raise StopIteration
+    _, batch = self._ahead.popleft()
+    self._fill()
+    return batch
+
+  def get_state(self) -> dict:
+    return self._ahead[0][0] if self._ahead else self._parent.get_state()
+
+  def set_state(self, state: dict) -> None:
+    self._ahead.clear()
+    self._done = False
+    self._parent.set_state(state)
 
 
 def make_global_batch(local_batch: Mapping[str, Any], mesh,

@@ -11,7 +11,10 @@ Everything here runs in grain workers on single examples and returns NumPy array
 * ``eval_transform(image, size)``: CLIP's preprocessing: resize the shorter side to ``size``
   (bicubic), centre crop ``size x size``.
 * Both normalise with the CLIP mean/std and return float32 ``[size, size, 3]`` (HWC; a batch
-  of them is NHWC).
+  of them is NHWC). ``train_crop`` / ``resize_center_crop`` are the same geometry without
+  the normalisation (uint8 out): the training pipeline sends uint8 to the devices (a
+  quarter of the bytes of float32) and the jitted step normalises there with
+  ``normalize_on_device``, which computes what ``normalize`` computes, in float32.
 """
 import io
 import math
@@ -69,6 +72,26 @@ def normalize(image: np.ndarray) -> np.ndarray:
   """uint8 RGB ``[..., 3]`` -> float32 CLIP-normalised: ``(x / 255 - mean) / std``."""
   x = np.asarray(image, np.float32) / np.float32(255.0)
   return (x - CLIP_MEAN) / CLIP_STD
+
+
+def normalize_on_device(images):
+  """``normalize`` inside a jitted function: uint8 ``[..., 3]`` -> float32 CLIP-normalised.
+
+  Input that is already floating point (normalised on the host) passes through unchanged,
+  so callers may hand either.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  if jnp.issubdtype(images.dtype, jnp.floating):
+    return images
+  x = images.astype(jnp.float32) / jnp.float32(255.0)
+  return (x - jnp.asarray(CLIP_MEAN)) / jnp.asarray(CLIP_STD)
+
+
+def normalize_batch(batch):
+  """``batch`` with its ``image`` entry (if any) normalised by ``normalize_on_device``."""
+  if "image" not in batch:
+    return batch
+  return {**batch, "image": normalize_on_device(batch["image"])}
 
 
 def _as_pil(image) -> Image.Image:
@@ -131,9 +154,15 @@ def train_transform(image, size: int, rng: np.random.Generator, *, scale=TRAIN_S
   Returns:
     float32 ``[size, size, 3]``.
   """
+  return normalize(train_crop(image, size, rng, scale=scale, ratio=ratio))
+
+
+def train_crop(image, size: int, rng: np.random.Generator, *, scale=TRAIN_SCALE,
+               ratio=TRAIN_RATIO) -> np.ndarray:
+  """``train_transform`` without the normalisation: uint8 ``[size, size, 3]``."""
   im = _as_pil(image)
   top, left, h, w = random_resized_crop_params(im.height, im.width, rng, scale, ratio)
-  return normalize(crop_resize(im, top, left, h, w, size))
+  return crop_resize(im, top, left, h, w, size)
 
 
 def resize_center_crop(image, size: int) -> np.ndarray:

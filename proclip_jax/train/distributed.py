@@ -2,13 +2,16 @@
 
 On a Cloud TPU VM slice (and under SLURM / Open MPI, or with an explicit coordinator)
 ``jax.distributed.initialize()`` without arguments finds the coordinator, the process
-count and this process's index by itself; this module only decides whether to call it
-(``config.distributed``: ``"auto"`` looks at the environment, ``"on"``, ``"off"``).
+count and this process's index by itself (on a TPU VM from the GCE metadata server, JAX's
+``GceTpuCluster``, or ``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES``, its
+``GkeTpuCluster``); this module only decides whether to call it (``config.distributed``:
+``"auto"`` looks at the environment and the TPU devices, ``"on"``, ``"off"``).
 """
 from __future__ import annotations
 
 import logging
 import os
+import glob
 import signal
 import threading
 from typing import Any, Mapping
@@ -26,14 +29,28 @@ _INITIALIZED = False
 _COORDINATOR_ENV = ("JAX_COORDINATOR_ADDRESS", "MEGASCALE_COORDINATOR_ADDRESS")
 # Process counts of the launchers jax.distributed knows (a count above 1: several hosts).
 _COUNT_ENV = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
+# Hosts of a TPU slice as the TPU VM / GKE environment lists them (JAX's GkeTpuCluster).
+_TPU_HOSTS_ENV = ("TPU_PROCESS_ADDRESSES", "TPU_WORKER_HOSTNAMES")
+# TPU chips as a TPU VM exposes them: /dev/accel0.. (v2-v4, v5e, v6e) or /dev/vfio/0.. (v5p).
+_TPU_DEVICE_GLOBS = ("accel[0-9]*", "vfio/[0-9]*")
 
 
-def wants_distributed(config: Any, environ: Mapping[str, str] | None = None) -> bool:
+def tpu_chips(dev_root: str = "/dev") -> int:
+  """Number of TPU chip device files under ``dev_root`` (0 off a TPU VM)."""
+  return sum(len(glob.glob(os.path.join(dev_root, g))) for g in _TPU_DEVICE_GLOBS)
+
+
+def wants_distributed(config: Any, environ: Mapping[str, str] | None = None,
+                      dev_root: str = "/dev") -> bool:
   """Whether ``jax.distributed.initialize()`` should run (``config.distributed``, env).
 
-  ``"auto"`` says yes when a coordinator is named, on a multi-host TPU slice
-  (``TPU_WORKER_HOSTNAMES`` lists several workers, as the TPU VM metadata sets it) or when
-  SLURM / Open MPI start more than one process.
+  ``"auto"`` says yes when a coordinator is named, when SLURM / Open MPI start more than
+  one process, and on a Cloud TPU VM (TPU chips under ``dev_root``) unless its environment
+  lists a single host (``TPU_WORKER_HOSTNAMES`` / ``TPU_PROCESS_ADDRESSES`` without a
+  comma). A TPU VM that lists no hosts in its environment (a GCE TPU VM: the slice's
+  workers are in the metadata server) initialises too: ``jax.distributed.initialize()``
+  with no arguments is the documented start on every worker of a slice, and on a
+  single-host VM it makes a one-process run.
   """
   env = os.environ if environ is None else environ
   mode = config.distributed
@@ -46,7 +63,8 @@ def wants_distributed(config: Any, environ: Mapping[str, str] | None = None) -> 
     raise ProclipError(f"config.distributed={mode!r}: use 'auto', 'on' or 'off'.")
   if any(env.get(k) for k in _COORDINATOR_ENV):
     return True
-  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):      # a multi-host TPU slice
+  hosts = next((env[k] for k in _TPU_HOSTS_ENV if env.get(k)), None)
+  if hosts is not None and "," in hosts:                # a multi-host TPU slice
     return True
   for key in _COUNT_ENV:
     try:
@@ -54,6 +72,8 @@ def wants_distributed(config: Any, environ: Mapping[str, str] | None = None) -> 
         return True
     except ValueError:
       pass
+  if hosts is None and tpu_chips(dev_root) > 0:         # a TPU VM: its metadata knows
+    return True
   return False
 
 
@@ -88,13 +108,22 @@ def any_process(flag: bool) -> bool:
 
 
 class Preemption:
-  """Catches SIGTERM (a preempted VM): the loop saves at the next step boundary and returns.
+  """Catches SIGTERM (a preempted VM): the loop saves at a step boundary and returns.
 
-  A context manager; :meth:`should_stop` is the same on every process (any process that
-  got the signal stops them all at the same step).
+  A context manager. :meth:`should_stop` answers the same on every process (any process
+  that got the signal stops them all at the same step). With one process it reads the local
+  flag at every step. With several, agreeing takes a cross-process all-gather, which waits
+  for the devices to finish the steps already queued; so the processes compare flags only
+  at steps that are multiples of ``check_every`` (``config.preemption_check_every``) and
+  the host keeps dispatching ahead in between. A preemption notice gives tens of seconds,
+  so a check every few steps still saves in time.
   """
 
-  def __init__(self):
+  def __init__(self, check_every: int = 1):
+    check_every = int(check_every)
+    if check_every < 1:
+      raise ProclipError(f"config.preemption_check_every={check_every} must be >= 1.")
+    self.check_every = check_every
     self.requested = False
     self._previous = None
 
@@ -111,5 +140,10 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
 
-  def should_stop(self) -> bool:
+  def should_stop(self, step: int) -> bool:
+    """Whether to save and stop after ``step`` (called at every step on every process)."""
+    if jax.process_count() == 1:
+      return self.requested
+    if step % self.check_every:
+      return False
     return any_process(self.requested)

@@ -45,7 +45,7 @@ from etils import epath
 
 import proclip_jax.eval as eval_lib
 from proclip_jax import mesh as mesh_lib
-from proclip_jax.data.pipeline import make_global_batch
+from proclip_jax.data.pipeline import DevicePrefetch, make_global_batch
 from proclip_jax.errors import ProclipError
 from proclip_jax.train import checkpoints as ckpt_lib
 from proclip_jax.train import run_config
@@ -158,6 +158,9 @@ def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
     raise ProclipError(f"Checkpoint {start} holds state.step={int(state.step)}; the "
                        "checkpoint folder is inconsistent.")
 
+  # The next two global batches are copied to the devices while a step runs.
+  data_iter = DevicePrefetch(data_iter, lambda local: make_global_batch(
+      {k: local[k] for k in batch_keys}, mesh, axes))
   writer = MetricWriter(workdir, enabled=main)
   meta_out = {"config": config_to_dict(config), "stage": stage,
               "caches": ckpt_lib.cache_identity(config)}
@@ -169,15 +172,14 @@ def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
   t_mark, step_mark = None, start
   last = {}
   try:
-    with Preemption() as preempt:
+    with Preemption(config.get("preemption_check_every", 1)) as preempt:
       for step in range(start + 1, total + 1):
         try:
-          local = next(data_iter)
+          batch = next(data_iter)
         except StopIteration:
           raise ProclipError(
               f"The data ran out at step {step} of {total} (config.data.num_epochs="
               f"{config.data.num_epochs}); raise num_epochs or lower total_steps.") from None
-        batch = make_global_batch({k: local[k] for k in batch_keys}, mesh, axes)
         t0 = time.perf_counter()
         state, metrics = train_step(state, batch)
         if t_first is None:  # compile + the first step, reported apart
@@ -191,7 +193,7 @@ def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
 
         final = step == total
         evals = _run_evals(config, state, mesh, step, final)
-        stop = preempt.should_stop() and not final
+        stop = preempt.should_stop(step) and not final
         if step % log_every == 0 or final or stop:
           last = host_metrics(metrics)
           now = time.perf_counter()

@@ -42,8 +42,14 @@ class MetricWriter:
     row = {"step": int(step)}
     row.update({k: (float(v) if isinstance(v, (int, float, np.number)) else v)
                 for k, v in metrics.items()})
-    with self._path.open("a") as f:
-      f.write(json.dumps(row) + "\n")
+    line = json.dumps(row) + "\n"
+    if "://" in os.fspath(self._path):
+      # GCS objects cannot be appended to (gcsfs' "a" silently overwrites): rewrite.
+      old = self._path.read_text() if self._path.exists() else ""
+      self._path.write_text(old + line)
+    else:
+      with self._path.open("a") as f:
+        f.write(line)
     if self._tb is not None:
       for k, v in row.items():
         if k != "step" and isinstance(v, float) and math.isfinite(v):

@@ -51,6 +51,7 @@ from proclip_jax import losses
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import l2_normalize
 from proclip_jax import mesh as mesh_lib
+from proclip_jax.data.transforms import normalize_batch
 from proclip_jax.train import optimizer as optim_lib
 from proclip_jax.train.state import Setup, TrainState, setup, uses_teacher
 
@@ -236,6 +237,7 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
     return loss, terms
 
   def step(state: TrainState, batch: dict):
+    batch = normalize_batch(batch)   # uint8 pixels from the pipeline -> CLIP-normalised
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     txt_in = _pick_text(batch, fields, rng)
     teacher_img = None
