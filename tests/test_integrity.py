@@ -2,9 +2,9 @@
 
 Training runs in-process (``train(config, workdir)`` on the tiny stage-1 config of
 tests/test_reliability.py with the in-memory data source and caches of tests/mp_worker.py,
-6 steps, a checkpoint every 3). One base run is copied for each case; JAX's persistent
-compilation cache (stage 1 only, a temporary folder, switched off again afterwards) lets the
-reruns skip the compile.
+6 steps, a checkpoint every 3). One base run is copied for each case. JAX's persistent
+compilation cache stays off (tests/conftest.py): once set in a process, later stage-2 steps
+in the same test worker would load from it, which deadlocks on XLA:CPU's 8-device mesh.
 """
 import errno
 import json
@@ -50,20 +50,7 @@ def steps(workdir):
 
 
 @pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-          "jax_persistent_cache_min_entry_size_bytes")
-  old = {k: getattr(jax.config, k) for k in keys}
-  jax.config.update(keys[0], str(tmp_path_factory.mktemp("jax_cache")))
-  jax.config.update(keys[1], 0)
-  jax.config.update(keys[2], 0)
-  yield
-  for k, v in old.items():
-    jax.config.update(k, v)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory, compile_cache):
+def base(tmp_path_factory):
   """A finished 6-step run keeping every checkpoint (3 and 6)."""
   wd = tmp_path_factory.mktemp("integrity") / "base"
   run(wd, config(max_to_keep=0))
