@@ -20,7 +20,7 @@ The report (a JSON-ready dict):
 * ``fits``: ``total <= hbm``.
 * ``flops``: ``per_chip`` from ``cost_analysis()`` (the SPMD program is one chip's share),
   ``step`` = per chip × chips, ``model`` (matmul FLOPs of the step from
-  ``proclip_jax.bench.common``), ``model_as_compiled`` (the same count as the compiled
+  ``benchmarks/common.py``), ``model_as_compiled`` (the same count as the compiled
   program runs it: a scanned loop's body once, since the cost analysis does not multiply by
   trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
   model_as_compiled``.
@@ -118,14 +118,14 @@ def batch_structs(config: Any, mesh) -> dict:
 
 
 def model_step_flops(config: Any, as_compiled: bool = False) -> int:
-  """Matmul FLOPs of one global step of this config (``proclip_jax.bench.common``).
+  """Matmul FLOPs of one global step of this config (``benchmarks/common.py``).
 
   With ``as_compiled``, the count that XLA's cost analysis of the compiled step should
   give: a scanned tower's loop body counted once (the analysis does not multiply by the trip
   count), plus the forward the backward recomputes under a remat policy that saves no
   matmul outputs.
   """
-  from proclip_jax.bench import common  # pylint: disable=import-outside-toplevel
+  from benchmarks import common  # pylint: disable=import-outside-toplevel
   from proclip_jax.models.vit import remat_policy  # pylint: disable=import-outside-toplevel
   from proclip_jax.train.state import uses_teacher  # pylint: disable=import-outside-toplevel
   mc = model_config(config)
