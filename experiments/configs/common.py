@@ -141,6 +141,12 @@ def base_config(stage: int) -> ml_collections.ConfigDict:
   c.seed = 0
   c.total_steps = 10_000
   c.distill_chunk = 512          # rows per chunk of the distillation sums
+  # Micro-batches per step (GradCache, train/steps.py): k > 1 runs the towers on 1/k of every
+  # device's rows at a time (features without gradients, the loss over the whole batch, then
+  # each micro-batch's backward), so activation memory is one micro-batch's for one more
+  # forward pass; the loss and gradients are those of the whole batch. 1: all rows at once.
+  # The global batch must divide by k x the batch shards (data x fsdp).
+  c.microbatches = 1
   # "auto": jax.distributed.initialize() when the environment names a coordinator or a
   # multi-host TPU / SLURM / Open MPI job; "on" always; "off" never.
   c.distributed = "auto"

@@ -29,6 +29,19 @@ Other batch entries (ids, texts, masks) are dropped before the jitted call. ::
 then ``θ_T ← m·θ_T + (1−m)·θ`` on the image tower after the optimizer step (skipped when
 m = 1) and ``logit_scale`` clamped to ``[0, ln 100]``.
 
+Micro-batches (``config.microbatches`` = k > 1, GradCache: Gao et al. 2021, "Scaling Deep
+Contrastive Learning Batch Size under Memory Limited Setup"). Both losses couple the rows of
+the global batch only through the features, so the step computes the same loss and
+gradients in three passes over k micro-batches, each a 1/k share of every device's rows:
+(1) the features (and the teacher's) of every micro-batch without gradients (a ``lax.scan``);
+(2) the loss over the whole batch's features and its gradient with respect to them (and to
+the logit scale); (3) per micro-batch, the towers' VJP with that micro-batch's slice of the
+feature gradient, summed into the parameter gradients (a second scan; remat inside the
+towers as configured). Activation memory is that of one micro-batch, for one more forward
+pass of the towers; the gradient accumulator is sharded like the parameters (with data
+parallelism its reduction over devices then runs once per micro-batch). k = 1 is the one-shot
+step. The global batch must be divisible by k × the number of batch shards.
+
 Only ``state.params`` is differentiated; ``state.frozen`` and ``state.ema`` enter as
 constants. If the loss or the gradient norm is not finite, params, optimizer state and
 teacher stay as they were, ``nonfinite_steps`` is incremented (``step`` advances).
@@ -138,6 +151,74 @@ def _check_chunk(config) -> int:
   return chunk
 
 
+def _microbatches(config) -> int:
+  k = config.get("microbatches", 1)
+  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+    raise ProclipError(
+        f"config.microbatches must be a positive integer (1 = the whole batch at once), got "
+        f"{k!r}.")
+  return int(k)
+
+
+def _split(x: jax.Array, k: int, shards: int) -> jax.Array:
+  """``[B, ...] -> [k, B/k, ...]``: micro-batch i takes the i-th of k runs of rows of every
+  batch shard, so no row leaves its device and each micro-batch stays split over all."""
+  rows = x.shape[0] // shards
+  y = x.reshape(shards, k, rows // k, *x.shape[1:]).swapaxes(0, 1)
+  y = y.reshape(k, x.shape[0] // k, *x.shape[1:])
+  return mesh_lib.constrain(y, (None, "batch") + (None,) * (x.ndim - 1))
+
+
+def _join(y: jax.Array, shards: int) -> jax.Array:
+  """The inverse of ``_split``: ``[k, B/k, ...] -> [B, ...]`` in the batch's row order."""
+  k, m = y.shape[:2]
+  x = y.reshape(k, shards, m // shards, *y.shape[2:]).swapaxes(0, 1)
+  x = x.reshape(k * m, *y.shape[2:])
+  return mesh_lib.constrain(x, ("batch",) + (None,) * (x.ndim - 2))
+
+
+def _loss_and_grads(features, extra, loss, params, inputs: dict, k: int, shards: int,
+                    grad_shardings):
+  """``((loss, aux), grads)`` of ``params -> loss(params, features(params, inputs),
+  extra(inputs))``, over ``k`` micro-batches when ``k > 1`` (GradCache, module doc).
+
+  ``features(params, inputs)`` and ``extra(inputs)`` (no gradient; may be None) map the
+  batch's rows independently (row i of every output from row i of every input);
+  ``loss(params, feats, extras)`` may couple all rows. ``grad_shardings`` (those of
+  ``params``) keep the micro-batch gradient accumulator sharded like the parameters.
+  """
+  if k == 1:
+    def total(p):
+      return loss(p, features(p, inputs), None if extra is None else extra(inputs))
+    return jax.value_and_grad(total, has_aux=True)(params)
+
+  rows = jax.tree.leaves(inputs)[0].shape[0]
+  if rows % (k * shards):
+    raise ProclipError(
+        f"config.microbatches={k}: the global batch of {rows} rows is not divisible by "
+        f"{k} micro-batches x {shards} batch shards; set config.data.batch_size to a "
+        f"multiple of {k * shards} or choose microbatches dividing {rows // shards}.")
+  split = lambda t: jax.tree.map(lambda x: _split(x, k, shards), t)  # noqa: E731
+  join = lambda t: jax.tree.map(lambda y: _join(y, shards), t)  # noqa: E731
+  micro = split(inputs)
+
+  def forward(_, mb):  # no gradient: nothing is kept for a backward pass
+    return None, (features(params, mb), None if extra is None else extra(mb))
+  _, (feats, extras) = jax.lax.scan(forward, None, micro)
+  feats, extras = join(feats), join(extras)
+
+  (value, aux), (grads, d_feats) = jax.value_and_grad(loss, argnums=(0, 1), has_aux=True)(
+      params, feats, extras)
+  constrain = lambda g: jax.lax.with_sharding_constraint(g, grad_shardings)  # noqa: E731
+
+  def backward(acc, xs):
+    mb, d_mb = xs
+    _, vjp = jax.vjp(lambda p: features(p, mb), params)
+    return constrain(jax.tree.map(jnp.add, acc, vjp(d_mb)[0])), None
+  grads, _ = jax.lax.scan(backward, constrain(grads), (micro, split(d_feats)))
+  return (value, aux), grads
+
+
 # ------------------------------------------------------------------------ stage 1
 
 def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> StepFn:
@@ -149,23 +230,28 @@ def make_stage1_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
     raise ProclipError(
         f"config.stage1.fields must name two caption fields (short, raw), got {fields}.")
 
-  def loss_fn(params, frozen, batch):
-    full = optim_lib.merge(params, frozen)
-    full["adapter"] = compute_cast(full["adapter"], s.model.config.adapter.dtype)
+  micro = _microbatches(config)
+  shards = mesh_lib.batch_divisor(mesh, s.rules)
+
+  def step(state: TrainState, batch: dict):
+    def features(params, inputs):
+      adapter = optim_lib.merge(params, state.frozen)["adapter"]
+      return s.model.text_features(compute_cast(adapter, s.model.config.adapter.dtype),
+                                   inputs["llm"])
+
+    def loss_fn(params, both, _):
+      student = [both[:, 0], both[:, 1]]
+      teacher = [l2_normalize(batch[f"clip_{f}"]) for f in fields]
+      terms = losses.stage1_distill_terms(student[0], teacher[0], student[1], teacher[1],
+                                          chunk)
+      return terms["loss"], terms
+
     # Both caption fields through the adapter in one pass on [B, 2, D] (stacked on a new axis,
     # so the batch sharding is kept): every weight is read once per product, not once per
     # field, and the products are twice as tall.
-    both = s.model.text_features(
-        full["adapter"], jnp.stack([batch[f"llm_{f}"] for f in fields], axis=1))
-    student = [both[:, 0], both[:, 1]]
-    teacher = [l2_normalize(batch[f"clip_{f}"]) for f in fields]
-    terms = losses.stage1_distill_terms(student[0], teacher[0], student[1], teacher[1],
-                                        chunk)
-    return terms["loss"], terms
-
-  def step(state: TrainState, batch: dict):
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, batch)
+    inputs = {"llm": jnp.stack([batch[f"llm_{f}"] for f in fields], axis=1)}
+    (loss, terms), grads = _loss_and_grads(features, None, loss_fn, state.params, inputs,
+                                           micro, shards, state_shardings.params)
     new_state, metrics = _apply_update(s, state, grads, loss)
     metrics.update({k: v.astype(jnp.float32) for k, v in terms.items()})
     return new_state, metrics
@@ -220,32 +306,42 @@ def make_stage2_step(config: Any, mesh: Mesh, state_shardings: TrainState) -> St
 
   vis_dtype, ad_dtype = s.model.config.vision.dtype, s.model.config.adapter.dtype
 
-  def loss_fn(params, frozen, batch, txt_in, teacher_img):
-    full = optim_lib.merge(params, frozen)
-    img = s.model.image_features(compute_cast(full["visual"], vis_dtype), batch["image"])
-    txt = s.model.text_features(compute_cast(full["adapter"], ad_dtype), txt_in)
-    clip = losses.contrastive_loss(img, txt, full["logit_scale"], impl, block=block,
-                                   mesh=mesh)
-    terms = {"clip": clip}
-    loss = clip
-    if teacher_img is not None:
-      d = losses.image_distill_terms(img, teacher_img, chunk)
-      terms.update({"distill": d["loss"], "distill_ins": d["ins"],
-                    "distill_struct": d["struct"]})
-      loss = clip + lam * d["loss"]
-    terms["loss"] = loss
-    return loss, terms
+  micro = _microbatches(config)
+  shards = mesh_lib.batch_divisor(mesh, s.rules)
 
   def step(state: TrainState, batch: dict):
     batch = normalize_batch(batch)   # uint8 pixels from the pipeline -> CLIP-normalised
     rng = jax.random.fold_in(jax.random.key(seed), state.step)
     txt_in = _pick_text(batch, fields, rng)
-    teacher_img = None
-    if teacher_on:
-      teacher_img = jax.lax.stop_gradient(
-          s.model.image_features(compute_cast(state.ema, vis_dtype), batch["image"]))
-    (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, state.frozen, batch, txt_in, teacher_img)
+
+    def features(params, inputs):
+      full = optim_lib.merge(params, state.frozen)
+      img = s.model.image_features(compute_cast(full["visual"], vis_dtype), inputs["image"])
+      txt = s.model.text_features(compute_cast(full["adapter"], ad_dtype), inputs["text"])
+      return img, txt
+
+    def teacher(inputs):
+      return jax.lax.stop_gradient(
+          s.model.image_features(compute_cast(state.ema, vis_dtype), inputs["image"]))
+
+    def loss_fn(params, feats, teacher_img):
+      img, txt = feats
+      logit_scale = optim_lib.merge(params, state.frozen)["logit_scale"]
+      clip = losses.contrastive_loss(img, txt, logit_scale, impl, block=block, mesh=mesh)
+      terms = {"clip": clip}
+      loss = clip
+      if teacher_img is not None:
+        d = losses.image_distill_terms(img, teacher_img, chunk)
+        terms.update({"distill": d["loss"], "distill_ins": d["ins"],
+                      "distill_struct": d["struct"]})
+        loss = clip + lam * d["loss"]
+      terms["loss"] = loss
+      return loss, terms
+
+    inputs = {"image": batch["image"], "text": txt_in}
+    (loss, terms), grads = _loss_and_grads(
+        features, teacher if teacher_on else None, loss_fn, state.params, inputs, micro,
+        shards, state_shardings.params)
 
     ema_fn = None
     if teacher_on and m < 1.0:
