@@ -148,7 +148,7 @@ def test_damaged_or_empty_newest_is_not_called_another_config(base, tmp_path, ca
   assert steps(wd) == [3, 6]
 
 
-def test_all_skipped_steps_stop_the_run(tmp_path, compile_cache):
+def test_all_skipped_steps_stop_the_run(tmp_path):
   class NaNFeatures(mp_worker.Features):
     def lookup(self, ids, fields):
       return np.full((len(ids), self.dim), np.nan, np.float32)
@@ -220,7 +220,7 @@ def test_workdir_that_is_a_file_or_unwritable(tmp_path, monkeypatch):
     run(ro)
 
 
-def test_second_run_on_a_workdir_is_refused_and_stale_lock_taken_over(tmp_path, compile_cache):
+def test_second_run_on_a_workdir_is_refused_and_stale_lock_taken_over(tmp_path):
   wd = tmp_path / "wd"
   wd.mkdir()
   lock = wd / ckpt_lib.LOCK_FILE
