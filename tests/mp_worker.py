@@ -177,6 +177,9 @@ def train_mode(args) -> int:
     _dump_state(config, job["workdir"], os.path.join(args.out, f"{job['name']}.npz"))
     seen = [ids for i, ids in enumerate(llm.seen)
             if config["stage"] == 2 or i % len(config["stage1"]["fields"]) == 0]
+    # The trainer's device prefetch reads batches ahead of the steps; the consumed ones are
+    # the first ``step`` (the ids are read from fresh runs only).
+    seen = seen[:result["step"]]
     with open(os.path.join(args.out, f"{job['name']}.p{pid}.json"), "w") as f:
       json.dump({"result": {k: v for k, v in result.items()
                             if isinstance(v, (int, float, bool, str))},

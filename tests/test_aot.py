@@ -35,7 +35,7 @@ TINY = {"data.batch_size": BATCH, "mesh.fsdp": 2, "model.vision.layers": 2,
 
 
 def tiny_config(**extra):
-  config = load_config("stage2.py:size=B/16,scan")
+  config = load_config("stage2.py:size=B/16,scan,shapes=True")
   for k, v in {**TINY, **extra}.items():
     apply_override(config, k, str(v))
   return config

@@ -1,6 +1,6 @@
 """Compiles the train step for a TPU slice on this machine (no TPU needed) and prints its fit.
 
-  python tools/aot_compile.py --config stage2.py:size=L/14 --topology v5e:8x8 \\
+  python tools/aot_compile.py --config stage2.py:shapes=True,size=L/14 --topology v5e:8x8 \\
       [--config.mesh.fsdp=8 --config.data.batch_size=4096 ...] [--hlo FILE]
 
 ``--config`` and ``--config.a.b=VALUE`` are those of ``experiments/run.py``; ``--topology``

@@ -114,6 +114,20 @@ def parse_arg(arg: str | None, lazy: bool = False, **defaults) -> ml_collections
   return out
 
 
+# Each embedder's feature width D, for configs that state their shapes (``shapes=True``).
+EMBEDDER_DIMS = {"llm2clip_llama3_8b": 4096, "qwen3_embedding_8b": 4096,
+                 "qwen3_embedding_4b": 2560, "qwen3_embedding_0.6b": 1024}
+
+
+def named_shapes(size: str, embedder: str) -> tuple[int, int]:
+  """``(D, E)`` of a named backbone and embedder: what a config states when no converted
+  files are at hand (``tools/aot_compile.py`` compiles the step from shapes alone)."""
+  check_backbone(size)
+  if embedder not in EMBEDDER_DIMS:
+    raise ProclipError(f"embedder={embedder!r}: known {', '.join(EMBEDDER_DIMS)}.")
+  return EMBEDDER_DIMS[embedder], VisionConfig.named(size).embed_dim
+
+
 def check_backbone(size: str) -> str:
   """``size`` if it is a known backbone name (it names the CLIP's folders)."""
   if size not in BACKBONES:

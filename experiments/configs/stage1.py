@@ -12,6 +12,8 @@ caches/, weights/), ``dataset``, ``steps``, ``batch``. The adapter's D and E are
 the two caches when the run starts (train/run_config.py), so another CLIP or embedder
 needs only ``--config.cache.llm=... --config.cache.clip=...``. One caption field
 (``--config.stage1.fields=caption``, img2dataset data) is used for both instance terms.
+``shapes=True`` states the named ``size`` and ``embedder``'s D and E instead, for
+``tools/aot_compile.py``, which compiles the step without the caches.
 
 What it needs under ROOT (a missing one is reported with the command that makes it)::
 
@@ -39,7 +41,7 @@ from experiments.configs import common
 
 
 def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: int,
-          preset: str = ""):
+          preset: str = "", shapes: bool = False):
   """The stage-1 ConfigDict (shared with the Qwen3 variant).
 
   The adapter's D and E are read from the two caches when the run starts
@@ -50,7 +52,11 @@ def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: 
   stem, _ = common.embedder(embedder)
   c = common.base_config(stage=1)
   c.total_steps = steps
-  common.set_model(c, d=None, e=None, size=None, dtype="float32")
+  if shapes:   # the named backbone's and embedder's D and E, stated (tools/aot_compile.py)
+    d, e = common.named_shapes(size, embedder)
+    common.set_model(c, d=d, e=e, size=None, dtype="float32")
+  else:
+    common.set_model(c, d=None, e=None, size=None, dtype="float32")
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
   c.cache.llm = common.under(root, "caches", f"{dataset}-{stem}")
@@ -70,5 +76,5 @@ def build(size: str, embedder: str, root: str, dataset: str, steps: int, batch: 
 
 def get_config(arg=None):
   a = common.parse_arg(arg, size="B/16", embedder="llm2clip_llama3_8b", root=".",
-                       dataset="cc3m", steps=2000, batch=4096)
-  return build(a.size, a.embedder, a.root, a.dataset, a.steps, a.batch)
+                       dataset="cc3m", steps=2000, batch=4096, shapes=False)
+  return build(a.size, a.embedder, a.root, a.dataset, a.steps, a.batch, shapes=a.shapes)

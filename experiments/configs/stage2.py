@@ -15,6 +15,8 @@ workdir; default ROOT/runs/stage1-SIZE-EMBEDDER), ``steps``, ``batch``, ``bf16``
 nothing_saveable; also ``--config.model.vision.remat=...``). The image
 tower's architecture comes from ``config.init.clip``'s model.json and the adapter's D from
 the LLM cache (train/run_config.py): another CLIP or embedder needs only their paths.
+``shapes=True`` states the named ``size`` and ``embedder``'s shapes instead, for
+``tools/aot_compile.py``, which compiles the step without the files.
 On NVIDIA GPUs in bf16, ``--config.model.vision.attention=cudnn`` runs the image tower's
 attention through cuDNN's fused kernel (``VisionConfig.attention``); a model trained so still
 loads and runs on a CPU (``ProCLIP.load`` falls back to the dense path).
@@ -36,7 +38,7 @@ Single host::
 ViT-L/14 on a TPU pod slice (the same command on every worker). Scanned layers with
 ``remat=nothing_saveable`` compile into 6.0 GiB per v5e chip at batch 4096 on v5e-64 (fsdp
 8) and 9.8 GiB at 32,768 on v5e-256 (fsdp 16); check a slice before launching with
-``python tools/aot_compile.py --config stage2.py:size=L/14,scan,remat=nothing_saveable
+``python tools/aot_compile.py --config stage2.py:shapes=True,size=L/14,scan,remat=nothing_saveable
 --topology v5e:8x8 --config.mesh.fsdp=8`` (no TPU needed; docs/scale.md)::
 
     gcloud compute tpus tpu-vm ssh $TPU --zone $ZONE --worker=all --command "cd proclip-jax \
@@ -49,7 +51,7 @@ from experiments.configs import common
 
 def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps: int,
           batch: int, bf16: bool, impl: str, scan: bool, remat: str = "none",
-          preset: str = ""):
+          preset: str = "", shapes: bool = False):
   """The stage-2 ConfigDict (shared with the Qwen3 variant).
 
   The image tower's architecture comes from the converted CLIP in ``init.clip`` and the
@@ -60,8 +62,13 @@ def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps:
   stem, _ = common.embedder(embedder)
   c = common.base_config(stage=2)
   c.total_steps = steps
-  common.set_model(c, d=None, e=None, size=None, dtype="bfloat16" if bf16 else "float32",
-                   scan_layers=scan, vision_from_files=True)
+  dtype = "bfloat16" if bf16 else "float32"
+  if shapes:   # the named backbone's and embedder's shapes, stated (no files needed)
+    d, e = common.named_shapes(size, embedder)
+    common.set_model(c, d=d, e=e, size=size, dtype=dtype, scan_layers=scan)
+  else:
+    common.set_model(c, d=None, e=None, size=None, dtype=dtype, scan_layers=scan,
+                     vision_from_files=True)
   c.model.vision.remat = remat
   c.data.path = common.under(root, "datasets", dataset)
   c.data.batch_size = batch
@@ -89,6 +96,6 @@ def build(size: str, embedder: str, root: str, dataset: str, stage1: str, steps:
 def get_config(arg=None):
   a = common.parse_arg(arg, size="B/16", embedder="llm2clip_llama3_8b", root=".",
                        dataset="cc3m", stage1="", steps=10_000, batch=4096, bf16=True,
-                       impl="dense", scan=False, remat="none")
+                       impl="dense", scan=False, remat="none", shapes=False)
   return build(a.size, a.embedder, a.root, a.dataset, a.stage1, a.steps, a.batch, a.bf16,
-               a.impl, a.scan, a.remat)
+               a.impl, a.scan, a.remat, shapes=a.shapes)

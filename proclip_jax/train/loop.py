@@ -115,12 +115,16 @@ def train(config: Any, workdir, *, source=None, caches: Mapping[str, Any] | None
   """
   stage = stage_of(config)
   workdir = epath.Path(workdir)
+  created = not workdir.exists()
   ckpt_lib.prepare_workdir(workdir)        # a file / read-only folder: one line
   lock = ckpt_lib.WorkdirLock(workdir).acquire()   # one run per workdir
   try:
     return _train(config, workdir, stage, source, caches)
   finally:
     lock.release()
+    # A start refused before it wrote anything leaves no workdir behind.
+    if created and jax.process_index() == 0 and workdir.exists() and not any(workdir.iterdir()):
+      workdir.rmdir()
 
 
 def _train(config, workdir, stage, source, caches) -> dict[str, Any]:
