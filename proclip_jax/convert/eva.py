@@ -37,10 +37,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proclip_jax.convert.clip import (_dense, _layer_count, _ln, _out_kernel, _qkv_bias,
-                                      _qkv_kernel, _to, apply_table, check_clip, count_params,
-                                      openai_text_config, openai_text_table)
-from proclip_jax.convert.common import check_weights, conv_oihw_to_hwio, linear, read_state_dict
+from proclip_jax.convert.clip import (_Hook, _conv, _dense, _layer_count, _ln, _out_kernel,
+                                      _qkv_bias, _qkv_kernel, _to, apply_table, check_clip,
+                                      count_params, openai_text_config, openai_text_table)
+from proclip_jax.convert.common import check_weights, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.eva import EvaTower, EvaVisionConfig, rope_tables
 from proclip_jax.models.clip import CLIPConfig
@@ -93,7 +93,8 @@ def eva_visual_config(sd: Mapping[str, np.ndarray], layout: str, prefix: str,
 # ------------------------------------------------------------------------- rename tables
 
 def _rope_check(cfg: EvaVisionConfig, which: int, key: str):
-  """A hook that checks a stored RoPE table (``which`` 0: sin, 1: cos) and emits nothing."""
+  """A hook that checks a stored RoPE table (``which`` 0: sin, 1: cos) and emits nothing; run
+  backwards (the export) it gives the table the tower computes."""
   head_dim = cfg.width // cfg.heads
   want = rope_tables(cfg.grid, cfg.rope_ref_grid, head_dim, cfg.rope_theta)[which]
 
@@ -105,8 +106,8 @@ def _rope_check(cfg: EvaVisionConfig, which: int, key: str):
           f"{key}: the checkpoint's RoPE table does not match a {cfg.grid}x{cfg.grid} grid with "
           f"reference grid {cfg.rope_ref_grid} (shape {got.shape}, expected {want.shape}). If "
           "the model was pretrained on another grid, pass that grid as rope_ref_grid.")
-    return {}
-  return hook
+    return []
+  return _Hook((), hook, lambda: np.array(want, np.float32))
 
 
 def eva_vision_table(cfg: EvaVisionConfig, layout: str, prefix: str, dst: str = "visual") -> list:
@@ -115,11 +116,12 @@ def eva_vision_table(cfg: EvaVisionConfig, layout: str, prefix: str, dst: str = 
     raise ProclipError(f"Unknown EVA layout {layout!r}; known: {LAYOUTS}.")
   w, h = cfg.width, cfg.heads
   p = prefix
-  t = [(p + "patch_embed.proj.weight", _to(dst + "/patch_embed/kernel", conv_oihw_to_hwio)),
+  t = [(p + "patch_embed.proj.weight", _conv(dst + "/patch_embed/kernel")),
        (p + "patch_embed.proj.bias", _to(dst + "/patch_embed/bias")),
-       (p + "cls_token", _to(dst + "/class_embedding", lambda x: x.reshape(x.shape[-1]))),
-       (p + "pos_embed", _to(dst + "/positional_embedding",
-                             lambda x: x.reshape(-1, x.shape[-1])))]
+       (p + "cls_token", _to(dst + "/class_embedding", lambda x: x.reshape(x.shape[-1]),
+                             lambda x: x.reshape(1, 1, -1))),
+       (p + "pos_embed", _to(dst + "/positional_embedding", lambda x: x.reshape(-1, x.shape[-1]),
+                             lambda x: x.reshape(1, *x.shape)))]
   if layout == "eva":
     t += [(p + "rope.freqs_sin", _rope_check(cfg, 0, p + "rope.freqs_sin")),
           (p + "rope.freqs_cos", _rope_check(cfg, 1, p + "rope.freqs_cos"))]

@@ -1,7 +1,11 @@
-"""Export to PyTorch layouts: a converted CLIP, a converted ProCLIP or a training workdir.
+"""Export to PyTorch layouts: a converted CLIP, EVA02-CLIP, SigLIP tower or ProCLIP, or a
+training workdir.
 
-``export(src, out, fmt)`` reads ``src`` (a folder with ``model.json`` of kind "clip" or
-"proclip", or a training ``--workdir``; its latest checkpoint unless ``step``) and writes:
+``export(src, out, fmt)`` reads ``src`` (a folder with ``model.json`` of kind "clip",
+"siglip" or "proclip", or a training ``--workdir``; its latest checkpoint unless ``step``) and
+writes, by the model's image tower (its config's ``arch``):
+
+OpenAI-CLIP ViT towers (and a CLIP text tower alone):
 
 * ``openai``: ``out`` is a ``.pt`` file, ``torch.save`` of a plain state dict in OpenAI's
   names (``visual.*``, ``transformer.resblocks.*``, ``token_embedding.weight``,
@@ -17,15 +21,43 @@
   {visual.*, text.text_adaptor.*, logit_scale}}`` (ProCLIP models only), which
   ``tools/convert.py`` converts back.
 
-The OpenAI / open_clip and ProCLIP layouts cannot hold a ProCLIP's adapter or the text tower's
-tokenizer: the ``openai`` / ``open_clip`` / ``hf`` exports of a ProCLIP hold its image tower and
-logit scale, and the one-line summary says so. Names come from the converters' rename tables
-run backwards (:func:`proclip_jax.convert.clip.invert_table`); every parameter is written or
-the export is refused, and the output appears under its name only when complete.
+EVA02-CLIP towers (``arch`` "eva02"):
+
+* ``open_clip``: open_clip's timm-based layout, ``visual.trunk.*`` (timm's ``Eva`` names, the
+  head ``visual.trunk.head.*`` as open_clip's ``timm_proj: null`` keeps it), the text tower of
+  an EVA02-CLIP under ``text.*`` (``custom_text``) and ``logit_scale``; the config names the
+  timm model (``eva02_large_patch14_clip_224`` etc.; another size adds the
+  ``timm.create_model`` keyword arguments as ``timm_model_kwargs``);
+* ``proclip`` (ProCLIP models): the release layout with BAAI EVA-CLIP's ``visual.*`` (``q_bias``
+  / ``v_bias``, ``mlp.w1/w2/w3``, the RoPE tables), as the EVA-based ProCLIP / LLM2CLIP files;
+* ``openai`` is refused: the OpenAI layout (``clip.model.build_model``) has no EVA02 tower, and
+  writing EVA-CLIP names under that name would promise a file OpenAI's loader cannot build;
+* ``hf`` is refused: transformers has no EVA02-CLIP model class.
+
+SigLIP towers (``arch`` "siglip", a converted SigLIP or a ProCLIP built on one):
+
+* ``hf``: a transformers ``SiglipVisionModel`` folder (``config.json`` + ``model.safetensors``
+  with the names transformers 5 saves it with, ``embeddings.*``, ``encoder.*``, ``head.*``;
+  ``from_pretrained`` also maps them onto an older ``vision_model.`` model); it takes SigLIP-normalised pixels (mean = std = 0.5, its processor's),
+  where the project's tower takes CLIP-normalised ones by default. A tower with a Dense after
+  the MAP head (big_vision ``img/head``) is refused: ``SiglipVisionModel`` has no such layer;
+* ``openai``, ``open_clip`` (timm's attention-pool layout, which ``tools/convert.py`` does not
+  read) and ``proclip`` (the release layout, whose converter reads OpenAI and EVA-CLIP towers
+  only) are refused.
+
+The OpenAI / open_clip, Hugging Face and ProCLIP layouts cannot hold a ProCLIP's adapter or
+the text tower's tokenizer: the ``openai`` / ``open_clip`` / ``hf`` exports of a ProCLIP hold
+its image tower (and logit scale), and the one-line summary says so. Names come from the
+converters' rename tables run backwards (:func:`proclip_jax.convert.clip.invert_table`); every
+parameter is written or the export is refused, an EVA02 / SigLIP tower is read back from the
+exported names by its converter's own config inference and refused when that would give another
+architecture (e.g. EVA02 heads other than 64 wide, a RoPE reference grid other than 16), and
+the output appears under its name only when complete. A refusal writes nothing.
 """
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -37,25 +69,40 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from proclip_jax.convert import clip as clip_conv
+from proclip_jax.convert import eva as eva_conv
+from proclip_jax.convert import siglip as siglip_conv
 from proclip_jax.convert.common import linear
+from proclip_jax.convert.openclip_arch import Arch, TowerArch
 from proclip_jax.convert.proclip import adapter_rename_table
 from proclip_jax.errors import ProclipError
 from proclip_jax.inference import load_workdir
 from proclip_jax.models.clip import CLIPConfig
+from proclip_jax.models.eva import EvaVisionConfig
 from proclip_jax.models.proclip import ProCLIPConfig
+from proclip_jax.models.siglip import SiglipConfig
 from proclip_jax.models.vit import unstack_layers
 from proclip_jax.storage import MODEL_JSON, load_model
 from proclip_jax.tree import flatten
 
 FORMATS = ("openai", "open_clip", "hf", "proclip")
 _HF_ACT = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_tanh": "gelu_pytorch_tanh"}
+# Config fields that are compute options or input conventions, not weights: an exported
+# layout need not record them.
+_COMPUTE = ("dtype", "remat", "scan_layers", "attention", "pixel_norm")
+# The timm models open_clip builds EVA02-CLIP image towers from (EvaVisionConfig.named sizes).
+_EVA_TIMM = {"EVA02-B/16": "eva02_base_patch16_clip_224",
+             "EVA02-L/14": "eva02_large_patch14_clip_224",
+             "EVA02-L/14-336": "eva02_large_patch14_clip_336"}
+_OPENAI_PREPROCESS = {"mean": [0.48145466, 0.4578275, 0.40821073],
+                      "std": [0.26862954, 0.26130258, 0.27577711]}
 
 
 # ----------------------------------------------------------------------------- reading
 
 def load_source(src: str, step: int | None = None) -> tuple[str, Any, dict]:
-  """``(kind, config, params)``: kind "clip" (``CLIPConfig``) or "proclip" (``ProCLIPConfig``);
-  params in the per-layer layout, as float32 numpy arrays."""
+  """``(kind, config, params)``: kind "clip" (``CLIPConfig``), "siglip" (a ``CLIPConfig`` with
+  the SigLIP image tower and no text tower) or "proclip" (``ProCLIPConfig``); params in the
+  per-layer layout, as float32 numpy arrays."""
   src = os.fspath(src)
   if not os.path.isdir(src):
     raise ProclipError(f"Export source {src!r} is not a folder: pass a converted model folder "
@@ -69,9 +116,12 @@ def load_source(src: str, step: int | None = None) -> tuple[str, Any, dict]:
       config = CLIPConfig.from_dict(meta["config"])
     elif kind == "proclip":
       config = ProCLIPConfig.from_dict(meta["config"])
+    elif kind == siglip_conv.KIND:
+      config = CLIPConfig(vision=SiglipConfig.from_dict(meta["config"]["vision"]), text=None)
     else:
-      raise ProclipError(f"{src!r} holds a {kind!r} model; only CLIP and ProCLIP models export "
-                         "(a text embedder is used from its Hugging Face source as it is).")
+      raise ProclipError(f"{src!r} holds a {kind!r} model; only CLIP, SigLIP and ProCLIP models "
+                         "export (a text embedder is used from its Hugging Face source as it "
+                         "is).")
   else:
     config, params, _, _ = load_workdir(src, step)
     kind = "proclip"
@@ -96,8 +146,149 @@ def _towers(kind: str, config) -> tuple[Any, Any]:
   return config.vision, None
 
 
+def tower_arch(vision) -> str | None:
+  """"vit" (OpenAI-CLIP ViT), "eva02", "siglip", or None (no image tower)."""
+  if vision is None:
+    return None
+  if isinstance(vision, EvaVisionConfig):
+    return "eva02"
+  if isinstance(vision, SiglipConfig):
+    return "siglip"
+  return "vit"
+
+
+def check_format(kind: str, config, fmt: str) -> None:
+  """Refuses (ProclipError naming the formats that work) a format with no layout for the
+  model's image tower."""
+  arch = tower_arch(_towers(kind, config)[0])
+  if arch == "eva02" and fmt in ("openai", "hf"):
+    works = "--format open_clip (open_clip's timm-based visual.trunk.* layout)"
+    if kind == "proclip":
+      works += (" or --format proclip (the ProCLIP release layout with BAAI EVA-CLIP's "
+                "visual.*, the adapter included)")
+    why = ("the OpenAI layout (clip.model.build_model) has no EVA02 image tower" if fmt == "openai"
+           else "transformers has no EVA02-CLIP model class")
+    raise ProclipError(f"Cannot export an EVA02 image tower as --format {fmt}: {why}. Export it "
+                       f"with {works}. Nothing was written.")
+  if arch == "siglip" and fmt != "hf":
+    why = {"openai": "the OpenAI layout has no SigLIP image tower (no class token, a MAP head)",
+           "open_clip": ("open_clip holds SigLIP as a timm trunk (timm's attention-pool names), "
+                         "which tools/convert.py does not read back"),
+           "proclip": ("the ProCLIP release layout holds OpenAI or EVA-CLIP image towers; its "
+                       "converter (convert/proclip.py) reads no SigLIP visual.*, so the adapter "
+                       "has no PyTorch layout beside a SigLIP tower")}[fmt]
+    raise ProclipError(f"Cannot export a SigLIP image tower as --format {fmt}: {why}. Export the "
+                       "tower with --format hf (a transformers SiglipVisionModel folder). Nothing "
+                       "was written.")
+
+
+def _check_reads_back(want, got, layout: str) -> None:
+  """Refuses an export whose names its converter would read back as another architecture."""
+  diff = [(f.name, getattr(want, f.name), getattr(got, f.name))
+          for f in dataclasses.fields(want)
+          if f.name not in _COMPUTE and getattr(want, f.name) != getattr(got, f.name)]
+  if diff:
+    raise ProclipError(
+        f"The {layout} layout cannot record this tower's "
+        + ", ".join(f"{name}={a!r}" for name, a, _ in diff)
+        + ": tools/convert.py would read the export back with "
+        + ", ".join(f"{name}={b!r}" for name, _, b in diff)
+        + ". Only towers with the released models' conventions export in this layout (EVA02: "
+        "64-wide heads, RoPE reference grid 16, LayerNorm eps 1e-6). Nothing was written.")
+
+
+def eva_visual_state_dict(vision: EvaVisionConfig, visual: Mapping, layout: str,
+                          prefix: str) -> dict[str, np.ndarray]:
+  """An EVA02 image tower in ``layout`` ("timm": timm / open_clip, "eva": BAAI EVA-CLIP, with
+  the RoPE tables) under ``prefix``: the converter's table run backwards, checked to read back
+  as the same tower."""
+  flat = flatten({"visual": unstack_layers(visual)})
+  sd = clip_conv.invert_table(flat, eva_conv.eva_vision_table(vision, layout, prefix),
+                              "EVA02 image tower")
+  back = eva_conv.eva_visual_config(sd, layout, prefix)
+  _check_reads_back(vision, back, f"EVA02 ({layout})")
+  return sd
+
+
+def _eva_text_state_dict(text, params: Mapping) -> dict[str, np.ndarray]:
+  """An EVA02-CLIP's text tower: OpenAI names under ``text.`` (open_clip's custom_text)."""
+  sd = clip_conv.invert_table(flatten({"text": unstack_layers(params)}),
+                              clip_conv.openai_text_table(text), "text tower")
+  back = clip_conv.openai_text_config(sd, act="gelu", arch=Arch(text=TowerArch(heads=text.heads)))
+  _check_reads_back(text, back, "EVA02-CLIP text tower (exact GELU, argmax pooling)")
+  return {"text." + k: v for k, v in sd.items()}
+
+
+def _eva_timm_model(vision: EvaVisionConfig) -> tuple[str, dict]:
+  """``(timm model name, extra timm.create_model keyword arguments)`` of an EVA02 tower."""
+  for name, timm_name in _EVA_TIMM.items():
+    std = EvaVisionConfig.named(name, embed_dim=vision.embed_dim)
+    if all(getattr(std, f) == getattr(vision, f) for f in ("image_size", "patch_size", "width",
+                                                          "layers", "heads", "mlp_dim")):
+      return timm_name, {}
+  ratio = vision.mlp_dim / vision.width
+  while int(vision.width * ratio) < vision.mlp_dim:  # timm takes int(width * mlp_ratio)
+    ratio = float(np.nextafter(ratio, np.inf))
+  return _EVA_TIMM["EVA02-L/14"], {
+      "img_size": vision.image_size, "patch_size": vision.patch_size,
+      "embed_dim": vision.width, "depth": vision.layers, "num_heads": vision.heads,
+      "mlp_ratio": ratio}
+
+
+def to_eva_open_clip(kind: str, config, params: Mapping) -> tuple[dict, dict]:
+  """``(state dict, open_clip_config.json)`` of a model with an EVA02 image tower in open_clip's
+  timm-based layout (``visual.trunk.*``, ``text.*``, ``logit_scale``)."""
+  vision, text = _towers(kind, config)
+  if vision.embed_dim is None or text is not None and text.embed_dim != vision.embed_dim:
+    raise ProclipError("open_clip needs the EVA02 tower's head (timm's classifier, projecting "
+                       "to the joint size) and a text tower of the same size; this model has "
+                       f"{vision.embed_dim} and {None if text is None else text.embed_dim}.")
+  sd = eva_visual_state_dict(vision, params["visual"], "timm", "visual.trunk.")
+  timm_name, kwargs = _eva_timm_model(vision)
+  vcfg: dict[str, Any] = {"image_size": vision.image_size, "timm_model_name": timm_name,
+                          "timm_model_pretrained": False, "timm_pool": "token",
+                          "timm_proj": None}
+  if kwargs:
+    vcfg["timm_model_kwargs"] = kwargs
+  cfg: dict[str, Any] = {"embed_dim": vision.embed_dim, "quick_gelu": False, "vision_cfg": vcfg}
+  if text is not None:
+    sd.update(_eva_text_state_dict(text, params["text"]))
+    cfg["custom_text"] = True
+    cfg["text_cfg"] = {"context_length": text.context_length, "vocab_size": text.vocab_size,
+                       "width": text.width, "heads": text.heads, "layers": text.layers,
+                       "mlp_ratio": text.mlp_width / text.width}
+  sd["logit_scale"] = _logit_scale(params, config)
+  return sd, {"model_cfg": cfg, "preprocess_cfg": _OPENAI_PREPROCESS}
+
+
+def to_siglip_hf(kind: str, config, params: Mapping) -> tuple[dict, dict]:
+  """``(state dict, config.json)`` of a transformers ``SiglipVisionModel`` for a SigLIP tower."""
+  vision, text = _towers(kind, config)
+  if text is not None:
+    raise ProclipError("transformers has no CLIP model with a SigLIP image tower; export the "
+                       "image tower alone (a SigLIP or ProCLIP model) with --format hf.")
+  if vision.embed_dim is not None:
+    raise ProclipError(
+        f"This SigLIP tower ends with a Dense to {vision.embed_dim} after the MAP head "
+        "(big_vision's img/head); transformers' SiglipVisionModel has no such layer and no other "
+        "export layout holds it. Nothing was written.")
+  if vision.act not in _HF_ACT:
+    raise ProclipError(f"transformers' SigLIP has no activation {vision.act!r}.")
+  sd = clip_conv.invert_table(flatten({"visual": unstack_layers(params["visual"])}),
+                              siglip_conv.hf_table(vision, ""), "SigLIP image tower")
+  cfg = {"model_type": "siglip_vision_model", "architectures": ["SiglipVisionModel"],
+         "hidden_size": vision.width, "intermediate_size": vision.mlp_width,
+         "num_hidden_layers": vision.layers, "num_attention_heads": vision.heads,
+         "image_size": vision.image_size, "patch_size": vision.patch_size, "num_channels": 3,
+         "hidden_act": _HF_ACT[vision.act], "layer_norm_eps": vision.ln_eps,
+         "vision_use_head": True}
+  _check_reads_back(vision, siglip_conv.hf_vision_config(cfg), "transformers SiglipVisionModel")
+  return sd, cfg
+
+
 def to_openai(kind: str, config, params: Mapping) -> dict[str, np.ndarray]:
   """OpenAI / open_clip names for the CLIP towers present, plus ``logit_scale``."""
+  check_format(kind, config, "openai")
   vision, text = _towers(kind, config)
   if vision is None and text is None:
     raise ProclipError("This model has no CLIP tower to export (a stage-1 ProCLIP holds only "
@@ -110,7 +301,11 @@ def to_openai(kind: str, config, params: Mapping) -> dict[str, np.ndarray]:
 
 def open_clip_config(kind: str, config) -> dict:
   """``open_clip_config.json`` contents (``{"model_cfg": ...}``) for the towers present."""
+  check_format(kind, config, "open_clip")
   vision, text = _towers(kind, config)
+  if tower_arch(vision) == "eva02":
+    raise ProclipError("open_clip_config() describes OpenAI-ViT towers; an EVA02 tower's "
+                       "config comes with its weights from to_eva_open_clip().")
   towers = [t for t in (vision, text) if t is not None]
   acts = {t.act for t in towers}
   if len(acts) > 1 or acts - {"quick_gelu", "gelu"}:
@@ -130,8 +325,7 @@ def open_clip_config(kind: str, config) -> dict:
     cfg["text_cfg"] = {"context_length": text.context_length, "vocab_size": text.vocab_size,
                        "width": text.width, "heads": text.heads, "layers": text.layers,
                        "mlp_ratio": text.mlp_width / text.width}
-  return {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48145466, 0.4578275, 0.40821073],
-                                               "std": [0.26862954, 0.26130258, 0.27577711]}}
+  return {"model_cfg": cfg, "preprocess_cfg": _OPENAI_PREPROCESS}
 
 
 def _hf_vision_config(v) -> dict:
@@ -151,8 +345,12 @@ def _hf_text_config(t) -> dict:
 
 
 def to_hf(kind: str, config, params: Mapping) -> tuple[dict, dict]:
-  """``(state dict, config.json)`` of a transformers CLIP model for the towers present."""
+  """``(state dict, config.json)`` of a transformers CLIP model for the towers present (a
+  ``SiglipVisionModel`` for a SigLIP tower)."""
+  check_format(kind, config, "hf")
   vision, text = _towers(kind, config)
+  if tower_arch(vision) == "siglip":
+    return to_siglip_hf(kind, config, params)
   if vision is None and text is None:
     raise ProclipError("This model has no CLIP tower to export: use --format proclip.")
   for t in (vision, text):
@@ -194,13 +392,17 @@ def to_hf(kind: str, config, params: Mapping) -> tuple[dict, dict]:
 
 
 def to_proclip(kind: str, config, params: Mapping) -> dict[str, np.ndarray]:
-  """The ProCLIP release state dict: ``visual.*`` (OpenAI names), ``text.text_adaptor.*``,
-  ``logit_scale``."""
+  """The ProCLIP release state dict: ``visual.*`` (OpenAI names, or BAAI EVA-CLIP's for an
+  EVA02 tower), ``text.text_adaptor.*``, ``logit_scale``."""
   if kind != "proclip":
     raise ProclipError("--format proclip is for ProCLIP models (image tower + adapter); a CLIP "
-                       "exports with --format openai, open_clip or hf.")
+                       "exports with --format openai, open_clip or hf (an EVA02-CLIP with "
+                       "open_clip, a SigLIP tower with hf).")
+  check_format(kind, config, "proclip")
   out = {}
-  if config.vision is not None:
+  if tower_arch(config.vision) == "eva02":
+    out.update(eva_visual_state_dict(config.vision, params["visual"], "eva", "visual."))
+  elif config.vision is not None:
     out.update(clip_conv.visual_to_openai(params["visual"], config.vision, "visual."))
   flat = flatten(params["adapter"])
   table = adapter_rename_table("text.text_adaptor.", config.adapter.n_blocks)
@@ -283,14 +485,17 @@ def export(src: str, out: str, fmt: str, *, step: int | None = None,
   if fmt in ("openai", "proclip") and not out.endswith((".pt", ".pth", ".bin")):
     raise ProclipError(f"--format {fmt} writes one file: give OUT a .pt name (got {out!r}).")
   kind, config, params = load_source(src, step)
+  check_format(kind, config, fmt)
   note = ""
   if fmt == "openai":
     sd = to_openai(kind, config, params)
     _write_file(out, sd, None)
   elif fmt == "open_clip":
-    sd = to_openai(kind, config, params)
-    _write_folder(out, {"open_clip_config.json": open_clip_config(kind, config),
-                        "open_clip_model.safetensors": sd})
+    if tower_arch(_towers(kind, config)[0]) == "eva02":
+      sd, cfg = to_eva_open_clip(kind, config, params)
+    else:
+      sd, cfg = to_openai(kind, config, params), open_clip_config(kind, config)
+    _write_folder(out, {"open_clip_config.json": cfg, "open_clip_model.safetensors": sd})
   elif fmt == "hf":
     sd, cfg = to_hf(kind, config, params)
     _write_folder(out, {"config.json": cfg, "model.safetensors": sd})
@@ -299,5 +504,7 @@ def export(src: str, out: str, fmt: str, *, step: int | None = None,
     _write_file(out, sd, "state_dict")
   if kind == "proclip" and fmt != "proclip":
     note = " (the image tower; the adapter is only in --format proclip)"
+  if fmt == "hf" and tower_arch(_towers(kind, config)[0]) == "siglip":
+    note += " (SiglipVisionModel takes SigLIP-normalised pixels: mean = std = 0.5)"
   n = int(sum(np.size(v) for v in sd.values()))
   return f"exported {kind} as {fmt}{note}: {len(sd)} tensors, {n:,} values -> {out}"

@@ -90,21 +90,23 @@ def arch_from_open_clip(cfg: Mapping[str, Any], source: str) -> Arch:
   cfg = cfg.get("model_cfg", cfg)
   try:
     v, t = cfg["vision_cfg"], cfg.get("text_cfg") or {}
-    if "timm_model_name" in v and v["timm_model_name"] or "hf_model_name" in t:
-      raise ProclipError(f"{source}: a timm / Hugging Face tower is not an OpenAI-layout CLIP; "
-                         "only open_clip's own ViT and text transformer convert.")
+    if "hf_model_name" in t:
+      raise ProclipError(f"{source}: a Hugging Face text tower is not an OpenAI-layout CLIP; "
+                         "only open_clip's own text transformer converts.")
     if isinstance(v.get("layers"), (list, tuple)):
       raise ProclipError(f"{source}: a ResNet image tower is not supported (ViT only).")
-    vwidth = int(v["width"])
-    head_width = int(v.get("head_width", 64))
-    if vwidth % head_width:
-      raise ProclipError(f"{source}: vision width {vwidth} is not a multiple of head_width "
-                         f"{head_width}.")
     embed = cfg.get("embed_dim")
-    vision = TowerArch(heads=vwidth // head_width, width=vwidth, layers=int(v["layers"]),
-                       mlp_dim=int(vwidth * float(v.get("mlp_ratio", 4.0))),
-                       patch_size=int(v["patch_size"]), image_size=int(v["image_size"]),
-                       embed_dim=embed)
+    vision = TowerArch()  # a timm trunk (EVA02): its converter reads the sizes from the shapes
+    if not v.get("timm_model_name"):
+      vwidth = int(v["width"])
+      head_width = int(v.get("head_width", 64))
+      if vwidth % head_width:
+        raise ProclipError(f"{source}: vision width {vwidth} is not a multiple of head_width "
+                           f"{head_width}.")
+      vision = TowerArch(heads=vwidth // head_width, width=vwidth, layers=int(v["layers"]),
+                         mlp_dim=int(vwidth * float(v.get("mlp_ratio", 4.0))),
+                         patch_size=int(v["patch_size"]), image_size=int(v["image_size"]),
+                         embed_dim=embed)
     text = TowerArch()
     if t:
       twidth = int(t.get("width", 512))

@@ -46,10 +46,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from proclip_jax.convert.clip import (_dense, _fused, _hf_act, _ln, _out_kernel, _reshape_if,
-                                      _to, _block_table, apply_table, count_params)
-from proclip_jax.convert.common import (check_weights, conv_oihw_to_hwio, read_json,
-                                        read_state_dict)
+from proclip_jax.convert.clip import (_conv, _dense, _fused, _hf_act, _ln, _out_kernel,
+                                      _reshape_if, _to, _block_table, apply_table, count_params)
+from proclip_jax.convert.common import check_weights, read_json, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.siglip import SiglipConfig, SiglipVisionTransformer
 from proclip_jax.models.vit import stack_layers, unstack_layers
@@ -267,14 +266,15 @@ def hf_table(cfg: SiglipConfig, prefix: str, dst: str = "visual") -> list:
   """Hugging Face ``SiglipVisionModel`` keys under ``prefix`` -> ``dst/...``."""
   w, h = cfg.width, cfg.heads
   e = prefix + "embeddings."
-  t = [(e + "patch_embedding.weight", _to(f"{dst}/conv1/kernel", conv_oihw_to_hwio)),
+  t = [(e + "patch_embedding.weight", _conv(f"{dst}/conv1/kernel")),
        (e + "patch_embedding.bias", _to(f"{dst}/conv1/bias")),
        (e + "position_embedding.weight", _to(f"{dst}/positional_embedding"))]
   for i in range(cfg.layers):
     t += _block_table(f"{dst}/transformer/blocks_{i}", f"{prefix}encoder.layers.{i}.", w, h, "hf")
   t += _ln(f"{dst}/ln_post", prefix + "post_layernorm")
   p = prefix + "head."
-  t += [(p + "probe", _to(f"{dst}/head/probe", lambda x: _reshape_if(x, (w,)))),
+  t += [(p + "probe", _to(f"{dst}/head/probe", lambda x: _reshape_if(x, (w,)),
+                          lambda x: x.reshape(1, 1, w))),
         (p + "attention.in_proj_weight", _fused(f"{dst}/head", w, h, "kernel")),
         (p + "attention.in_proj_bias", _fused(f"{dst}/head", w, h, "bias")),
         (p + "attention.out_proj.weight", _out_kernel(f"{dst}/head/attn/out", w, h)),
