@@ -7,13 +7,13 @@ strictly; their features against the JAX model that was exported. Every export i
 with the production converter (``proclip_jax.convert.api.convert``) to the same parameters.
 Sizes are tiny: EVA02 128 wide (two 64-wide heads, as every EVA02), SigLIP 32 wide.
 """
+import functools
 import json
 import os
 import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 import timm
@@ -26,11 +26,11 @@ from proclip_jax.convert.clip import clip_to_openai
 from proclip_jax.convert.export import export
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig, TextProj
-from proclip_jax.models.clip import CLIPConfig, init_clip, load_clip
+from proclip_jax.models.clip import CLIPConfig, abstract_params
 from proclip_jax.models.clip_text import TextConfig
-from proclip_jax.models.eva import EvaTower
-from proclip_jax.models.proclip import ProCLIPConfig, ProCLIPModel
-from proclip_jax.models.siglip import SiglipVisionTransformer
+from proclip_jax.models.eva import EvaTower, EvaVisionConfig
+from proclip_jax.models.proclip import ProCLIPConfig
+from proclip_jax.models.siglip import SiglipConfig, SiglipVisionTransformer
 from proclip_jax.models.vit import unstack_layers
 from proclip_jax.storage import load_model, read_model_json, save_model
 from tests.test_eva import LAYERS, eva_clip_layout
@@ -100,7 +100,10 @@ def eva(tmp_path_factory):
 
   text_clip = CLIPConfig(vision=None, text=TextConfig(
       vocab_size=50, context_length=7, width=64, layers=1, heads=1, embed_dim=EMBED, act="gelu"))
-  text = clip_to_openai(init_clip(text_clip, seed=9), text_clip)
+  rng = np.random.default_rng(9)  # random weights from the abstract shapes (no compile)
+  text_params = jax.tree.map(lambda x: (0.1 * rng.normal(size=x.shape)).astype(np.float32),
+                             meta_lib.unbox(abstract_params(text_clip)))
+  text = clip_to_openai(text_params, text_clip)
   clip_sd = {"visual.trunk." + k: v for k, v in sd.items()}
   clip_sd.update({"text." + k: v for k, v in text.items() if k != "logit_scale"})
   clip_sd["logit_scale"] = np.asarray(4.0, np.float32)
@@ -116,12 +119,23 @@ def eva(tmp_path_factory):
               release=release)
 
 
-def _eva_tower_features(folder, pixels):
-  """The JAX tower's unnormalised features of a converted CLIP or ProCLIP folder."""
+@functools.lru_cache(maxsize=None)
+def _apply(vision):  # one compilation per tower config in this file
+  tower = EvaTower(vision) if isinstance(vision, EvaVisionConfig) else SiglipVisionTransformer(
+      vision)
+  return jax.jit(lambda p, x: tower.apply({"params": p}, x))
+
+
+def _tower_features(folder, pixels):
+  """The JAX image tower's unnormalised features of a converted CLIP, SigLIP or ProCLIP folder
+  (a ProCLIP's image features are these, normalised: models/proclip.py)."""
   meta, params = load_model(folder)
-  vision = (CLIPConfig.from_dict(meta["config"]).vision if meta["kind"] == "clip"
-            else ProCLIPConfig.from_dict(meta["config"]).vision)
-  return np.asarray(jax.jit(EvaTower(vision).apply)({"params": params["visual"]}, pixels))
+  config = meta["config"]
+  if meta["kind"] == "siglip":
+    vision = SiglipConfig.from_dict(config["vision"])
+  else:
+    vision = (CLIPConfig if meta["kind"] == "clip" else ProCLIPConfig).from_dict(config).vision
+  return np.asarray(_apply(vision)(params["visual"], pixels))
 
 
 def test_eva_clip_open_clip_layout(eva, tmp_path):
@@ -148,9 +162,8 @@ def test_eva_clip_open_clip_layout(eva, tmp_path):
            if k.startswith("visual.trunk.")}
   ref.load_state_dict(trunk, strict=True)
   want = _timm_features(ref, eva["pixels"])
-  jax_raw = _eva_tower_features(eva["clip"], eva["pixels"])
-  jax_unit = load_clip(eva["clip"]).encode_image(eva["pixels"])
-  err, err_raw = np.abs(_unit(want) - jax_unit).max(), np.abs(want - jax_raw).max()
+  jax_raw = _tower_features(eva["clip"], eva["pixels"])
+  err, err_raw = np.abs(_unit(want) - _unit(jax_raw)).max(), np.abs(want - jax_raw).max()
   print(f"EVA02 open_clip export -> timm Eva: normalised {err:.2e}, raw {err_raw:.2e} "
         f"(|features| up to {np.abs(want).max():.1f})")
   assert err <= TOL and err_raw <= TOL * max(1.0, np.abs(want).max())
@@ -194,15 +207,13 @@ def test_eva_proclip_release_layout(eva, tmp_path):
   ref.load_state_dict(_timm_names({k: v for k, v in sd.items() if k.startswith("visual.")}),
                       strict=True)
   want = _timm_features(ref, eva["pixels"])
-  meta, params = load_model(eva["proclip"], kind="proclip")
-  model = ProCLIPModel(ProCLIPConfig.from_dict(meta["config"]))
-  img = np.asarray(model.encode_images(params, jnp.asarray(eva["pixels"])))
-  err = np.abs(_unit(want) - img).max()
+  img = _tower_features(eva["proclip"], eva["pixels"])
+  err = np.abs(_unit(want) - _unit(img)).max()
   print(f"EVA02 ProCLIP release export -> timm Eva: normalised {err:.2e}")
   assert err <= TOL
 
   again = convert(str(pt), str(tmp_path / "again"))
-  _same_params(load_model(again)[1], params)
+  _same_params(load_model(again)[1], load_model(eva["proclip"])[1])
 
   oc = tmp_path / "oc"
   assert "adapter is only in --format proclip" in export(eva["proclip"], str(oc), "open_clip")
@@ -288,10 +299,7 @@ def test_siglip_hf_layout(siglip, tmp_path):
     np.testing.assert_array_equal(got[k], v, err_msg=k)
 
   meta, params = load_model(siglip["folder"], kind="siglip")
-  from proclip_jax.models.siglip import SiglipConfig  # pylint: disable=import-outside-toplevel
-  cfg = SiglipConfig.from_dict(meta["config"]["vision"])
-  jax_out = np.asarray(jax.jit(SiglipVisionTransformer(cfg).apply)(
-      {"params": params["visual"]}, siglip["clip_px"]))
+  jax_out = _tower_features(siglip["folder"], siglip["clip_px"])
   pooled = _hf_pooled(str(out), siglip["siglip_px"])
   err = np.abs(pooled - jax_out).max()
   print(f"SigLIP hf export -> SiglipVisionModel: pooled {err:.2e}")
@@ -303,16 +311,14 @@ def test_siglip_hf_layout(siglip, tmp_path):
 
 
 def test_siglip_proclip_and_refusals(siglip, tmp_path):
-  """A ProCLIP on a SigLIP tower exports its tower as SiglipVisionModel (features equal the
-  ProCLIP's image features once normalised); openai / open_clip / proclip are refused naming
+  """A ProCLIP on a SigLIP tower exports its tower as SiglipVisionModel (normalised features
+  equal the ProCLIP's image features); openai / open_clip / proclip are refused naming
   --format hf, as is a tower with a Dense after the MAP head; nothing is written."""
   out = tmp_path / "hf"
   line = export(siglip["proclip"], str(out), "hf")
   assert "adapter is only in --format proclip" in line
-  meta, params = load_model(siglip["proclip"], kind="proclip")
-  model = ProCLIPModel(ProCLIPConfig.from_dict(meta["config"]))
-  img = np.asarray(model.encode_images(params, jnp.asarray(siglip["clip_px"])))
-  err = np.abs(_unit(_hf_pooled(str(out), siglip["siglip_px"])) - img).max()
+  img = _tower_features(siglip["proclip"], siglip["clip_px"])
+  err = np.abs(_unit(_hf_pooled(str(out), siglip["siglip_px"])) - _unit(img)).max()
   print(f"SigLIP ProCLIP hf export -> SiglipVisionModel: normalised {err:.2e}")
   assert err <= TOL
 
