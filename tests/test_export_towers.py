@@ -19,11 +19,13 @@ import pytest
 import timm
 import torch
 from flax.core import meta as meta_lib
+from safetensors.numpy import load_file
 from transformers import SiglipVisionConfig, SiglipVisionModel
 
 from proclip_jax.convert.api import convert
 from proclip_jax.convert.clip import clip_to_openai
 from proclip_jax.convert.export import export
+from proclip_jax.data.transforms import CLIP_MEAN, CLIP_STD
 from proclip_jax.errors import ProclipError
 from proclip_jax.models.adapter import AdapterConfig, TextProj
 from proclip_jax.models.clip import CLIPConfig, abstract_params
@@ -146,7 +148,6 @@ def test_eva_clip_open_clip_layout(eva, tmp_path):
   line = export(eva["clip"], str(out), "open_clip")
   assert "exported clip as open_clip" in line
   assert sorted(os.listdir(out)) == ["open_clip_config.json", "open_clip_model.safetensors"]
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   got = load_file(str(out / "open_clip_model.safetensors"))
   assert sorted(got) == sorted(eva["clip_sd"])
   for k, v in eva["clip_sd"].items():
@@ -217,7 +218,6 @@ def test_eva_proclip_release_layout(eva, tmp_path):
 
   oc = tmp_path / "oc"
   assert "adapter is only in --format proclip" in export(eva["proclip"], str(oc), "open_clip")
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   keys = sorted(load_file(str(oc / "open_clip_model.safetensors")))
   assert keys == sorted(["logit_scale"] + ["visual.trunk." + k for k in eva["sd"]])
 
@@ -272,7 +272,6 @@ def siglip(tmp_path_factory):
       "visual": params["visual"], "adapter": adapter_params,
       "logit_scale": np.asarray(3.0, np.float32)})
   siglip_px = np.random.default_rng(0).uniform(-1, 1, size=(3, SIZE, SIZE, 3)).astype(np.float32)
-  from proclip_jax.data.transforms import CLIP_MEAN, CLIP_STD  # pylint: disable=import-outside-toplevel
   clip_px = ((siglip_px * 0.5 + 0.5 - CLIP_MEAN) / CLIP_STD).astype(np.float32)
   return dict(model=model, folder=folder, proclip=proclip, siglip_px=siglip_px, clip_px=clip_px)
 
@@ -291,7 +290,6 @@ def test_siglip_hf_layout(siglip, tmp_path):
   out = tmp_path / "hf"
   assert "SigLIP-normalised pixels" in export(siglip["folder"], str(out), "hf")
   assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
-  from safetensors.numpy import load_file  # pylint: disable=import-outside-toplevel
   got = load_file(str(out / "model.safetensors"))
   want_sd = _np(siglip["model"].state_dict())
   assert sorted(got) == sorted(want_sd)

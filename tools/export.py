@@ -1,10 +1,13 @@
 """Export a model for PyTorch: ``python tools/export.py SRC OUT --format openai|open_clip|hf|proclip``.
 
-SRC: a converted CLIP or ProCLIP folder (tools/convert.py, ProCLIP.save) or a training
-workdir (its latest checkpoint, or ``--step``). OUT: a ``.pt`` file (openai: a plain OpenAI
-state dict; proclip: the ProCLIP release layout ``{"state_dict": ...}``) or a folder
-(open_clip: open_clip_model.safetensors + open_clip_config.json; hf: a transformers CLIP
-folder). Prints one summary line; a user error prints its message and exits with status 2.
+SRC: a converted CLIP, EVA02-CLIP, SigLIP or ProCLIP folder (tools/convert.py, ProCLIP.save) or
+a training workdir (its latest checkpoint, or ``--step``). OUT: a ``.pt`` file (openai: a plain
+OpenAI state dict; proclip: the ProCLIP release layout ``{"state_dict": ...}``) or a folder
+(open_clip: open_clip_model.safetensors + open_clip_config.json; hf: a transformers folder).
+By image tower: OpenAI ViT: all four formats; EVA02: open_clip (timm's visual.trunk.*) and
+proclip (EVA-CLIP's visual.*); SigLIP: hf (SiglipVisionModel). A format with no layout for the
+tower is refused, naming the ones that work. Prints one summary line; a user error prints its
+message and exits with status 2.
 """
 import argparse
 import os
@@ -20,7 +23,9 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog="export.py", description=__doc__.split("\n")[0])
   parser.add_argument("src", help="converted model folder or training workdir")
   parser.add_argument("out", help="output .pt file (openai, proclip) or folder (open_clip, hf)")
-  parser.add_argument("--format", required=True, choices=("openai", "open_clip", "hf", "proclip"))
+  parser.add_argument("--format", required=True, choices=("openai", "open_clip", "hf", "proclip"),
+                      help="openai, open_clip, hf, proclip (ProCLIP models); EVA02 towers: "
+                      "open_clip or proclip; SigLIP towers: hf")
   parser.add_argument("--step", type=int, help="checkpoint step of a workdir (default: latest)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
   args = parser.parse_args(argv)

@@ -37,10 +37,11 @@ EVA02-CLIP towers (``arch`` "eva02"):
 SigLIP towers (``arch`` "siglip", a converted SigLIP or a ProCLIP built on one):
 
 * ``hf``: a transformers ``SiglipVisionModel`` folder (``config.json`` + ``model.safetensors``
-  with the names transformers 5 saves it with, ``embeddings.*``, ``encoder.*``, ``head.*``;
-  ``from_pretrained`` also maps them onto an older ``vision_model.`` model); it takes SigLIP-normalised pixels (mean = std = 0.5, its processor's),
-  where the project's tower takes CLIP-normalised ones by default. A tower with a Dense after
-  the MAP head (big_vision ``img/head``) is refused: ``SiglipVisionModel`` has no such layer;
+  in the names the pinned transformers saves it with: ``embeddings.*``, ``encoder.*``,
+  ``post_layernorm.*``, ``head.*``); it takes SigLIP-normalised pixels (mean = std = 0.5, its
+  processor's), where the project's tower takes CLIP-normalised ones by default. A tower with
+  a Dense after the MAP head (big_vision ``img/head``) is refused: ``SiglipVisionModel`` has
+  no such layer;
 * ``openai``, ``open_clip`` (timm's attention-pool layout, which ``tools/convert.py`` does not
   read) and ``proclip`` (the release layout, whose converter reads OpenAI and EVA-CLIP towers
   only) are refused.
