@@ -87,7 +87,7 @@ def _adapter(d, e, seed):
 def eva(tmp_path_factory):
   """A small timm EVA02-CLIP (its state dict, RoPE table, pixels, features) and two converted
   models built on it: an EVA02-CLIP with a text tower (from open_clip's layout) and a ProCLIP
-  (from a release file with BAAI EVA-CLIP's visual.*)."""
+  (from a release file with BAAI EVA-CLIP's visual.*, its blocks stacked for scan)."""
   tmp = tmp_path_factory.mktemp("export_eva")
   torch.manual_seed(4)
   model = _timm_eva(img_size=28, patch_size=7, embed_dim=128, num_heads=2, depth=LAYERS,
@@ -116,7 +116,7 @@ def eva(tmp_path_factory):
              "logit_scale": np.asarray(4.5, np.float32)}
   torch.save({"state_dict": {k: torch.tensor(v) for k, v in release.items()}},
              tmp / "release.pt")
-  proclip = convert(str(tmp / "release.pt"), str(tmp / "proclip"))
+  proclip = convert(str(tmp / "release.pt"), str(tmp / "proclip"), scan_layers=True)
   return dict(sd=sd, pixels=pixels, feats=feats, clip=clip, clip_sd=clip_sd, proclip=proclip,
               release=release)
 
@@ -223,8 +223,8 @@ def test_eva_proclip_release_layout(eva, tmp_path):
 
 
 def test_eva_refusals(eva, tmp_path):
-  """openai / hf name the formats that work; a CLIP has no release layout; a tower whose
-  RoPE reference grid the layouts cannot record is refused; nothing is written."""
+  """openai / hf name the formats that work; a CLIP has no release layout; a tower whose RoPE
+  reference grid or head count the layouts cannot record is refused; nothing is written."""
   for fmt, out, works in (("openai", "x.pt", "--format open_clip"),
                           ("hf", "hf", "--format open_clip")):
     with pytest.raises(ProclipError, match=works) as e:
@@ -235,11 +235,13 @@ def test_eva_refusals(eva, tmp_path):
   with pytest.raises(ProclipError, match="ProCLIP models"):
     export(eva["clip"], str(tmp_path / "x.pt"), "proclip")
   meta, params = load_model(eva["proclip"])
-  meta["config"]["vision"]["rope_ref_grid"] = 8
-  odd = save_model(str(tmp_path / "odd"), "proclip", meta["config"], params)
-  for fmt, out in (("proclip", "o.pt"), ("open_clip", "o")):
-    with pytest.raises(ProclipError, match="rope_ref_grid=8.*rope_ref_grid=16"):
-      export(odd, str(tmp_path / out), fmt)
+  for change, match in (({"rope_ref_grid": 8}, "rope_ref_grid=8.*rope_ref_grid=16"),
+                        ({"heads": 1}, "heads=1.*heads=2")):  # 128-wide heads: not EVA02's 64
+    config = {**meta["config"], "vision": {**meta["config"]["vision"], **change}}
+    odd = save_model(str(tmp_path / "odd"), "proclip", config, params, overwrite=True)
+    for fmt, out in (("proclip", "o.pt"), ("open_clip", "o")):
+      with pytest.raises(ProclipError, match=match):
+        export(odd, str(tmp_path / out), fmt)
   assert sorted(os.listdir(tmp_path)) == ["odd"]
 
 
