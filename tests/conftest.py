@@ -13,6 +13,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# The suite compiles hundreds of small programs and runs each a few times: XLA:CPU's LLVM
+# optimisation passes cost more than they save there (compile time dominates the suite), so
+# the tests and the processes they start compile without them. Numerics are unchanged: the
+# passes reorder no floating-point arithmetic (fast-math stays off either way).
+if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = " ".join(filter(None, [os.environ.get("XLA_FLAGS"),
+                                                   "--xla_backend_optimization_level=0"]))
 # Child processes (the tools, experiments/run.py and tests/mp_worker.py run as scripts)
 # import this checkout's code, as the tests do (pytest.ini's pythonpath), whatever else is
 # installed.
