@@ -358,50 +358,50 @@ def test_proclip_loads_a_gcs_workdir(trained, on_gcs):
 
 
 @pytest.fixture(scope="module")
-def stage2(trained, on_gcs, models, local):
+def stage2(trained, on_gcs, models):
   """Stage 2 on gs:// (the CLIP, stage-1 workdir, data, cache and workdir there): 1 step,
-  then resumed to 2; and the same 2 steps from the local files."""
+  then resumed to 2. (Resuming is checked bitwise against local disk in stage 1; the
+  checkpoints go through the same Orbax code.)"""
   work = f"{ROOT_URI}/runs/s2"
-  cfg = lambda data, llm, clip, s1, steps: _config(  # noqa: E731
-      data, llm, "", steps, stage=2, init_clip=clip, stage1=s1)
-  first = loop.train(cfg(f"{ROOT_URI}/data/ds", on_gcs["llm"], models["clip"],
-                         trained["work"], 1), work)
-  second = loop.train(cfg(f"{ROOT_URI}/data/ds", on_gcs["llm"], models["clip"],
-                          trained["work"], 2), work)
-  ref_dir = str(local["root"] / "run2")
-  ref = loop.train(cfg(local["ds"], on_gcs["llm_local"], local["clip"], trained["ref_dir"], 2),
-                   ref_dir)
-  return {"work": work, "first": first, "second": second, "ref": ref, "ref_dir": ref_dir}
+  runs = [loop.train(_config(f"{ROOT_URI}/data/ds", on_gcs["llm"], "", steps, stage=2,
+                             init_clip=models["clip"], stage1=trained["work"]), work)
+          for steps in (1, 2)]
+  return {"work": work, "first": runs[0], "second": runs[1]}
 
 
-def _retrieval(model, data):
-  """Image-text retrieval over a dataset's 32 images and short captions."""
+def test_stage2_on_gcs_trains_resumes_and_evaluates(stage2, on_gcs, models, local):
+  import math  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from proclip_jax.data.cache import CacheReader  # pylint: disable=import-outside-toplevel
   from proclip_jax.eval import datasets as eval_ds  # pylint: disable=import-outside-toplevel
   from proclip_jax.eval import evaluators  # pylint: disable=import-outside-toplevel
-  rows = [open_source(data, "train")[i] for i in range(32)]
-  img = evaluators.encode_image_list(model, [bytes(r["image"]) for r in rows],
-                                     loader=evaluators._load_bytes, batch_size=16)  # pylint: disable=protected-access
-  caps = [r["short"].decode() for r in rows]
-  res = evaluators.eval_retrieval(model, eval_ds.RetrievalData("gcs", [], caps, np.arange(32)),
-                                  batch_size=16, img_emb=img)
-  return res, img
-
-
-def test_stage2_on_gcs_resumes_exactly_and_evaluates(stage2, models, local):
-  assert stage2["first"]["step"] == 1 and stage2["second"]["step"] == 2
-  assert stage2["second"]["loss"] == stage2["ref"]["loss"]
+  first, second = stage2["first"], stage2["second"]
+  assert first["step"] == 1 and second["step"] == 2 and math.isfinite(second["loss"])
   assert ckpt_lib.Checkpoints(stage2["work"], read_only=True).all_steps() == [1, 2]
-  from proclip_jax import storage  # pylint: disable=import-outside-toplevel
-  a = flatten(storage.restore_state_params(stage2["work"], 2))
-  b = flatten(storage.restore_state_params(stage2["ref_dir"], 2))
-  assert sorted(a) == sorted(b) and any(k.startswith("params/visual") for k in a)
-  for k in a:
-    np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  # Evaluated: the gs:// run with its text through the gs:// embedder, against the local
-  # run with the local embedder (the same scores and embeddings).
-  got, img = _retrieval(ProCLIP.load(stage2["work"], embedder=models["bert"]),
-                        f"{ROOT_URI}/data/ds")
-  want, ref_img = _retrieval(ProCLIP.load(stage2["ref_dir"], embedder=local["bert"]),
-                             local["ds"])
-  assert got == want and set(got) >= {"i2t_R@1", "t2i_R@1"}
-  np.testing.assert_array_equal(img, ref_img)
+  rows = [json.loads(line) for line in
+          epath.Path(stage2["work"], "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]   # the second run resumed
+  saved = json.loads(epath.Path(stage2["work"], "config.json").read_text())
+  assert saved["init"]["clip"] == models["clip"]
+  assert saved["init"]["clip_sha256"] == json.loads(
+      epath.Path(models["clip"], "model.json").read_text())["params_sha256"]
+  # Evaluated: retrieval over the 32 images and their short captions, the captions through
+  # the gs:// embedder, R@k against a brute-force ranking of the same embeddings.
+  model = ProCLIP.load(stage2["work"], embedder=models["bert"])
+  assert model.meta["step"] == 2
+  source = open_source(f"{ROOT_URI}/data/ds", "train")
+  ex = [source[i] for i in range(len(source))]
+  img = evaluators.encode_image_list(model, [bytes(r["image"]) for r in ex],
+                                     loader=evaluators._load_bytes, batch_size=16)  # pylint: disable=protected-access
+  caps = [r["short"].decode() for r in ex]
+  txt = evaluators.encode_text_list(model, caps, batch_size=16)
+  got = evaluators.eval_retrieval(model, eval_ds.RetrievalData("gcs", [], caps, np.arange(32)),
+                                  img_emb=img, txt_emb=txt)
+  sim = img @ txt.T
+  assert got["i2t_R@1"] == pytest.approx(100 * np.mean(sim.argmax(1) == np.arange(32)))
+  assert got["t2i_R@1"] == pytest.approx(100 * np.mean(sim.argmax(0) == np.arange(32)))
+  # The gs:// embedder's features are the ones the gs:// cache holds (made by the same
+  # model from the same captions).
+  ids = np.asarray([int(r["id"]) for r in ex])
+  cached = model.encode_text_features(CacheReader(on_gcs["llm"]).lookup(ids, ["short"] * 32))
+  np.testing.assert_allclose(txt, cached, atol=1e-5)
