@@ -318,6 +318,7 @@ def compile_precompute(config: Any, topology: str, *, devices: list | None = Non
   """
   # pylint: disable=import-outside-toplevel
   from flax.core import meta as flax_meta
+  from proclip_jax.data.precompute import jit_in_mesh
   from proclip_jax.models import embedder as E
   kind = chip_kind(topology)
   devices = topology_devices(topology) if devices is None else list(devices)
@@ -354,7 +355,7 @@ def compile_precompute(config: Any, topology: str, *, devices: list | None = Non
       flax_meta.unbox(boxed), shardings)
   tokens = jax.ShapeDtypeStruct((b, length), jnp.int32,
                                 sharding=mesh_lib.batch_sharding(mesh, rules))
-  lowered = jax.jit(fn).lower(params, tokens, tokens, tokens)
+  lowered = jit_in_mesh(fn, mesh, rules).lower(params, tokens, tokens, tokens)
   n = len(devices)
   head = {"topology": topology, "chips": n, "what": "precompute",
           "device_kind": getattr(devices[0], "device_kind", ""),
