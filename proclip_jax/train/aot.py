@@ -253,6 +253,19 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
           "device_kind": getattr(devices[0], "device_kind", ""),
           "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
           "stage": stage_of(config), "global_batch": b}
+  model = model_step_flops(config)
+  as_compiled = model_step_flops(config, as_compiled=True)
+
+  def flops_entry(per_chip):
+    return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
+            "model": model, "model_as_compiled": as_compiled,
+            "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)}
+  return _compiled_report(lowered, head, kind, t0, abstract.params, b, flops_entry, keep_hlo)
+
+
+def _compiled_report(lowered, head: dict, kind: str, t0: float, weights_tree, batch: int,
+                     flops_entry, keep_hlo: bool) -> dict:
+  """Compiles ``lowered`` and reports on it (the fields in the module doc)."""
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -264,22 +277,17 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
             "compile_s": round(time.perf_counter() - t0, 2)}
   compile_s = time.perf_counter() - t0
   memory = _memory(compiled, HBM_BYTES[kind])
-  per_chip = _cost_flops(compiled)
-  model = model_step_flops(config)
-  as_compiled = model_step_flops(config, as_compiled=True)
   hlo = compiled.as_text()
   # Weights and their gradients as gathered or reduced: whole, one chip's shard, one layer
   # of a scanned stack ([1, ...] or without the axis).
   weights = set()
-  for x in jax.tree.leaves(abstract.params):
+  for x in jax.tree.leaves(weights_tree):
     for shape in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
       weights |= {shape, shape[1:], (1,) + shape[1:]}
-  coll, batch_ops = collectives(hlo, b, frozenset(weights))
+  coll, batch_ops = collectives(hlo, batch, frozenset(weights))
   report = {
       **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
-      "flops": {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
-                "model": model, "model_as_compiled": as_compiled,
-                "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)},
+      "flops": flops_entry(_cost_flops(compiled)),
       "collectives": coll, "batch_collectives": batch_ops,
       "compile_s": round(compile_s, 2),
   }
@@ -361,34 +369,14 @@ def compile_precompute(config: Any, topology: str, *, devices: list | None = Non
           "device_kind": getattr(devices[0], "device_kind", ""),
           "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
           "global_batch": b, "length": length, "preset": preset.name}
-  try:
-    compiled = lowered.compile()
-  except Exception as e:  # pylint: disable=broad-except
-    if "RESOURCE_EXHAUSTED" not in str(e):
-      raise
-    return {**head, "fits": False, "memory": _oom(str(e), HBM_BYTES[kind]),
-            "compile_s": round(time.perf_counter() - t0, 2)}
-  compile_s = time.perf_counter() - t0
-  memory = _memory(compiled, HBM_BYTES[kind])
-  per_chip = _cost_flops(compiled)
   model_flops = embedder_forward_flops(mcfg, b, length)
-  hlo = compiled.as_text()
-  weights = set()
-  for x in jax.tree.leaves(params):
-    for shape in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
-      weights |= {shape}
-  coll, batch_ops = collectives(hlo, b, frozenset(weights))
-  ratio = None if per_chip is None or not model_flops else round(per_chip * n / model_flops, 4)
-  report = {
-      **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
-      "flops": {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
-                "model": model_flops, "ratio": ratio},
-      "collectives": coll, "batch_collectives": batch_ops,
-      "compile_s": round(compile_s, 2),
-  }
-  if keep_hlo:
-    report["hlo"] = hlo
-  return report
+
+  def flops_entry(per_chip):
+    known = per_chip is not None and model_flops
+    return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
+            "model": model_flops,
+            "ratio": round(per_chip * n / model_flops, 4) if known else None}
+  return _compiled_report(lowered, head, kind, t0, params, b, flops_entry, keep_hlo)
 
 
 def summary(report: Mapping[str, Any]) -> dict:
