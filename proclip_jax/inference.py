@@ -46,7 +46,7 @@ from etils import epath
 from proclip_jax import mesh as mesh_lib
 from proclip_jax import storage
 from proclip_jax.batched import BatchedEncoder, check_batch_size
-from proclip_jax.data import transforms
+from proclip_jax.data import paths, transforms
 from proclip_jax.errors import ProclipError
 from proclip_jax.eval import metrics
 from proclip_jax.models.clip import load_clip
@@ -191,7 +191,7 @@ class ProCLIP:
   def save(self, out: str, *, embedder: str | None = None, overwrite: bool = False) -> str:
     """Writes a ``kind="proclip"`` folder; ``embedder`` (a path) is recorded for ``load``."""
     emb = embedder if embedder is not None else self.embedder_path
-    extra = {"embedder": os.path.abspath(os.fspath(emb))} if emb is not None else {}
+    extra = {"embedder": paths.absolute(emb)} if emb is not None else {}
     return storage.save_model(out, "proclip", self.config.to_dict(), self.params, overwrite=overwrite,
                       **extra)
 
@@ -256,7 +256,7 @@ def resolve_embedder(embedder, recorded, where):
   if path is None:
     return None, None
   path = os.fspath(path)
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():   # a local folder or gs://
     raise ProclipError(f"The text embedder {path} (recorded in {where}) does not exist; pass "
                        "embedder=PATH (--embedder) to a converted embedder folder.")
   return load_embedder(path), path
@@ -296,11 +296,10 @@ def load_workdir(path: str, step: int | None):
   emb = cfg.get("embedder_path") or None
   cache = (cfg.get("cache") or {}).get("llm") if isinstance(cfg.get("cache"), Mapping) else None
   if emb is None and cache:
-    manifest = os.path.join(cache, "manifest.json")
-    if os.path.isfile(manifest):
-      with open(manifest, encoding="utf-8") as f:
-        emb = (json.load(f).get("model") or {}).get("path") or None
-    if emb is not None and not os.path.isdir(emb):
+    manifest = epath.Path(cache, "manifest.json")
+    if manifest.is_file():
+      emb = (json.loads(manifest.read_text()).get("model") or {}).get("path") or None
+    if emb is not None and not epath.Path(emb).is_dir():
       emb = None
   return config, params, emb, {"kind": "workdir", "step": step, "stage": cfg.get("stage"),
                                "workdir": os.fspath(path)}

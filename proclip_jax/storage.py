@@ -42,6 +42,7 @@ import sys
 import tempfile
 import time
 import traceback
+import uuid
 import warnings
 from typing import Any, Callable, Iterator, Mapping
 
@@ -52,6 +53,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 from etils import epath
 
+from proclip_jax.data import paths
 from proclip_jax.errors import ProclipError
 from proclip_jax.tree import flatten
 
@@ -229,53 +231,109 @@ def params_fingerprint(params: Any) -> str:
   return h.hexdigest()
 
 
+def _temporary_folder(out: str) -> epath.Path:
+  """A new, empty folder beside ``out`` to write it under (renamed to ``out`` when whole)."""
+  parent = epath.Path(out).parent
+  parent.mkdir(parents=True, exist_ok=True)
+  name = epath.Path(out).name + ".tmp-"
+  if paths.is_local(out):
+    return epath.Path(tempfile.mkdtemp(prefix=name, dir=os.fspath(parent)))
+  tmp = parent / f"{name}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+  tmp.mkdir()
+  return tmp
+
+
+def publish_folder(tmp: epath.Path, out: str) -> None:
+  """Renames the finished folder ``tmp`` to ``out``, replacing an existing ``out``.
+
+  Local: an atomic rename. Elsewhere (``gs://`` has no folder rename: epath copies and
+  deletes each object) the old ``out`` is removed first and ``model.json`` is copied last,
+  so an interrupted move leaves a folder without ``model.json``, never one that looks whole.
+  """
+  dst = epath.Path(out)
+  if paths.is_local(out):
+    if dst.exists():
+      shutil.rmtree(out)
+    os.replace(os.fspath(tmp), out)
+    return
+  if dst.exists():
+    dst.rmtree()
+  files = sorted(_files(tmp), key=lambda rel: (rel == MODEL_JSON, rel))
+  for rel in files:
+    target = dst / rel
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (tmp / rel).copy(target, overwrite=True)
+  tmp.rmtree()
+
+
+def _files(folder: epath.Path, prefix: str = "") -> list[str]:
+  """The relative paths of the files under ``folder``, at any depth."""
+  out = []
+  for p in folder.iterdir():
+    if p.is_dir():
+      out += _files(p, f"{prefix}{p.name}/")
+    else:
+      out.append(prefix + p.name)
+  return out
+
+
 def save_model(out: str, kind: str, config: Mapping[str, Any], params: Any,
                *, overwrite: bool = False, **extra: Any) -> str:
   """Writes ``params`` and ``{"kind", "config", "params_sha256", **extra}`` to ``out`` atomically.
 
+  ``out`` is a local path or a URI (``gs://bucket/...``, through ``etils.epath``).
   ``params_sha256`` (:func:`params_fingerprint`) lets caches check which weights made them
   without loading the parameters again.
   """
-  out = os.path.abspath(os.fspath(out))
-  if os.path.exists(out):
-    if not overwrite:
-      raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(out) + ".tmp-", dir=parent)
+  tmp = start_model_folder(out, overwrite=overwrite)
+  out = paths.absolute(out)
   try:
-    params = jax.tree.map(np.asarray, params)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(os.path.join(tmp, PARAMS_DIR), params)
-    ckptr.wait_until_finished()
-    ckptr.close()
-    meta = {"kind": kind, "config": dict(config),
-            "params_sha256": params_fingerprint(params), **extra}
-    with open(os.path.join(tmp, MODEL_JSON), "w") as f:
-      json.dump(meta, f, indent=2, sort_keys=True)
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
+    write_model_files(tmp, kind, config, params, **extra)
+    publish_folder(tmp, out)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.rmtree(missing_ok=True)
     raise
   return out
 
 
+def start_model_folder(out, *, overwrite: bool = False) -> epath.Path:
+  """Refuses an existing ``out`` (unless ``overwrite``); returns a new temporary folder
+  beside it to write the model into (:func:`publish_folder` moves it into place)."""
+  out = paths.absolute(out)
+  if epath.Path(out).exists() and not overwrite:
+    raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
+  return _temporary_folder(out)
+
+
+def write_model_files(folder: epath.Path, kind: str, config: Mapping[str, Any], params: Any,
+                      **extra: Any) -> None:
+  """``folder/params/`` (Orbax) and ``folder/model.json`` (written last)."""
+  params = jax.tree.map(np.asarray, params)
+  ckptr = ocp.StandardCheckpointer()
+  try:
+    ckptr.save(epath.Path(folder) / PARAMS_DIR, params)
+    ckptr.wait_until_finished()
+  finally:
+    ckptr.close()
+  meta = {"kind": kind, "config": dict(config),
+          "params_sha256": params_fingerprint(params), **extra}
+  (epath.Path(folder) / MODEL_JSON).write_text(json.dumps(meta, indent=2, sort_keys=True))
+
+
 def is_model_folder(path) -> bool:
   """Whether ``path`` is a folder with a ``model.json`` (see :func:`save_model`)."""
-  return os.path.isfile(os.path.join(os.fspath(path), MODEL_JSON))
+  return epath.Path(paths.absolute(path), MODEL_JSON).is_file()
 
 
 def read_model_json(path: str) -> dict:
   p = os.path.join(os.fspath(path), MODEL_JSON)
-  if not os.path.exists(p):
+  f = epath.Path(p)
+  if not f.exists():
     raise ProclipError(
         f"{path!r} is not a converted model folder (no {MODEL_JSON}). Make one with "
         "`python tools/convert.py SRC OUT`.")
   try:
-    with open(p) as f:
-      meta = json.load(f)
+    meta = json.loads(f.read_text())
   except (ValueError, UnicodeDecodeError) as e:
     raise ProclipError(f"{p} is damaged (not valid JSON: {e}). Convert the model again with "
                        "`python tools/convert.py SRC OUT`.") from None
@@ -288,19 +346,20 @@ def read_model_json(path: str) -> dict:
 def load_model(path: str, *, kind: str | None = None, target: Any = None):
   """Returns ``(meta, params)`` from a folder written by :func:`save_model`.
 
-  ``target`` (an abstract tree, optionally with shardings) restores straight into that
-  structure and placement; otherwise arrays come back as host numpy arrays.
+  ``path`` is a local folder or a URI (``gs://...``). ``target`` (an abstract tree,
+  optionally with shardings) restores straight into that structure and placement;
+  otherwise arrays come back as host numpy arrays.
 
   Raises:
     ProclipError: no ``model.json``, another ``kind``, or parameters that cannot be read
       (missing or damaged files).
   """
-  path = os.path.abspath(os.fspath(path))
+  path = paths.absolute(path)
   meta = read_model_json(path)
   if kind is not None and meta.get("kind") != kind:
     raise ProclipError(
         f"{path!r} holds a {meta.get('kind')!r} model, but a {kind!r} model was expected.")
-  params_dir = os.path.join(path, PARAMS_DIR)
+  params_dir = epath.Path(path) / PARAMS_DIR
   try:
     with quiet_failed_restore(params_dir):
       if target is None:

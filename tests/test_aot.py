@@ -168,3 +168,69 @@ def test_compute_cast_leaves_bf16_outputs_unchanged():
   np.testing.assert_array_equal(
       np.asarray(model.text_features(compute_cast(params["adapter"], "bfloat16"), feats)),
       np.asarray(model.text_features(params["adapter"], feats)))
+
+
+# ------------------------------------------------------------------------ precompute forward
+
+PRE_BATCH, PRE_LEN = 24, 16
+TINY_LLAMA = {"model.model.vocab_size": 512, "model.model.hidden_size": 128,
+              "model.model.intermediate_size": 256, "model.model.num_layers": 2,
+              "model.model.num_heads": 4, "model.model.num_kv_heads": 2,
+              "model.model.head_dim": 32}
+
+
+def precompute_config(**extra):
+  config = load_config(f"precompute.py:batch={PRE_BATCH},length={PRE_LEN}")
+  for k, v in {**TINY_LLAMA, "mesh.fsdp": 2, **extra}.items():
+    apply_override(config, k, str(v))
+  return config
+
+
+def test_precompute_forward_compiles_for_a_slice():
+  """The embedder forward of tools/precompute.py, parameters sharded over fsdp = 2."""
+  config = precompute_config()
+  report = aot.compile_precompute(config, "v5e:2x2", keep_hlo=True)
+  assert report["what"] == "precompute" and report["chips"] == 4
+  assert report["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1}
+  assert (report["global_batch"], report["length"]) == (PRE_BATCH, PRE_LEN)
+  # Arguments: the frozen parameters (kernels in bf16, embeddings and norms f32) split over
+  # fsdp, and three int32 [batch, length] token arrays split over data x fsdp.
+  from proclip_jax.models import embedder as E  # pylint: disable=import-outside-toplevel
+  mcfg = E.model_config_from_dict(config.model.to_dict())
+  h, i, v = 128, 256, 512
+  layer = h * (4 * 32 + 2 * 2 * 32) + 3 * h * i   # q, o (4 heads) + k, v (2) + gated MLP
+  kernels, f32 = 2 * layer, v * h + (2 * 2 + 1) * h   # embedding + 2 norms a layer + final
+  param_bytes = 2 * kernels + 4 * f32
+  tokens = 3 * PRE_BATCH * PRE_LEN * 4
+  m = report["memory"]
+  assert param_bytes / 2 + tokens / 4 <= m["argument_bytes"] <= 2.5 * (param_bytes / 2
+                                                                       + tokens / 4)
+  assert report["fits"] is True and m["hbm_bytes"] == 16 * 2 ** 30
+  f = report["flops"]
+  assert f["model"] == aot.embedder_forward_flops(mcfg, PRE_BATCH, PRE_LEN)
+  # By hand: 2 layers of projections, attention (in full) and the gated MLP.
+  t = PRE_BATCH * PRE_LEN
+  assert f["model"] == 2 * (2 * t * h * (2 * 128 + 2 * 64) + 4 * PRE_BATCH * 4 * PRE_LEN ** 2
+                            * 32 + 6 * t * h * i)
+  assert 0.5 < f["ratio"] < 2.0
+  coll, _ = aot.collectives(report["hlo"], PRE_BATCH)
+  assert coll == report["collectives"] and coll["all-gather"]["count"] > 0   # fsdp weights
+
+
+def test_precompute_cli_and_mistakes():
+  env = {**os.environ, "PYTHONPATH": REPO, "JAX_PLATFORMS": "cpu"}
+  over = [f"--config.{k}={v}" for k, v in TINY_LLAMA.items()]
+  ok = subprocess.run([sys.executable, "tools/aot_compile.py", "--config",
+                       f"precompute.py:batch=8,length={PRE_LEN}", "--topology", "v5e:2x2",
+                       "--config.mesh.fsdp=4", *over], cwd=REPO, env=env,
+                      capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr
+  import json  # pylint: disable=import-outside-toplevel
+  out = json.loads(ok.stdout)
+  assert out["what"] == "precompute" and out["mesh"]["fsdp"] == 4 and "hlo" not in out
+  with pytest.raises(ProclipError, match=r"batch_size=6 must be a positive multiple"):
+    aot.compile_precompute(precompute_config(**{"precompute.batch_size": 6}), "v5e:2x2")
+  with pytest.raises(ProclipError, match=r"length=9999"):
+    aot.compile_precompute(precompute_config(**{"precompute.length": 9999}), "v5e:2x2")
+  with pytest.raises(ProclipError, match="known: llm2clip_llama3_8b"):
+    load_config("precompute.py:embedder=nope")

@@ -1,10 +1,14 @@
 """``gs://`` end to end against a local GCS emulator (fake-gcs-server on 127.0.0.1).
 
-A dataset is built to ``gs://`` (tools/build_dataset.py's function), embedding caches are
-precomputed to ``gs://``, stage 1 trains with data, caches and the Orbax workdir all on
-``gs://``, stops after 2 steps, resumes to 4, and the trained adapter loads back through
-``ProCLIP.load(gs://WORKDIR)``. Each piece is checked against the same work done on local
-disk (the same records, the same cache bytes, the same parameters bitwise).
+A tiny Hugging Face CLIP and BERT embedder are converted to ``gs://`` (tools/convert.py's
+function), a dataset is built to ``gs://`` (tools/build_dataset.py's function), embedding
+caches are precomputed to ``gs://`` from the ``gs://`` models, stage 1 trains with data,
+caches and the Orbax workdir all on ``gs://``, stops after 2 steps, resumes to 4, and the
+trained adapter loads back through ``ProCLIP.load(gs://WORKDIR)``. Stage 2 then starts
+from the ``gs://`` CLIP and stage-1 workdir, trains 1 step in a ``gs://`` workdir, resumes
+to 2, and the result is evaluated (retrieval over the dataset's captions, text through the
+``gs://`` embedder). Each piece is checked against the same work done on local disk (the
+same model files, records, cache bytes, parameters bitwise, retrieval scores).
 
 Each reader of ``gs://`` is pointed at the emulator in its own way:
 
@@ -41,9 +45,7 @@ from proclip_jax.data import precompute as P
 from proclip_jax.data.pipeline import open_source
 from proclip_jax.inference import ProCLIP
 from proclip_jax.models import embedder as E
-from proclip_jax.models.clip import CLIPConfig, init_clip
-from proclip_jax.models.clip_text import TextConfig
-from proclip_jax.storage import save_model
+from proclip_jax.errors import ProclipError
 from proclip_jax.train import checkpoints as ckpt_lib
 from proclip_jax.train import loop
 from proclip_jax.tree import flatten
@@ -153,9 +155,25 @@ def _png(pixels):
   return buf.getvalue()
 
 
+def _hf_clip(out):
+  """A tiny random Hugging Face CLIP (the OpenAI vocabulary, so CLIP's tokenizer fits)."""
+  from transformers import CLIPConfig as HFCLIPConfig, CLIPModel  # pylint: disable=import-outside-toplevel
+  torch.manual_seed(1)
+  cfg = HFCLIPConfig(
+      text_config=dict(vocab_size=49408, hidden_size=32, intermediate_size=64,
+                       num_hidden_layers=1, num_attention_heads=2, max_position_embeddings=24,
+                       eos_token_id=49407, bos_token_id=49406, pad_token_id=0),
+      vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, image_size=32, patch_size=16),
+      projection_dim=E_DIM)
+  CLIPModel(cfg).eval().save_pretrained(str(out))
+  return str(out)
+
+
 @pytest.fixture(scope="module")
 def local(tmp_path_factory):
-  """A manifest of 32 demo-world images, its local dataset, two converted text models."""
+  """A manifest of 32 demo-world images, its local dataset, two converted models (a BERT
+  embedder, a CLIP with both towers) and their sources."""
   root = tmp_path_factory.mktemp("gcs_local")
   (root / "img").mkdir()
   rng = np.random.default_rng(0)
@@ -184,16 +202,45 @@ def local(tmp_path_factory):
   for f in E.TOKENIZER_FILES:
     shutil.copy(os.path.join(minilm, f), src / f)
   bert = convert(str(src), str(root / "bert"))
-  clip_cfg = CLIPConfig(vision=None, text=TextConfig(context_length=24, width=32, layers=1,
-                                                     heads=2, embed_dim=E_DIM))
-  clip = save_model(str(root / "clip"), "clip", clip_cfg.to_dict(),
-                    init_clip(clip_cfg, seed=1))
+  clip_src = _hf_clip(root / "clip_src")
+  clip = convert(clip_src, str(root / "clip"))
   return {"root": root, "manifest": root / "m.jsonl", "ds": str(root / "ds"), "bert": bert,
-          "clip": clip}
+          "clip": clip, "bert_src": str(src), "clip_src": clip_src}
 
 
-def _config(data, llm, clip, steps):
-  c = common.base_config(1)
+@pytest.fixture(scope="module")
+def models(gcs, local):
+  """The same two sources converted to gs:// (what tools/convert.py does with a gs:// OUT)."""
+  del gcs
+  return {"bert": convert(local["bert_src"], f"{ROOT_URI}/models/bert"),
+          "clip": convert(local["clip_src"], f"{ROOT_URI}/models/clip")}
+
+
+def test_models_converted_to_gcs_equal_the_local_ones(models, local):
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from proclip_jax import storage  # pylint: disable=import-outside-toplevel
+  assert models["bert"] == f"{ROOT_URI}/models/bert"
+  for name in ("bert", "clip"):
+    assert storage.is_model_folder(models[name])
+    meta, params = storage.load_model(models[name])
+    ref_meta, ref = storage.load_model(local[name])
+    assert meta == ref_meta and meta["kind"] == ("embedder" if name == "bert" else "clip")
+    a, b = flatten(params), flatten(ref)
+    assert sorted(a) == sorted(b) and a
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  names = sorted(p.name for p in epath.Path(f"{ROOT_URI}/models").iterdir())
+  assert names == ["bert", "clip"]               # no temporary folder left behind
+  tok = sorted(p.name for p in epath.Path(models["bert"], "tokenizer").iterdir())
+  assert "tokenizer.json" in tok
+  with pytest.raises(ProclipError, match="already exists; remove it or pass --overwrite"):
+    convert(local["clip_src"], models["clip"])
+  with pytest.raises(ProclipError, match="is not a converted model folder"):
+    storage.read_model_json(f"{ROOT_URI}/models")
+
+
+def _config(data, llm, clip, steps, stage=1, init_clip=None, stage1=None):
+  c = common.base_config(stage)
   c.total_steps = steps
   c.progress = False
   c.log_every = 1
@@ -204,8 +251,13 @@ def _config(data, llm, clip, steps):
   c.data.read_threads = 1
   c.data.prefetch_batches = 1
   c.cache.llm, c.cache.clip = llm, clip
-  common.set_model(c, d=D, e=E_DIM, size=None, dtype="float32")
+  common.set_model(c, d=D, e=E_DIM, size=None, dtype="float32",
+                   vision_from_files=stage == 2)
   c.model.adapter.expansion = 2
+  if stage == 2:   # the image tower from the converted CLIP, the adapter from stage 1
+    c.init.clip, c.init.stage1_workdir = init_clip, stage1
+    c.stage2.text_fields = FIELDS
+    c.distill_chunk = 8
   c.optim.lr = 3e-3
   c.optim.warmup_steps = 1
   return c
@@ -228,13 +280,13 @@ def _cache_files(path):
 
 
 @pytest.fixture(scope="module")
-def on_gcs(gcs, local):
-  """Dataset and caches on gs:// (and the same caches on local disk, for comparison)."""
-  del gcs
+def on_gcs(models, local):
+  """Dataset and caches on gs://, from the gs:// models (and the same caches on local disk
+  from the local models, for comparison)."""
   ds = builder.build_dataset(local["manifest"], f"{ROOT_URI}/data/ds", progress=False)
-  llm = P.precompute(f"{ROOT_URI}/data/ds", local["bert"], f"{ROOT_URI}/cache/llm",
+  llm = P.precompute(f"{ROOT_URI}/data/ds", models["bert"], f"{ROOT_URI}/cache/llm",
                      fields=FIELDS, **OPTS)
-  clip = P.precompute(f"{ROOT_URI}/data/ds", local["clip"], f"{ROOT_URI}/cache/clip",
+  clip = P.precompute(f"{ROOT_URI}/data/ds", models["clip"], f"{ROOT_URI}/cache/clip",
                       fields=FIELDS, **OPTS)
   root = local["root"]
   llm_local = P.precompute(local["ds"], local["bert"], str(root / "llm"), fields=FIELDS, **OPTS)
@@ -303,3 +355,53 @@ def test_proclip_loads_a_gcs_workdir(trained, on_gcs):
   np.testing.assert_array_equal(model.encode_text_features(feats),
                                 ref.encode_text_features(feats))
   assert jax.tree.structure(model.params) == jax.tree.structure(ref.params)
+
+
+@pytest.fixture(scope="module")
+def stage2(trained, on_gcs, models):
+  """Stage 2 on gs:// (the CLIP, stage-1 workdir, data, cache and workdir there): 1 step,
+  then resumed to 2. (Resuming is checked bitwise against local disk in stage 1; the
+  checkpoints go through the same Orbax code.)"""
+  work = f"{ROOT_URI}/runs/s2"
+  runs = [loop.train(_config(f"{ROOT_URI}/data/ds", on_gcs["llm"], "", steps, stage=2,
+                             init_clip=models["clip"], stage1=trained["work"]), work)
+          for steps in (1, 2)]
+  return {"work": work, "first": runs[0], "second": runs[1]}
+
+
+def test_stage2_on_gcs_trains_resumes_and_evaluates(stage2, on_gcs, models, local):
+  import math  # pylint: disable=import-outside-toplevel
+  from etils import epath  # pylint: disable=import-outside-toplevel
+  from proclip_jax.data.cache import CacheReader  # pylint: disable=import-outside-toplevel
+  from proclip_jax.eval import datasets as eval_ds  # pylint: disable=import-outside-toplevel
+  from proclip_jax.eval import evaluators  # pylint: disable=import-outside-toplevel
+  first, second = stage2["first"], stage2["second"]
+  assert first["step"] == 1 and second["step"] == 2 and math.isfinite(second["loss"])
+  assert ckpt_lib.Checkpoints(stage2["work"], read_only=True).all_steps() == [1, 2]
+  rows = [json.loads(line) for line in
+          epath.Path(stage2["work"], "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2]   # the second run resumed
+  saved = json.loads(epath.Path(stage2["work"], "config.json").read_text())
+  assert saved["init"]["clip"] == models["clip"]
+  assert saved["init"]["clip_sha256"] == json.loads(
+      epath.Path(models["clip"], "model.json").read_text())["params_sha256"]
+  # Evaluated: retrieval over the 32 images and their short captions, the captions through
+  # the gs:// embedder, R@k against a brute-force ranking of the same embeddings.
+  model = ProCLIP.load(stage2["work"], embedder=models["bert"])
+  assert model.meta["step"] == 2
+  source = open_source(f"{ROOT_URI}/data/ds", "train")
+  ex = [source[i] for i in range(len(source))]
+  img = evaluators.encode_image_list(model, [bytes(r["image"]) for r in ex],
+                                     loader=evaluators._load_bytes, batch_size=16)  # pylint: disable=protected-access
+  caps = [r["short"].decode() for r in ex]
+  txt = evaluators.encode_text_list(model, caps, batch_size=16)
+  got = evaluators.eval_retrieval(model, eval_ds.RetrievalData("gcs", [], caps, np.arange(32)),
+                                  img_emb=img, txt_emb=txt)
+  sim = img @ txt.T
+  assert got["i2t_R@1"] == pytest.approx(100 * np.mean(sim.argmax(1) == np.arange(32)))
+  assert got["t2i_R@1"] == pytest.approx(100 * np.mean(sim.argmax(0) == np.arange(32)))
+  # The gs:// embedder's features are the ones the gs:// cache holds (made by the same
+  # model from the same captions).
+  ids = np.asarray([int(r["id"]) for r in ex])
+  cached = model.encode_text_features(CacheReader(on_gcs["llm"]).lookup(ids, ["short"] * 32))
+  np.testing.assert_allclose(txt, cached, atol=1e-5)

@@ -2,6 +2,11 @@
 
   python tools/aot_compile.py --config stage2.py:shapes=True,size=L/14 --topology v5e:8x8 \\
       [--config.mesh.fsdp=8 --config.data.batch_size=4096 ...] [--hlo FILE]
+  python tools/aot_compile.py --config precompute.py:embedder=llm2clip_llama3_8b,batch=256 \\
+      --topology v5e:2x2 --config.mesh.fsdp=4
+
+A stage config compiles that stage's train step; ``precompute.py`` compiles the precompute
+forward (tools/precompute.py's embedder pass over one batch of captions).
 
 ``--config`` and ``--config.a.b=VALUE`` are those of ``experiments/run.py``; ``--topology``
 names a slice as GENERATION:SHAPE (``v5e:16x16`` = 256 v5e chips, ``v4:4x4x2`` = v4-64,
@@ -41,7 +46,8 @@ def main(argv=None):
     for field, text in overrides:
       apply_override(config, field, text)
     from proclip_jax.train import aot  # pylint: disable=import-outside-toplevel
-    report = aot.compile_step(config, args.topology, keep_hlo=bool(args.hlo))
+    compile_fn = aot.compile_precompute if aot.is_precompute(config) else aot.compile_step
+    report = compile_fn(config, args.topology, keep_hlo=bool(args.hlo))
     if args.hlo and "hlo" in report:  # none when the compiler refused the program
       tmp = args.hlo + ".tmp"
       with open(tmp, "w", encoding="utf-8") as f:

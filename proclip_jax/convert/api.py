@@ -24,6 +24,7 @@ from typing import Mapping
 
 import jax
 import numpy as np
+from etils import epath
 from safetensors import safe_open
 
 from proclip_jax.convert import siglip
@@ -33,6 +34,7 @@ from proclip_jax.convert.common import read_json, read_state_dict
 from proclip_jax.convert.llm import convert_embedder
 from proclip_jax.convert.openclip_arch import resolve_arch
 from proclip_jax.convert.proclip import convert_proclip
+from proclip_jax.data import paths
 from proclip_jax.data.paths import check_output_apart
 from proclip_jax.errors import ProclipError
 from proclip_jax.storage import load_model, read_model_json
@@ -133,7 +135,7 @@ def convert(src: str, out: str, *, lora: str | None = None, preset: str | None =
   src, out = os.fspath(src), os.fspath(out)
   loras = [lora] if isinstance(lora, (str, os.PathLike)) else list(lora or ())
   check_output_apart(out, [("source", src), *[("LoRA folder", p) for p in loras]])
-  if os.path.exists(out) and not overwrite:
+  if epath.Path(out).exists() and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   family, sd = detect(src)
   if lora is not None and family != "embedder":
@@ -180,5 +182,5 @@ def summary(out: str) -> str:
   skip = ("; skipped on purpose: " + ", ".join(f"{k} ({v} tensors)" for k, v in
                                               sorted(skipped.items()))) if skipped else ""
   return (f"converted {family} ({meta.get('kind')}): {n:,} parameters -> "
-          f"{os.path.abspath(out)}{skip}")
+          f"{paths.absolute(out)}{skip}")
 

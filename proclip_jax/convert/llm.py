@@ -26,7 +26,9 @@ import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 
+from proclip_jax.data import paths
 from proclip_jax.convert.common import check_weights, read_json, read_state_dict
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import embedder as emb
@@ -298,8 +300,8 @@ def convert_embedder(src: str, out: str, *, preset: str | Mapping | None = None,
     The absolute output path.
   """
   src = os.fspath(src)
-  out = os.path.abspath(os.fspath(out))
-  if os.path.exists(out) and not overwrite:
+  out = paths.absolute(out)
+  if epath.Path(out).exists() and not overwrite:
     raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
   if not os.path.isdir(src):
     raise ProclipError(f"{src!r} is not a Hugging Face model folder (config.json, weights, "

@@ -300,7 +300,24 @@ def build_forward(model: PrecomputeModel, mesh_spec, devices):
     params = jax.device_put(model.params, param_shardings)
   except ValueError as e:
     raise ProclipError(f"The model's parameters do not match its abstract tree ({e}).") from e
-  return (jax.jit(model.fn), params, M.batch_sharding(mesh), M.batch_divisor(mesh))
+  return (jit_in_mesh(model.fn, mesh), params, M.batch_sharding(mesh), M.batch_divisor(mesh))
+
+
+def jit_in_mesh(fn: Callable, mesh, rules=None) -> Callable:
+  """``jax.jit(fn)`` called (and ``.lower``-ed) inside ``mesh`` and the logical axis rules, so
+  the model's activation constraints (``mesh.constrain``) keep activations split over the
+  batch axes."""
+  jitted = jax.jit(fn)
+
+  def call(*args):
+    with jax.set_mesh(mesh), M.axis_rules(rules):
+      return jitted(*args)
+
+  def lower(*args):
+    with jax.set_mesh(mesh), M.axis_rules(rules):
+      return jitted.lower(*args)
+  call.lower = lower
+  return call
 
 
 @dataclasses.dataclass

@@ -32,18 +32,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
 from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from tokenizers import Tokenizer
 
+from proclip_jax.data import paths
 from proclip_jax.errors import ProclipError
 from proclip_jax.models import bert, llm
-from proclip_jax.storage import load_model, save_model
+from proclip_jax.storage import load_model, publish_folder, start_model_folder, write_model_files
 
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 FAMILIES = DECODER_FAMILIES + ("bert",)
@@ -179,13 +179,12 @@ def bucket_lengths(max_length: int) -> tuple[int, ...]:
 
 
 def _read_json_if(path: str) -> dict:
-  if not os.path.exists(path):
+  if not epath.Path(path).exists():
     return {}
-  with open(path) as f:
-    try:
-      return json.load(f)
-    except json.JSONDecodeError as e:
-      raise ProclipError(f"{path!r} is not valid JSON: {e}.") from e
+  try:
+    return json.loads(epath.Path(path).read_text())
+  except json.JSONDecodeError as e:
+    raise ProclipError(f"{path!r} is not valid JSON: {e}.") from e
 
 
 def _token_str(v) -> str | None:
@@ -195,18 +194,19 @@ def _token_str(v) -> str | None:
 
 
 class TextTokenizer:
-  """Template + tokenization + masks for one preset, from a local tokenizer folder."""
+  """Template + tokenization + masks for one preset, from a tokenizer folder (local or
+  ``gs://``)."""
 
   def __init__(self, folder: str, preset: EmbedderPreset):
     folder = os.fspath(folder)
     path = os.path.join(folder, "tokenizer.json")
-    if not os.path.isfile(path):
+    if not epath.Path(path).is_file():
       raise ProclipError(
           f"No tokenizer.json in {folder!r}. The embedder needs its Hugging Face fast tokenizer "
           "file there (copy tokenizer.json, tokenizer_config.json and special_tokens_map.json "
           "from the model folder); nothing is downloaded.")
     try:
-      self.tok = Tokenizer.from_file(path)
+      self.tok = Tokenizer.from_str(epath.Path(path).read_text())
     except Exception as e:  # tokenizers raises a generic Exception on a bad file
       raise ProclipError(f"Cannot read tokenizer {path!r}: {e}.") from e
     self.tok.no_truncation()
@@ -418,28 +418,25 @@ def load_embedder(path: str, *, dtype: Any = jnp.float32, scan_layers: bool = Fa
 
 def save_embedder(out: str, model_config, preset: EmbedderPreset, params, tokenizer_dir: str,
                   *, overwrite: bool = False, **extra) -> str:
-  """Writes a converted embedder folder atomically (parameters, model.json, tokenizer/)."""
-  out = os.path.abspath(os.fspath(out))
-  if os.path.exists(out) and not overwrite:
-    raise ProclipError(f"Output {out!r} already exists; remove it or pass --overwrite.")
-  if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
-    raise ProclipError(f"No tokenizer.json in {tokenizer_dir!r}; the embedder needs it.")
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  stage = tempfile.mkdtemp(prefix=os.path.basename(out) + ".stage-", dir=parent)
+  """Writes a converted embedder folder atomically (parameters, model.json, tokenizer/).
+
+  ``out`` is a local path or a URI (``gs://...``); ``tokenizer_dir`` a local folder.
+  """
+  tmp = start_model_folder(out, overwrite=overwrite)
+  out = paths.absolute(out)
   try:
-    tmp = os.path.join(stage, "out")
+    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+      raise ProclipError(f"No tokenizer.json in {tokenizer_dir!r}; the embedder needs it.")
     config = {"family": model_config.family, "model": model_config.to_dict()}
-    save_model(tmp, "embedder", config, params, preset=preset.to_dict(),
-               dim=model_config.hidden_size, **extra)
-    os.makedirs(os.path.join(tmp, "tokenizer"))
+    write_model_files(tmp, "embedder", config, params, preset=preset.to_dict(),
+                      dim=model_config.hidden_size, **extra)
+    (tmp / "tokenizer").mkdir()
     for name in TOKENIZER_FILES:
       src = os.path.join(tokenizer_dir, name)
       if os.path.isfile(src):
-        shutil.copy2(src, os.path.join(tmp, "tokenizer", name))
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.replace(tmp, out)
-  finally:
-    shutil.rmtree(stage, ignore_errors=True)
+        epath.Path(src).copy(tmp / "tokenizer" / name)
+    publish_folder(tmp, out)
+  except BaseException:
+    tmp.rmtree(missing_ok=True)
+    raise
   return out

@@ -48,6 +48,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from proclip_jax.errors import ProclipError
+from proclip_jax.mesh import constrain
 from proclip_jax.models.config_dict import DictConfig
 
 POOLINGS = ("mean", "last", "cls")
@@ -260,6 +261,9 @@ class MLP(nn.Module):
                 name="down_proj")(jax.nn.silu(gate) * up)
 
 
+ACT_AXES = ("batch", "length", "embed")
+
+
 class _ScanLayer(nn.Module):
   """Adapter giving DecoderLayer the (carry, x) -> (carry, y) signature of nn.scan."""
   config: DecoderConfig
@@ -268,8 +272,8 @@ class _ScanLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x, attn_mask, cos, sin):
-    return DecoderLayer(self.config, self.causal, self.dtype, name="layer")(
-        x, attn_mask, cos, sin), None
+    return constrain(DecoderLayer(self.config, self.causal, self.dtype, name="layer")(
+        x, attn_mask, cos, sin), ACT_AXES), None
 
 
 class DecoderEmbedder(nn.Module):
@@ -289,7 +293,10 @@ class DecoderEmbedder(nn.Module):
           f"{ids.shape}, {attn_mask.shape}, {pool_mask.shape}.")
     emb = nn.Embed(cfg.vocab_size, cfg.hidden_size, embedding_init=nn.with_logical_partitioning(
         nn.initializers.normal(0.02), ("vocab", "embed")), name="embed_tokens")
-    x = emb(ids).astype(jnp.float32)
+    # The hidden states stay split over the batch axes (under a sharded precompute): without
+    # the constraint XLA keeps the fsdp-sharded weights in place and all-reduces every
+    # layer's global-batch activations instead of gathering the weights.
+    x = constrain(emb(ids).astype(jnp.float32), ACT_AXES)
     pos = positions_from_mask(attn_mask).astype(jnp.float32)
     freqs = pos[..., None] * jnp.asarray(rope_inv_freq(cfg))
     ang = jnp.concatenate([freqs, freqs], axis=-1)
@@ -302,7 +309,8 @@ class DecoderEmbedder(nn.Module):
       x, _ = layers(cfg, self.causal, self.dtype, name="layers")(x, attn_mask, cos, sin)
     else:
       for i in range(cfg.num_layers):
-        x = DecoderLayer(cfg, self.causal, self.dtype, name=f"layers_{i}")(x, attn_mask, cos, sin)
+        x = constrain(DecoderLayer(cfg, self.causal, self.dtype, name=f"layers_{i}")(
+            x, attn_mask, cos, sin), ACT_AXES)
     h = RMSNorm(cfg.rms_norm_eps, name="norm")(x)
     return pool(h, attn_mask, pool_mask, self.pooling)
 

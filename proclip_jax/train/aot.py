@@ -29,6 +29,14 @@ The report (a JSON-ready dict):
   result has a dimension equal to the global batch (what crosses the chips per example:
   the InfoNCE features should be the only ones).
 * ``compile_s``: lower + compile wall time.
+
+:func:`compile_precompute` does the same for the precompute forward
+(``proclip_jax.data.precompute``: a converted embedder's ``embed_tokens`` over one batch of
+tokenised captions, ``jit`` over the precompute mesh with its parameter and batch
+shardings, the frozen kernels in the compute dtype as ``load_embedder`` stores them), from
+a config of ``experiments/configs/precompute.py`` (``config.precompute`` and the
+architecture in ``config.model``); its ``flops.model`` is the decoder's matmul count
+(:func:`embedder_forward_flops`).
 """
 from __future__ import annotations
 
@@ -245,6 +253,19 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
           "device_kind": getattr(devices[0], "device_kind", ""),
           "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
           "stage": stage_of(config), "global_batch": b}
+  model = model_step_flops(config)
+  as_compiled = model_step_flops(config, as_compiled=True)
+
+  def flops_entry(per_chip):
+    return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
+            "model": model, "model_as_compiled": as_compiled,
+            "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)}
+  return _compiled_report(lowered, head, kind, t0, abstract.params, b, flops_entry, keep_hlo)
+
+
+def _compiled_report(lowered, head: dict, kind: str, t0: float, weights_tree, batch: int,
+                     flops_entry, keep_hlo: bool) -> dict:
+  """Compiles ``lowered`` and reports on it (the fields in the module doc)."""
   try:
     compiled = lowered.compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -256,28 +277,106 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
             "compile_s": round(time.perf_counter() - t0, 2)}
   compile_s = time.perf_counter() - t0
   memory = _memory(compiled, HBM_BYTES[kind])
-  per_chip = _cost_flops(compiled)
-  model = model_step_flops(config)
-  as_compiled = model_step_flops(config, as_compiled=True)
   hlo = compiled.as_text()
   # Weights and their gradients as gathered or reduced: whole, one chip's shard, one layer
   # of a scanned stack ([1, ...] or without the axis).
   weights = set()
-  for x in jax.tree.leaves(abstract.params):
+  for x in jax.tree.leaves(weights_tree):
     for shape in (tuple(x.shape), tuple(x.sharding.shard_shape(x.shape))):
       weights |= {shape, shape[1:], (1,) + shape[1:]}
-  coll, batch_ops = collectives(hlo, b, frozenset(weights))
+  coll, batch_ops = collectives(hlo, batch, frozenset(weights))
   report = {
       **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
-      "flops": {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
-                "model": model, "model_as_compiled": as_compiled,
-                "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)},
+      "flops": flops_entry(_cost_flops(compiled)),
       "collectives": coll, "batch_collectives": batch_ops,
       "compile_s": round(compile_s, 2),
   }
   if keep_hlo:
     report["hlo"] = hlo
   return report
+
+
+def is_precompute(config: Any) -> bool:
+  """Whether ``config`` describes the precompute forward (``experiments/configs/precompute.py``)."""
+  return "precompute" in config
+
+
+def embedder_forward_flops(model_config, batch: int, length: int) -> int | None:
+  """Matmul FLOPs of a decoder embedder's forward over ``batch`` captions of ``length``
+  tokens: q/k/v/o projections (grouped k/v), attention logits and values (in full, as the
+  model computes them), the gated MLP's three products; the embedding is a gather and an
+  embedder has no LM head. None for a BERT (its count is not modelled here)."""
+  from proclip_jax.models import llm  # pylint: disable=import-outside-toplevel
+  if not isinstance(model_config, llm.DecoderConfig):
+    return None
+  c, t = model_config, batch * length
+  q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  proj = 2 * t * c.hidden_size * (2 * q + 2 * kv)
+  attn = 2 * 2 * batch * c.num_heads * length * length * c.head_dim
+  mlp = 3 * 2 * t * c.hidden_size * c.intermediate_size
+  return c.num_layers * (proj + attn + mlp)
+
+
+def compile_precompute(config: Any, topology: str, *, devices: list | None = None,
+                       keep_hlo: bool = False) -> dict:
+  """Compiles the precompute forward of ``config`` for the TPU slice ``topology``.
+
+  The report has the fields of :func:`compile_step` (``global_batch`` is the rows of one
+  forward) plus ``what: "precompute"``, ``length`` and ``preset``.
+  """
+  # pylint: disable=import-outside-toplevel
+  from flax.core import meta as flax_meta
+  from proclip_jax.data.precompute import jit_in_mesh
+  from proclip_jax.models import embedder as E
+  kind = chip_kind(topology)
+  devices = topology_devices(topology) if devices is None else list(devices)
+  pc = config.precompute
+  preset = E.get_preset(pc.preset)
+  length = int(pc.length) or preset.max_length
+  if length > preset.max_length or length < 2:
+    raise ProclipError(f"config.precompute.length={length}: tokens per caption must be in "
+                       f"[2, {preset.max_length}] (preset {preset.name!r}'s max_length).")
+  preset = dataclasses.replace(preset, max_length=length)
+  dtype = jnp.dtype(pc.compute_dtype)
+  mcfg = E.model_config_from_dict(config.model.to_dict())
+  model = E.build_model(mcfg, preset, dtype=dtype)
+  fn = E.make_embed_tokens(model, preset.normalize)
+  # precompute.build_forward's placement: the mesh over the devices, the parameters by the
+  # logical axis rules, the batch over data x fsdp.
+  mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
+  rules = config.get("logical_axis_rules")
+  b = int(pc.batch_size)
+  shards = mesh_lib.batch_divisor(mesh, rules)
+  if b < 1 or b % shards:
+    raise ProclipError(f"config.precompute.batch_size={b} must be a positive multiple of the "
+                       f"batch shards ({shards}) of this mesh.")
+  t0 = time.perf_counter()
+  dummy = jnp.ones((1, 16), jnp.int32)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), dummy, dummy,
+                                            dummy))["params"]
+  shardings = mesh_lib.tree_shardings(boxed, mesh, rules)
+  # load_embedder stores the frozen kernels in the compute dtype (embedder.cast_kernels).
+  params = jax.tree_util.tree_map_with_path(
+      lambda path, x, sh: jax.ShapeDtypeStruct(
+          x.shape, dtype if getattr(path[-1], "key", None) == "kernel" else x.dtype,
+          sharding=sh),
+      flax_meta.unbox(boxed), shardings)
+  tokens = jax.ShapeDtypeStruct((b, length), jnp.int32,
+                                sharding=mesh_lib.batch_sharding(mesh, rules))
+  lowered = jit_in_mesh(fn, mesh, rules).lower(params, tokens, tokens, tokens)
+  n = len(devices)
+  head = {"topology": topology, "chips": n, "what": "precompute",
+          "device_kind": getattr(devices[0], "device_kind", ""),
+          "mesh": dict(zip(mesh.axis_names, (int(s) for s in mesh.devices.shape))),
+          "global_batch": b, "length": length, "preset": preset.name}
+  model_flops = embedder_forward_flops(mcfg, b, length)
+
+  def flops_entry(per_chip):
+    known = per_chip is not None and model_flops
+    return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
+            "model": model_flops,
+            "ratio": round(per_chip * n / model_flops, 4) if known else None}
+  return _compiled_report(lowered, head, kind, t0, params, b, flops_entry, keep_hlo)
 
 
 def summary(report: Mapping[str, Any]) -> dict:
