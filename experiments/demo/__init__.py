@@ -292,8 +292,8 @@ def pretrain_clip(cfg: Any, workdir: str, log: _Log) -> str:
     if kind == "short":
       t = ids[sel]
     else:  # PHRASINGS[0] (the short caption) with probability short_share, else any one
-      ph = np.where(rng.random(batch) < short_share, 0,
-                    rng.integers(len(PHRASINGS), size=batch))
+      ph = rng.integers(len(PHRASINGS), size=batch)
+      ph = np.where(rng.random(batch) < short_share, 0, ph)
       t = ids[ph, pre["label"][sel]]
     params, opt, loss = step(params, opt, pixels[sel], t)
     if (i + 1) % log_every == 0 or i + 1 == steps:
