@@ -72,7 +72,8 @@ COLUMNS = (("long_i2t_R@1", "long I→T R@1"), ("long_t2i_R@1", "long T→I R@1"
 # tower trained on "a red circle" alone reads only that form: any prefix shifts every token,
 # and the world's zero-shot templates ("{}", "a picture of the {}", ...) fail. Drawing the
 # short form half the time keeps the text targets steady enough for the image tower to learn
-# shape in the steps the demo affords. None of these is one of the zero-shot templates.
+# shape in the steps the demo affords. Apart from the bare name (a form the world's raw
+# alt-text captions have too), none is one of the zero-shot templates.
 PHRASINGS = ("{a} {name}", "{name}", "one {name}", "this {name}", "{a} {name} shape",
              "a photo of {a} {name}", "an image of the {name}", "an illustration of {a} {name}",
              "a sketch of one {name}", "{name}, clipart")
