@@ -52,7 +52,9 @@ def subprocess_env(cache_dir):
               "JAX_COMPILATION_CACHE_DIR": str(cache_dir),
               "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
               "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"})
-  env.pop("XLA_FLAGS", None)
+  # Of XLA_FLAGS only the suite's compile setting (tests/conftest.py) is passed on.
+  env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split()
+                              if "backend_optimization_level" in f)
   return env
 
 
