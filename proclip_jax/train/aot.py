@@ -227,10 +227,10 @@ def collectives(hlo_text: str, global_batch: int | None = None,
 
 
 # One HLO instruction: "[ROOT] %name = SHAPE opcode(operands), attributes".
-_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*")
-_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%([\w.\-]+)\s.*\{\s*$")
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
 _CALLED_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)"
-                        r"=%([\w.\-]+)")
+                        r"=%?([\w.\-]+)")
 _CONSTANT_RE = re.compile(r"\sconstant\((-?\d+)\)")
 _CALLED_LIST_RE = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
 
@@ -262,7 +262,9 @@ def _split_instruction(line: str):
     depth += {"(": 1, ")": -1}.get(ch, 0)
     if depth == 0:
       break
-  operands = re.findall(r"%([\w.\-]+)", rest[:i])
+  # Operands as "%a, %b" (optimized HLO) or "a, b" (lowered HLO); no index comments.
+  operands = [p.split()[-1].lstrip("%") for p in re.sub(r"/\*.*?\*/", "", rest[:i]).split(",")
+              if p.strip()]
   return m.group(1), shape, om.group(1), operands, rest[i + 1:]
 
 
@@ -369,7 +371,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict:
     m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_ins[4])
     if m:
       return int(m.group(1))
-    cond = re.search(r"condition=%([\w.\-]+)", while_ins[4]).group(1)
+    cond = re.search(r"condition=%?([\w.\-]+)", while_ins[4]).group(1)
     root = next((i for i in comps.get(cond, []) if i[2] == "compare"), None)
     if root is None or len(root[3]) != 2:
       return None
@@ -385,7 +387,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict:
       init = constant(tup[3][int(index.group(1))])
     # The counter's step: the body's root tuple holds ``add(counter, constant)`` at the
     # counter's index (XLA:TPU unrolls windowed einsums by two: step 2).
-    body = re.search(r"body=%([\w.\-]+)", while_ins[4]).group(1)
+    body = re.search(r"body=%?([\w.\-]+)", while_ins[4]).group(1)
     root = roots.get(body)
     step = None
     if root and root[2] == "tuple" and index and int(index.group(1)) < len(root[3]):
@@ -412,8 +414,8 @@ def hlo_matmul_flops(hlo_text: str) -> dict:
         total += _matmul_flops(opcode, _dims(shape), _dims(shapes.get(operands[0], "")),
                                _dims(shapes.get(operands[1], "")), attrs)
       if opcode == "while":
-        body = re.search(r"body=%([\w.\-]+)", attrs).group(1)
-        cond = re.search(r"condition=%([\w.\-]+)", attrs).group(1)
+        body = re.search(r"body=%?([\w.\-]+)", attrs).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
         n = trip_count(ins)
         body_flops = flops(body, unroll)
         if unroll and not any(l["while"] == name for l in loops):
@@ -422,7 +424,7 @@ def hlo_matmul_flops(hlo_text: str) -> dict:
         total += times * (body_flops + flops(cond, unroll))
         continue
       called = [c for _, c in _CALLED_RE.findall(attrs)]
-      lists = [re.findall(r"%([\w.\-]+)", group) for _, group in _CALLED_LIST_RE.findall(attrs)]
+      lists = [re.findall(r"%?([\w.\-]+)", group) for _, group in _CALLED_LIST_RE.findall(attrs)]
       if opcode == "conditional":
         branches = called + [c for group in lists for c in group]
         total += max((flops(c, unroll) for c in branches), default=0)
