@@ -23,7 +23,10 @@ The report (a JSON-ready dict):
   ``proclip_jax.flops``), ``model_as_compiled`` (the same count as the compiled
   program runs it: a scanned loop's body once, since the cost analysis does not multiply by
   trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
-  model_as_compiled``.
+  model_as_compiled``; and, every ``while`` loop unrolled (:func:`hlo_matmul_flops`: scans,
+  micro-batch loops, XLA:TPU's windowed einsums), ``step_matmul_once``,
+  ``step_loops_unrolled``, ``loops`` and ``ratio_loops_unrolled`` against
+  ``model_executed`` (:func:`model_executed_flops`).
 * ``collectives``: count and result bytes per kind in the optimized HLO; an op inside a
   loop body (the scanned layers) counts once. ``batch_collectives``: the collectives whose
   result has a dimension equal to the global batch (what crosses the chips per example:
