@@ -19,7 +19,7 @@ import pytest  # noqa: E402
 
 from experiments.run import apply_override, load_config  # noqa: E402
 from proclip_jax.errors import ProclipError  # noqa: E402
-from proclip_jax.flops import vit_forward_flops  # noqa: E402
+from proclip_jax.flops import adapter_forward_flops, vit_forward_flops  # noqa: E402
 from proclip_jax.train import aot  # noqa: E402
 from proclip_jax import mesh as mesh_lib  # noqa: E402
 from proclip_jax.train.state import abstract_train_state  # noqa: E402
@@ -83,6 +83,39 @@ def test_flops_against_the_model_count(report):
   # The tiny model's elementwise work is a large share; the matmuls dominate at real sizes
   # (docs/scale.md), here only the order of magnitude is checked.
   assert 0.5 < f["ratio"] < 2.0
+  # Every loop unrolled, the HLO's products are what the model says the step executes (the
+  # loss's B x B products are the only ones the model leaves out).
+  assert f["model_executed"] == aot.model_executed_flops(config)
+  assert f["loops"]["count"] >= 3 and f["loops"]["unknown_trip_count"] == 0
+  assert f["step_loops_unrolled"] > f["step_matmul_once"]
+  assert abs(f["ratio_loops_unrolled"] - 1) < 0.01, f
+
+
+def test_model_executed_flops_by_hand():
+  """Remat recomputes each layer but its MLP's second product; pixels take no gradient;
+  GradCache adds one forward of the image tower and the adapter."""
+  config = tiny_config()
+  vis = aot.model_config(config).vision
+  b, t, w, mlp = BATCH, TOKENS, WIDTH, 4 * WIDTH
+  layer = 2 * b * t * (4 * w * w + 2 * t * w + 2 * w * mlp)
+  patch = 2 * b * (t - 1) * 16 * 16 * 3 * w
+  recompute = vis.layers * (layer - 2 * b * t * mlp * w)
+  assert aot.model_executed_flops(config) == aot.model_step_flops(config) - patch + recompute
+  no_remat = tiny_config(**{"model.vision.remat": "none"})
+  assert aot.model_executed_flops(no_remat) == aot.model_step_flops(no_remat) - patch
+  micro = tiny_config(microbatches=2)
+  adapter = aot.model_config(micro).adapter
+  assert aot.model_executed_flops(micro) == (aot.model_executed_flops(config)
+                                             + vit_forward_flops(vis, b)
+                                             + adapter_forward_flops(adapter, b))
+
+
+def test_microbatch_loops_counted_by_trip_count():
+  """GradCache's two scans over k = 2 micro-batches: the cost analysis counts each body
+  once (about half the step), the loop-aware count all of it."""
+  f = aot.compile_step(tiny_config(microbatches=2), "v5e:2x2")["flops"]
+  assert f["ratio"] < 0.85, f
+  assert abs(f["ratio_loops_unrolled"] - 1) < 0.01, f
 
 
 def test_no_global_batch_activation_crosses_chips(report):
@@ -114,6 +147,92 @@ def test_collectives_parser():
       ("all-gather", "bf16[8, 128]"), ("all-gather", "f32[8, 4]"), ("all-reduce", "f32[8]")]
   _, batch_ops = aot.collectives(hlo, 8, frozenset({(8, 128)}))
   assert [op["shape"] for op in batch_ops] == ["f32[8, 4]", "f32[8]"]
+
+
+def _lowered(fn, *shapes):
+  lowered = jax.jit(fn).lower(*(jax.ShapeDtypeStruct(s, np.float32) for s in shapes))
+  return lowered.as_text(dialect="hlo"), lowered.cost_analysis()["flops"]
+
+
+@pytest.mark.parametrize("conv", [
+    dict(window_strides=(1, 1), padding=[(0, 0), (0, 0)]),
+    dict(window_strides=(2, 1), padding=[(1, 2), (0, 1)], lhs_dilation=(1, 3), rhs_dilation=(2, 1),
+         feature_group_count=2),
+    dict(window_strides=(3, 2), padding=[(2, 2), (1, 0)], lhs_dilation=(2, 1)),
+])
+def test_hlo_matmul_flops_of_convolutions_match_xla(conv):
+  """XLA:TPU writes products as convolutions with padded, dilated windows: their FLOPs
+  (the valid taps only) against XLA's own cost analysis of the same HLO."""
+  from jax import lax  # pylint: disable=import-outside-toplevel
+
+  def fn(x, w):
+    return lax.conv_general_dilated(x, w, dimension_numbers=("NHWC", "HWIO", "NHWC"), **conv)
+  text, cost = _lowered(fn, (2, 9, 7, 4), (3, 2, 4 // conv.get("feature_group_count", 1), 6))
+  counted = aot.hlo_matmul_flops(text)
+  assert counted["flops"] == counted["flops_once"] == cost > 0
+
+
+def test_hlo_matmul_flops_multiplies_loop_bodies():
+  def fn(c, w, a):
+    c = jax.lax.fori_loop(0, 5, lambda i, c: c @ w, c)   # carried: not hoisted
+    return c, jax.numpy.einsum("bij,bjk->bik", a, a.transpose(0, 2, 1))
+  text, cost = _lowered(fn, (4, 8), (8, 8), (3, 4, 5))
+  counted = aot.hlo_matmul_flops(text)
+  body, batched = 2 * 4 * 8 * 8, 2 * 3 * 4 * 5 * 4
+  assert counted["loops"] == [{"while": counted["loops"][0]["while"], "body": counted["loops"][0]["body"],
+                               "trip_count": 5, "body_flops": body}]
+  assert counted["flops"] == 5 * body + batched and counted["flops_once"] == body + batched
+  # XLA's cost analysis counts the body once (plus the counter's add and compare).
+  assert 0 <= cost - counted["flops_once"] <= 2
+
+
+# The shape of an XLA:TPU windowed einsum (docs/scale.md): a u32 counter stepped by 2 (two
+# partial products an iteration, one per ring direction) up to 4, i.e. 2 iterations.
+WINDOWED = """\
+%cond (p.1: (u32[], bf16[8,16])) -> pred[] {
+  %p.1 = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) parameter(0)
+  %c.4 = u32[]{:T(128)} constant(4)
+  %i.1 = u32[]{:T(128)} get-tuple-element(%p.1), index=0
+  ROOT %lt = pred[]{:T(512)} compare(%i.1, %c.4), direction=LT
+}
+
+%fused (x: bf16[8,16], y: bf16[16,32]) -> bf16[8,32] {
+  %x = bf16[8,16]{1,0} parameter(0)
+  %y = bf16[16,32]{1,0} parameter(1)
+  ROOT %conv = bf16[8,32]{1,0} convolution(%x, %y), dim_labels=bf_io->bf
+}
+
+%body (p.2: (u32[], bf16[8,16])) -> (u32[], bf16[8,16]) {
+  %p.2 = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) parameter(0)
+  %i.2 = u32[]{:T(128)} get-tuple-element(%p.2), index=0
+  %a.2 = bf16[8,16]{1,0} get-tuple-element(%p.2), index=1
+  %w.2 = bf16[16,32]{1,0} constant({...})
+  %f.1 = bf16[8,32]{1,0} fusion(%a.2, %w.2), kind=kOutput, calls=%fused
+  %f.2 = bf16[8,32]{1,0} fusion(%a.2, %w.2), kind=kOutput, calls=%fused
+  %two = u32[]{:T(128)} constant(2)
+  %next = u32[]{:T(128)} add(%i.2, %two)
+  ROOT %t.2 = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) tuple(%next, /*index=1*/%a.2)
+}
+
+ENTRY %main (a: bf16[8,16]) -> bf16[8,16] {
+  %a = bf16[8,16]{1,0} parameter(0)
+  %zero = u32[]{:T(128)} constant(0)
+  %t = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) tuple(%zero, %a)
+  %w = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) while(%t), condition=%cond, body=%body
+  %k = (u32[]{:T(128)}, bf16[8,16]{1,0:T(8,128)}) while(%t), condition=%cond, body=%body, backend_config={"known_trip_count":{"n":"3"}}
+  ROOT %r = bf16[8,16]{1,0} get-tuple-element(%w), index=1
+}
+"""
+
+
+def test_hlo_matmul_flops_windowed_einsum_loop():
+  counted = aot.hlo_matmul_flops(WINDOWED)
+  per_iteration = 2 * (2 * 8 * 16 * 32)
+  assert [(l["while"], l["trip_count"], l["body_flops"]) for l in counted["loops"]] == [
+      ("w", 2, per_iteration), ("k", 3, per_iteration)]
+  assert counted["flops"] == 5 * per_iteration and counted["flops_once"] == 2 * per_iteration
+  with pytest.raises(ProclipError, match="no ENTRY computation"):
+    aot.hlo_matmul_flops("%x = f32[2] parameter(0)")
 
 
 def test_bad_topology():

@@ -23,7 +23,10 @@ The report (a JSON-ready dict):
   ``proclip_jax.flops``), ``model_as_compiled`` (the same count as the compiled
   program runs it: a scanned loop's body once, since the cost analysis does not multiply by
   trip counts, plus a remat policy's recomputed forward) and ``ratio = step /
-  model_as_compiled``.
+  model_as_compiled``; and, every ``while`` loop unrolled (:func:`hlo_matmul_flops`: scans,
+  micro-batch loops, XLA:TPU's windowed einsums), ``step_matmul_once``,
+  ``step_loops_unrolled``, ``loops`` and ``ratio_loops_unrolled`` against
+  ``model_executed`` (:func:`model_executed_flops`).
 * ``collectives``: count and result bytes per kind in the optimized HLO; an op inside a
   loop body (the scanned layers) counts once. ``batch_collectives``: the collectives whose
   result has a dimension equal to the global batch (what crosses the chips per example:
@@ -153,6 +156,38 @@ def model_step_flops(config: Any, as_compiled: bool = False) -> int:
                                   teacher=uses_teacher(config))["total"] + recompute
 
 
+def model_executed_flops(config: Any) -> int:
+  """Matmul FLOPs that the compiled step executes, every loop unrolled: the model's count
+  (:func:`model_step_flops`) with what the program does beyond or short of it.
+
+  * A remat policy that saves no matmul outputs recomputes each layer's forward in the
+    backward, all but the MLP's second product (the backward of a block needs that
+    product's input, not its output, so XLA drops it).
+  * The pixels take no gradient: the patch embedding has no input-gradient product.
+  * GradCache micro-batches (``microbatches`` > 1) run one more forward of the image tower
+    and the adapter (the features without gradients; the teacher's run only there).
+  """
+  total = model_step_flops(config)
+  mc = model_config(config)
+  b = int(config.data.batch_size)
+  micro = int(config.get("microbatches", 1) or 1)
+  if stage_of(config) == 1:
+    return total + (flops.stage1_step_flops(mc.adapter, b, len(tuple(config.stage1.fields)))
+                    // 3 if micro > 1 else 0)
+  vis = mc.vision
+  g = vis.image_size // vis.patch_size
+  total -= 2 * b * g * g * vis.patch_size ** 2 * 3 * vis.width
+  if remat_policy(vis.remat) is not None and not _saves_dots(vis.remat):
+    layers = (flops.vit_forward_flops(vis, b)
+              - flops.vit_forward_flops(dataclasses.replace(vis, layers=0), b))
+    tokens = g * g + 1
+    c_proj = 2 * vis.layers * b * tokens * (vis.mlp_dim or 4 * vis.width) * vis.width
+    total += layers - c_proj
+  if micro > 1:
+    total += flops.vit_forward_flops(vis, b) + flops.adapter_forward_flops(mc.adapter, b)
+  return total
+
+
 def _saves_dots(remat) -> bool:
   return isinstance(remat, str) and "dots" in remat
 
@@ -192,6 +227,226 @@ def collectives(hlo_text: str, global_batch: int | None = None,
         batch_ops.append({"kind": kind, "shape": f"{dtype}{list(d)}",
                           "bytes": _DTYPE_BYTES.get(dtype, 4) * int(np.prod(d))})
   return out, batch_ops
+
+
+# One HLO instruction: "[ROOT] %name = SHAPE opcode(operands), attributes".
+_INSTR_RE = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*")
+_COMP_RE = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_CALLED_RE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)"
+                        r"=%?([\w.\-]+)")
+_CONSTANT_RE = re.compile(r"\sconstant\((-?\d+)\)")
+_CALLED_LIST_RE = re.compile(r"\b(branch_computations|called_computations)=\{([^}]*)\}")
+
+
+def _split_instruction(line: str):
+  """``(name, shape_text, opcode, operand_names, attributes)`` of an HLO instruction line."""
+  m = _INSTR_RE.match(line)
+  if not m:
+    return None
+  rest = line[m.end():]
+  if rest.startswith("("):  # a tuple shape: skip to its closing parenthesis
+    depth = 0
+    for i, ch in enumerate(rest):
+      depth += {"(": 1, ")": -1}.get(ch, 0)
+      if depth == 0:
+        break
+    shape, rest = rest[:i + 1], rest[i + 1:]
+  else:
+    sm = re.match(r"[a-z0-9]+\[[0-9,]*\](?:\{[^}]*\})?", rest)
+    if not sm:
+      return None
+    shape, rest = sm.group(0), rest[sm.end():]
+  om = re.match(r"\s+([a-z][a-z0-9\-]*)\(", rest)
+  if not om:
+    return None
+  rest = rest[om.end():]
+  depth = 1
+  for i, ch in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(ch, 0)
+    if depth == 0:
+      break
+  # Operands as "%a, %b" (optimized HLO) or "a, b" (lowered HLO); no index comments.
+  operands = [p.split()[-1].lstrip("%") for p in re.sub(r"/\*.*?\*/", "", rest[:i]).split(",")
+              if p.strip()]
+  return m.group(1), shape, om.group(1), operands, rest[i + 1:]
+
+
+def _dims(shape_text: str) -> tuple[int, ...]:
+  m = _SHAPE_RE.match(shape_text)
+  return tuple(int(x) for x in m.group(2).split(",") if x) if m else ()
+
+
+def _window(attrs: str, rank: int) -> list[dict]:
+  """Per spatial dimension: size, stride, padding, dilations of a convolution's window."""
+  dims = [{"size": 1, "stride": 1, "lo": 0, "hi": 0, "lhs_dilate": 1, "rhs_dilate": 1}
+          for _ in range(rank)]
+  m = re.search(r"window=\{([^}]*)\}", attrs)
+  for field in (m.group(1).split() if m else ()):
+    key, _, value = field.partition("=")
+    for d, v in zip(dims, value.split("x")):
+      if key == "pad":
+        d["lo"], d["hi"] = (int(x) for x in v.split("_"))
+      elif key in d:
+        d[key] = int(v)
+  return dims
+
+
+def _valid_taps(out: int, inp: int, w: dict) -> int:
+  """Pairs (output position, window tap) of one spatial dimension that read a real input
+  element, not padding or a hole of the input dilation (as XLA's cost analysis counts)."""
+  o = np.arange(out, dtype=np.int64)
+  last, total = (inp - 1) * w["lhs_dilate"], 0
+  for k in range(w["size"]):
+    pos = o * w["stride"] + k * w["rhs_dilate"] - w["lo"]
+    total += int(np.count_nonzero((pos >= 0) & (pos <= last) & (pos % w["lhs_dilate"] == 0)))
+  return total
+
+
+def _matmul_flops(opcode: str, out: tuple, lhs: tuple, rhs: tuple, attrs: str) -> int:
+  """FLOPs (2 per multiply-add) of a ``dot`` or ``convolution`` (XLA:TPU writes most
+  products as convolutions, some with padded windows over what were dot dimensions)."""
+  if opcode == "dot":
+    m = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", attrs)
+    k = [int(x) for x in m.group(1).split(",") if x] if m else []
+    return 2 * int(np.prod(out, dtype=np.int64)) * int(np.prod([lhs[i] for i in k],
+                                                               dtype=np.int64))
+  m = re.search(r"dim_labels=([0-9a-z]+)_([0-9a-z]+)->([0-9a-z]+)", attrs)
+  if not m:
+    return 0
+  lhs_l, rhs_l, out_l = m.groups()
+  spatial = sorted(c for c in out_l if c.isdigit())
+  window = _window(attrs, len(spatial))
+  taps = 1
+  for c, w in zip(spatial, window):
+    taps *= _valid_taps(out[out_l.index(c)], lhs[lhs_l.index(c)], w)
+  return 2 * out[out_l.index("b")] * out[out_l.index("f")] * rhs[rhs_l.index("i")] * taps
+
+
+def hlo_matmul_flops(hlo_text: str) -> dict:
+  """Matmul FLOPs of an optimized HLO module, with each ``while`` body times its trip count.
+
+  XLA's cost analysis counts a loop body once. The loops of a train step are the scanned
+  layers, GradCache's micro-batch scans, and XLA:TPU's windowed einsums (a sharded matmul
+  split into one partial product per shard, its operands passed around the ring by
+  collective-permutes), so its count falls short of what the chips run. This walks the
+  module from the entry computation: ``dot`` and ``convolution`` FLOPs of each computation
+  plus those of what it calls (fusions, calls; a conditional's largest branch), a while
+  loop's body and condition times the trip count read from the loop (``known_trip_count``,
+  or the condition ``counter < N`` with the counter's initial constant).
+
+  Returns ``{"flops", "flops_once", "loops"}``: ``flops`` with trip counts, ``flops_once``
+  with every body once (the cost analysis' convention, for comparison), ``loops`` one
+  ``{"body", "trip_count", "body_flops"}`` per while instruction (``trip_count`` None where
+  it could not be read; such a body counts once).
+  """
+  comps: dict[str, list] = {}
+  entry, current = None, None
+  shapes, defs, lines, roots = {}, {}, {}, {}
+  current_name = None
+  for line in hlo_text.splitlines():
+    cm = _COMP_RE.match(line)
+    if cm and not _INSTR_RE.match(line):
+      current_name = cm.group(1)
+      current = comps.setdefault(current_name, [])
+      if line.startswith("ENTRY"):
+        entry = cm.group(1)
+      continue
+    if current is None:
+      continue
+    ins = _split_instruction(line)
+    if ins is None:
+      continue
+    current.append(ins)
+    if line.lstrip().startswith("ROOT"):
+      roots[current_name] = ins
+    shapes[ins[0]] = ins[1]
+    defs[ins[0]] = ins
+    lines[ins[0]] = line
+  if entry is None:
+    raise ProclipError("hlo_matmul_flops: no ENTRY computation in the HLO text; expected "
+                       "the optimized module of a compiled program (compiled.as_text()).")
+
+  def constant(name):
+    m = _CONSTANT_RE.search(lines.get(name, ""))
+    return int(m.group(1)) if m else None
+
+  def trip_count(while_ins):
+    m = re.search(r'"known_trip_count":\{"n":"(\d+)"\}', while_ins[4])
+    if m:
+      return int(m.group(1))
+    cond = re.search(r"condition=%?([\w.\-]+)", while_ins[4]).group(1)
+    root = next((i for i in comps.get(cond, []) if i[2] == "compare"), None)
+    if root is None or len(root[3]) != 2:
+      return None
+    direction = re.search(r"direction=(\w+)", root[4])
+    gte, bound = (defs.get(n) for n in root[3])
+    if not (direction and gte and gte[2] == "get-tuple-element"):
+      return None
+    n = constant(bound[0]) if bound else None
+    index = re.search(r"index=(\d+)", gte[4])
+    init = None
+    tup = defs.get(while_ins[3][0]) if while_ins[3] else None
+    if tup and tup[2] == "tuple" and index and int(index.group(1)) < len(tup[3]):
+      init = constant(tup[3][int(index.group(1))])
+    # The counter's step: the body's root tuple holds ``add(counter, constant)`` at the
+    # counter's index (XLA:TPU unrolls windowed einsums by two: step 2).
+    body = re.search(r"body=%?([\w.\-]+)", while_ins[4]).group(1)
+    root = roots.get(body)
+    step = None
+    if root and root[2] == "tuple" and index and int(index.group(1)) < len(root[3]):
+      add = defs.get(root[3][int(index.group(1))])
+      if add and add[2] == "add":
+        step = next((c for c in map(constant, add[3]) if c), None)
+    extra = {"LT": 0, "LE": 1}.get(direction.group(1))
+    if n is None or not step or step < 0 or extra is None:
+      return None
+    init = 0 if init is None else init
+    return max(-(-(n - init + extra) // step), 0)
+
+  loops, memo = [], {}
+
+  def flops(comp: str, unroll: bool) -> int:
+    key = (comp, unroll)
+    if key in memo:
+      return memo[key]
+    memo[key] = 0  # guards against a malformed cyclic module
+    total = 0
+    for ins in comps.get(comp, []):
+      name, shape, opcode, operands, attrs = ins
+      if opcode in ("dot", "convolution") and len(operands) >= 2:
+        total += _matmul_flops(opcode, _dims(shape), _dims(shapes.get(operands[0], "")),
+                               _dims(shapes.get(operands[1], "")), attrs)
+      if opcode == "while":
+        body = re.search(r"body=%?([\w.\-]+)", attrs).group(1)
+        cond = re.search(r"condition=%?([\w.\-]+)", attrs).group(1)
+        n = trip_count(ins)
+        body_flops = flops(body, unroll)
+        if unroll and not any(l["while"] == name for l in loops):
+          loops.append({"while": name, "body": body, "trip_count": n, "body_flops": body_flops})
+        times = (n if n is not None else 1) if unroll else 1
+        total += times * (body_flops + flops(cond, unroll))
+        continue
+      called = [c for _, c in _CALLED_RE.findall(attrs)]
+      lists = [re.findall(r"%?([\w.\-]+)", group) for _, group in _CALLED_LIST_RE.findall(attrs)]
+      if opcode == "conditional":
+        branches = called + [c for group in lists for c in group]
+        total += max((flops(c, unroll) for c in branches), default=0)
+      else:
+        total += sum(flops(c, unroll) for c in called + [c for g in lists for c in g])
+    memo[key] = total
+    return total
+
+  return {"flops": flops(entry, True), "flops_once": flops(entry, False), "loops": loops}
+
+
+def _loop_fields(hlo_counts: dict, chips: int) -> dict:
+  """The report's loop-aware FLOP fields (module doc) from :func:`hlo_matmul_flops`."""
+  loops = hlo_counts["loops"]
+  return {"step_matmul_once": hlo_counts["flops_once"] * chips,
+          "step_loops_unrolled": hlo_counts["flops"] * chips,
+          "loops": {"count": len(loops),
+                    "windowed_einsum": sum("windowed_dot_general" in l["body"] for l in loops),
+                    "unknown_trip_count": sum(l["trip_count"] is None for l in loops)}}
 
 
 def _memory(compiled, hbm: int) -> dict:
@@ -256,10 +511,15 @@ def compile_step(config: Any, topology: str, *, devices: list | None = None,
   model = model_step_flops(config)
   as_compiled = model_step_flops(config, as_compiled=True)
 
-  def flops_entry(per_chip):
+  executed = model_executed_flops(config)
+
+  def flops_entry(per_chip, hlo_counts):
+    unrolled = hlo_counts["flops"] * n
     return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
             "model": model, "model_as_compiled": as_compiled,
-            "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4)}
+            "ratio": None if per_chip is None else round(per_chip * n / as_compiled, 4),
+            **_loop_fields(hlo_counts, n),
+            "model_executed": executed, "ratio_loops_unrolled": round(unrolled / executed, 4)}
   return _compiled_report(lowered, head, kind, t0, abstract.params, b, flops_entry, keep_hlo)
 
 
@@ -287,7 +547,7 @@ def _compiled_report(lowered, head: dict, kind: str, t0: float, weights_tree, ba
   coll, batch_ops = collectives(hlo, batch, frozenset(weights))
   report = {
       **head, "memory": memory, "fits": memory["total_bytes"] <= memory["hbm_bytes"],
-      "flops": flops_entry(_cost_flops(compiled)),
+      "flops": flops_entry(_cost_flops(compiled), hlo_matmul_flops(hlo)),
       "collectives": coll, "batch_collectives": batch_ops,
       "compile_s": round(compile_s, 2),
   }
@@ -371,11 +631,14 @@ def compile_precompute(config: Any, topology: str, *, devices: list | None = Non
           "global_batch": b, "length": length, "preset": preset.name}
   model_flops = embedder_forward_flops(mcfg, b, length)
 
-  def flops_entry(per_chip):
+  def flops_entry(per_chip, hlo_counts):
     known = per_chip is not None and model_flops
     return {"per_chip": per_chip, "step": None if per_chip is None else per_chip * n,
             "model": model_flops,
-            "ratio": round(per_chip * n / model_flops, 4) if known else None}
+            "ratio": round(per_chip * n / model_flops, 4) if known else None,
+            **_loop_fields(hlo_counts, n),
+            "ratio_loops_unrolled": (round(hlo_counts["flops"] * n / model_flops, 4)
+                                     if model_flops else None)}
   return _compiled_report(lowered, head, kind, t0, params, b, flops_entry, keep_hlo)
 
 
